@@ -1,0 +1,74 @@
+"""The ``edgens`` command line.
+
+One module per command (group); each imports only click and the standard library at the top and does its heavy
+imports (torch, onnxruntime) inside the command, so ``edgens --help`` stays fast and torch-free. Errors the user
+caused (:class:`edgens.errors.EdgensError`) are printed as one line and exit with status 2, without a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import sys
+
+import click
+
+from edgens import __version__
+from edgens.errors import EdgensError
+
+# name -> "module:attribute"; loaded only when the command runs or help lists it.
+COMMANDS = {
+    "train": "edgens.cli.train_cmd:train",
+    "inspect": "edgens.cli.inspect_cmd:inspect",
+    "export": "edgens.cli.export_cmd:export",
+    "infer": "edgens.cli.infer_cmd:infer",
+    "profile": "edgens.cli.profile_cmd:profile",
+    "bench": "edgens.cli.bench_cmd:bench",
+}
+
+
+class UserError(click.ClickException):
+    """An :class:`EdgensError` shown to the user: one line, exit status 2."""
+
+    exit_code = 2
+
+
+class _LazyGroup(click.Group):
+    """A group whose subcommands are imported on first use."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        target = COMMANDS.get(cmd_name)
+        if target is None:
+            return None
+        module_name, attribute = target.split(":")
+        return getattr(importlib.import_module(module_name), attribute)
+
+    def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
+        try:
+            return super().invoke(ctx)
+        except EdgensError as err:
+            raise UserError(str(err)) from err
+
+
+@click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="edgens")
+@click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
+def cli(verbose: int) -> None:
+    """Anytime, fault-tolerant ensembles for edge devices.
+
+    \b
+    Typical use:
+      edgens train --preset mlp-256x4 --lam 0.99 --out runs/default
+      edgens export runs/default -o bundle
+      edgens infer bundle --input fashion-mnist:test --deadline-ms 5
+    """
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of the ``edgens`` script."""
+    cli.main(args=argv, prog_name="edgens")
