@@ -1,0 +1,126 @@
+"""The run directory a training run writes, and checks that one is complete (numpy and stdlib only).
+
+::
+
+    RUN/
+      config.json            every setting, the resolved learning rate and device, data source, seed, versions
+      metrics.jsonl          one JSON object per finished epoch (see edgens.diagnostics)
+      checkpoints/last.pt    everything needed to resume (written atomically every epoch)
+      checkpoints/best.pt    the weights of the best validation epoch
+      outputs/{val,test}_eta.npy   members' natural parameters (M, N, K) float32 at the best epoch
+      outputs/{val,test}_y.npy     the matching targets
+      summary.json           final validation and test metrics (written last: its presence means "finished")
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from edgens.errors import DataNotFoundError, RunDirectoryError
+from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text
+
+SPLITS = ("val", "test")
+
+
+class RunDir:
+    """Paths and small file operations of one run directory."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+
+    config_path = property(lambda self: self.path / "config.json")
+    metrics_path = property(lambda self: self.path / "metrics.jsonl")
+    summary_path = property(lambda self: self.path / "summary.json")
+    last_checkpoint = property(lambda self: self.path / "checkpoints" / "last.pt")
+    best_checkpoint = property(lambda self: self.path / "checkpoints" / "best.pt")
+
+    def output_path(self, split: str, what: str) -> Path:
+        """Path of ``outputs/{split}_{what}.npy`` (``what``: ``eta`` or ``y``)."""
+        return self.path / "outputs" / f"{split}_{what}.npy"
+
+    # --- creation -------------------------------------------------------------------------------------------
+    def check_new(self) -> None:
+        """Check that a new run can start here: the path is absent or an empty directory.
+
+        Raises:
+            RunDirectoryError: the path already holds files (resume it with --resume, or pick another).
+        """
+        if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
+            raise RunDirectoryError(f"{self.path} already exists and is not empty; resume it with "
+                                    f"`edgens train --resume {self.path}` or choose another --out")
+
+    def create(self, config: dict) -> None:
+        """Start a new run by writing its config.json (see :meth:`check_new`)."""
+        self.check_new()
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(self.config_path, config)
+
+    # --- reading --------------------------------------------------------------------------------------------
+    def _read_json(self, path: Path) -> dict:
+        if not path.is_file():
+            raise DataNotFoundError(f"{path} is missing; is {self.path} an edgens run directory?")
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise RunDirectoryError(f"{path} is not valid JSON ({err})") from None
+
+    def config(self) -> dict:
+        """The run's config.json."""
+        return self._read_json(self.config_path)
+
+    def summary(self) -> dict:
+        """The run's summary.json (present once training finished)."""
+        return self._read_json(self.summary_path)
+
+    def is_finished(self) -> bool:
+        """True once training wrote summary.json."""
+        return self.summary_path.is_file()
+
+    def metrics(self) -> list[dict]:
+        """All epoch records of metrics.jsonl (empty if none yet)."""
+        if not self.metrics_path.is_file():
+            return []
+        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+
+    def outputs(self, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        """Members' natural parameters (M, N, K) and targets (N,) of ``split`` (``val`` or ``test``)."""
+        mode = "r" if mmap else None
+        return (np.load(self.output_path(split, "eta"), mmap_mode=mode),
+                np.load(self.output_path(split, "y"), mmap_mode=mode))
+
+    def require_finished(self) -> dict:
+        """Check that training finished and every file later steps need is there; return the config.
+
+        Raises:
+            DataNotFoundError: the directory or its config is missing.
+            RunDirectoryError: files are missing (the message lists them) or training has not finished.
+        """
+        if not self.path.is_dir():
+            raise DataNotFoundError(f"run directory {self.path} does not exist")
+        config = self.config()
+        needed = [self.summary_path, self.best_checkpoint] + [self.output_path(s, w) for s in SPLITS
+                                                               for w in ("eta", "y")]
+        missing = [str(p.relative_to(self.path)) for p in needed if not p.is_file()]
+        if missing:
+            hint = (f"; training has not finished: `edgens train --resume {self.path}`"
+                    if not self.is_finished() else "")
+            raise RunDirectoryError(f"{self.path} is missing {', '.join(missing)}{hint}")
+        return config
+
+    # --- writing --------------------------------------------------------------------------------------------
+    def write_metrics(self, history: list[dict]) -> None:
+        """Rewrite metrics.jsonl from the full history (atomically, so it always matches the last checkpoint)."""
+        atomic_write_text(self.metrics_path, "".join(json.dumps(record) + "\n" for record in history))
+
+    def write_outputs(self, split: str, eta: np.ndarray, y: np.ndarray) -> None:
+        """Save a split's member outputs and targets as .npy files (atomically)."""
+        atomic_write(self.output_path(split, "eta"), lambda h: np.save(h, np.ascontiguousarray(eta, np.float32)))
+        atomic_write(self.output_path(split, "y"), lambda h: np.save(h, np.ascontiguousarray(y)))
+
+    def write_summary(self, summary: dict) -> None:
+        """Write summary.json (last, atomically)."""
+        atomic_write_json(self.summary_path, summary)

@@ -1,0 +1,169 @@
+"""The modular loss against the paper's formulas (notes/paper.md), computed independently in numpy."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from edgens.errors import ConfigError, InputError
+from edgens.losses import kl_to_members, modular_loss
+
+FAMILIES = ["categorical", "gaussian", "poisson"]
+LAMS = [0.0, 0.3, 0.95, 1.0]
+
+
+def _softmax(a: np.ndarray) -> np.ndarray:
+    e = np.exp(a - a.max(-1, keepdims=True))
+    return e / e.sum(-1, keepdims=True)
+
+
+def _random_problem(family: str, m: int = 5, b: int = 7, k: int = 4, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    if family == "categorical":
+        eta = rng.normal(0, 2, (m, b, k))
+        y = rng.integers(0, k, b)
+    else:
+        eta = rng.normal(0, 0.7, (m, b, 1))
+        y = rng.normal(1, 1, b) if family == "gaussian" else rng.poisson(2.0, b).astype(float)
+    return eta, y
+
+
+def _means(eta: np.ndarray, family: str) -> np.ndarray:
+    """The inverse link (yhat) of natural parameters, computed in numpy."""
+    if family == "categorical":
+        return _softmax(eta)
+    return np.exp(eta) if family == "poisson" else eta
+
+
+def _target_vector(y: np.ndarray, family: str, k: int) -> np.ndarray:
+    return np.eye(k)[y] if family == "categorical" else y[:, None]
+
+
+def _nll(eta: np.ndarray, y: np.ndarray, family: str) -> np.ndarray:
+    """Per-example NLL (up to eta-free constants), by the table in notes/paper.md."""
+    if family == "categorical":
+        log_p = eta - np.log(np.exp(eta).sum(-1, keepdims=True))
+        return -np.take_along_axis(log_p, np.broadcast_to(y[:, None], log_p.shape[:-1] + (1,)), -1)[..., 0]
+    value = eta[..., 0]
+    return 0.5 * (value - y) ** 2 if family == "gaussian" else np.exp(value) - y * value
+
+
+def _kl(eta_bar: np.ndarray, eta_j: np.ndarray, family: str) -> np.ndarray:
+    """KL(q_bar || q_j) from the distributions' definitions (not the exponential-family shortcut)."""
+    if family == "categorical":
+        q, p = _softmax(eta_bar), _softmax(eta_j)
+        return (q * (np.log(q) - np.log(p))).sum(-1)
+    if family == "gaussian":  # unit-variance normals: (mu_bar - mu_j)^2 / 2
+        return 0.5 * (eta_bar[..., 0] - eta_j[..., 0]) ** 2
+    rate_bar, rate_j = np.exp(eta_bar[..., 0]), np.exp(eta_j[..., 0])  # Poisson KL
+    return rate_bar * np.log(rate_bar / rate_j) - rate_bar + rate_j
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lam", LAMS)
+def test_gradient_matches_paper_formula(family: str, lam: float) -> None:
+    # dL/deta_j = (1/M) (yhat_j - y - lam (yhat_j - ybar)), per example; the loss is a batch mean, hence 1/B.
+    eta_np, y_np = _random_problem(family)
+    m, b, k = eta_np.shape
+    eta = torch.tensor(eta_np, requires_grad=True)
+    target = torch.tensor(y_np)
+    modular_loss(eta, target, lam, family).total.backward()
+    yhat = _means(eta_np, family)
+    ybar = _means(eta_np.mean(0), family)[None]
+    expected = (yhat - _target_vector(y_np, family, k)[None] - lam * (yhat - ybar)) / m / b
+    np.testing.assert_allclose(eta.grad.numpy(), expected, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("lam", LAMS)
+def test_parts_match_definitions_and_ambiguity_form(family: str, lam: float) -> None:
+    eta_np, y_np = _random_problem(family, seed=1)
+    eta_bar = eta_np.mean(0)
+    ensemble = _nll(eta_bar, y_np, family).mean()
+    members = _nll(eta_np, y_np, family).mean()
+    ambiguity = np.mean([_kl(eta_bar, eta_np[j], family).mean() for j in range(len(eta_np))])
+    result = modular_loss(torch.tensor(eta_np), torch.tensor(y_np), lam, family)
+    np.testing.assert_allclose(float(result.ensemble_nll), ensemble, rtol=1e-10)
+    np.testing.assert_allclose(float(result.member_nll), members, rtol=1e-10)
+    np.testing.assert_allclose(float(result.ambiguity), ambiguity, rtol=1e-9)
+    # convex form (what total is) == ambiguity form
+    np.testing.assert_allclose(float(result.total), lam * ensemble + (1 - lam) * members, rtol=1e-10)
+    np.testing.assert_allclose(float(result.total), members - lam * ambiguity, rtol=1e-9)
+    # the library's own KL helper agrees with the definition
+    np.testing.assert_allclose(kl_to_members(torch.tensor(eta_bar), torch.tensor(eta_np), family).numpy(),
+                               np.stack([_kl(eta_bar, eta_np[j], family) for j in range(len(eta_np))]), rtol=1e-9)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lam_zero_is_independent_training_scaled_by_one_over_m(family: str) -> None:
+    eta_np, y_np = _random_problem(family, seed=2)
+    m = len(eta_np)
+    eta = torch.tensor(eta_np, requires_grad=True)
+    modular_loss(eta, torch.tensor(y_np), 0.0, family).total.backward()
+    for j in range(m):  # each member trained alone on its own NLL
+        alone = torch.tensor(eta_np[j][None], requires_grad=True)
+        modular_loss(alone, torch.tensor(y_np), 0.0, family).total.backward()
+        np.testing.assert_allclose(eta.grad[j].numpy(), alone.grad[0].numpy() / m, rtol=1e-10, atol=1e-14)
+
+
+def test_dutt_ll_and_sm_losses_equal_independent_training() -> None:
+    eta_np, y_np = _random_problem("categorical", m=6, b=9, k=5, seed=3)
+    target = torch.tensor(y_np)
+    grads, values = {}, {}
+    for name in ("modular", "LL", "SM"):
+        eta = torch.tensor(eta_np, requires_grad=True)
+        log_p = torch.log_softmax(eta, -1)
+        if name == "modular":
+            loss = modular_loss(eta, target, 0.0).total
+        elif name == "LL":  # mean of the members' cross-entropies
+            loss = torch.stack([torch.nn.functional.nll_loss(log_p[j], target) for j in range(len(eta_np))]).mean()
+        else:  # cross-entropy of the unnormalised mean of the log-probabilities
+            mean_log_p = log_p.mean(0)
+            loss = -mean_log_p[torch.arange(len(y_np)), target].mean()
+        loss.backward()
+        grads[name], values[name] = eta.grad.numpy(), float(loss.detach())
+    for name in ("LL", "SM"):
+        np.testing.assert_allclose(values[name], values["modular"], rtol=1e-12)
+        np.testing.assert_allclose(grads[name], grads["modular"], rtol=1e-10, atol=1e-14)
+
+
+def test_bagging_weights_scale_member_terms_only() -> None:
+    eta_np, y_np = _random_problem("categorical", seed=4)
+    weights = np.random.default_rng(0).integers(0, 3, eta_np.shape[:2]).astype(float)
+    result = modular_loss(torch.tensor(eta_np), torch.tensor(y_np), 0.0, member_weights=torch.tensor(weights))
+    np.testing.assert_allclose(float(result.total), (weights * _nll(eta_np, y_np, "categorical")).mean(), rtol=1e-10)
+
+
+@pytest.mark.parametrize("lam", [-0.1, 1.01, 2.0, float("nan"), float("inf")])
+def test_lam_outside_unit_interval_is_refused(lam: float) -> None:
+    eta, y = torch.zeros(2, 3, 4), torch.zeros(3, dtype=torch.long)
+    with pytest.raises(ConfigError, match=r"lam must be in \[0, 1\]"):
+        modular_loss(eta, y, lam)
+
+
+def test_lam_above_one_says_why() -> None:
+    with pytest.raises(ConfigError, match="unbounded below"):
+        modular_loss(torch.zeros(2, 3, 4), torch.zeros(3, dtype=torch.long), 1.5)
+
+
+@pytest.mark.parametrize(("eta", "target", "family", "message"), [
+    (torch.zeros(2, 3, 4), torch.tensor([0, 4, 1]), "categorical", r"class labels must be in \[0, 3\]"),
+    (torch.zeros(2, 3, 4), torch.tensor([0, -1, 1]), "categorical", r"class labels must be in \[0, 3\]"),
+    (torch.zeros(2, 3, 4), torch.tensor([0.0, 1.0, 1.0]), "categorical", "integer class indices"),
+    (torch.zeros(3, 4), torch.tensor([0, 1, 1]), "categorical", r"shape \(members, batch, outputs\)"),
+    (torch.zeros(2, 3, 4), torch.tensor([0, 1]), "categorical", r"target must have shape \(3,\)"),
+    (torch.zeros(2, 3, 2), torch.tensor([0.0, 1.0, 1.0]), "gaussian", "one output"),
+    (torch.full((2, 3, 4), float("nan")), torch.tensor([0, 1, 1]), "categorical", "NaN"),
+    (torch.zeros(2, 3, 1), torch.tensor([0.0, float("inf"), 1.0]), "gaussian", "NaN or infinite"),
+    (torch.zeros(2, 3, 1), torch.tensor([0.0, -1.0, 1.0]), "poisson", "counts >= 0"),
+    (torch.zeros(2, 0, 4), torch.zeros(0, dtype=torch.long), "categorical", "batch >= 1"),
+])
+def test_bad_inputs_get_clear_errors(eta, target, family, message) -> None:
+    with pytest.raises(InputError, match=message):
+        modular_loss(eta, target, 0.5, family)
+
+
+def test_unknown_family_lists_valid_ones() -> None:
+    with pytest.raises(ConfigError, match="categorical, gaussian, poisson"):
+        modular_loss(torch.zeros(2, 3, 1), torch.zeros(3), 0.5, "binomial")
