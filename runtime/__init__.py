@@ -1,0 +1,26 @@
+"""edgens.runtime: on-device inference with a deployment bundle, using numpy and onnxruntime or TensorRT only.
+
+    from edgens.runtime import Predictor
+    predictor = Predictor.load("bundle")
+    prediction = predictor.predict(x, deadline_ms=5)
+
+Nothing here imports torch; onnxruntime and tensorrt are imported by their backends when first used. The bundle
+format (``docs/bundle-format.md``) is read and written by :mod:`edgens.runtime.manifest`; ``docs/runtime.md``
+describes the runtime.
+"""
+
+from edgens.runtime.faults import Fault, inject_faults
+from edgens.runtime.health import StackFailure, StackHealth
+from edgens.runtime.manifest import (
+    CalibrationInfo, Curves, EngineInfo, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SpecialistInfo,
+    SplitMetrics, StackInfo, TrainingInfo, load_manifest, read_calibration, write_manifest)
+from edgens.runtime.policies import fit_confidence
+from edgens.runtime.predictor import Prediction, Predictor
+from edgens.runtime.profile import LatencyTable, load_latency_tables, profile_stacks, save_latency_table
+
+__all__ = [
+    "CalibrationInfo", "Curves", "EngineInfo", "Fault", "InputSpec", "LatencyTable", "Manifest", "MemberInfo",
+    "Metrics", "Prediction", "Predictor", "Preprocessing", "SpecialistInfo", "SplitMetrics", "StackFailure",
+    "StackHealth", "StackInfo", "TrainingInfo", "fit_confidence", "inject_faults", "load_latency_tables",
+    "load_manifest", "profile_stacks", "read_calibration", "save_latency_table", "write_manifest",
+]

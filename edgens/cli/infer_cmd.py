@@ -1,0 +1,190 @@
+"""``edgens infer``: run a bundle on a data file or data set split within a budget, and report how it went.
+
+Only click and the standard library are imported here; numpy, the runtime and the data loaders are imported when
+the command runs (the runtime never imports torch).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+import click
+
+# Kept in step with edgens.runtime.backends.CHOICES (a test checks); importing it here would import numpy.
+BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
+SPLITS = ("train", "val", "test")
+
+
+def parse_members(text: str | None) -> int | float | None:
+    """``"3"`` -> 3 members, ``"0.5"`` or ``"50%"`` -> half of them.
+
+    Raises:
+        click.BadParameter: not a count, fraction or percentage.
+    """
+    if text is None:
+        return None
+    try:
+        if text.endswith("%"):
+            return float(text[:-1]) / 100.0
+        return int(text) if text.strip().lstrip("+").isdigit() else float(text)
+    except ValueError:
+        raise click.BadParameter(f"expected a count (3), a fraction (0.5) or a percentage (50%), got {text!r}",
+                                 param_hint="--members") from None
+
+
+def load_input(spec: str, data_dir: str | None = None) -> tuple[Any, Any, str]:
+    """Load ``FILE.npy``, ``FILE.npz`` (arrays ``x`` and optional ``y``; or ``x_test``/``y_test``) or
+    ``DATASET:SPLIT`` (e.g. ``fashion-mnist:test``).
+
+    Returns:
+        ``(x, y or None, description)``.
+
+    Raises:
+        DataNotFoundError: the file or data set is missing.
+        InputError: the file holds no usable arrays.
+        ConfigError: an unknown data set or split.
+    """
+    import numpy as np
+
+    from edgens.errors import ConfigError, DataNotFoundError, InputError
+
+    path = Path(spec)
+    if spec.endswith((".npy", ".npz")):
+        if not path.is_file():
+            raise DataNotFoundError(f"--input {spec}: no such file")
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, ValueError) as err:
+            raise InputError(f"--input {spec}: not a readable numpy file ({err})") from None
+        if spec.endswith(".npy"):
+            return data, None, f"{spec} ({len(data)} examples, no labels)"
+        with data:
+            key = "x" if "x" in data.files else "x_test" if "x_test" in data.files else None
+            if key is None:
+                raise InputError(f"--input {spec}: expected an array x (and optionally y) or x_test (and y_test), "
+                                 f"found {', '.join(data.files) or 'none'}")
+            label_key = "y" if key == "x" else "y_test"
+            x = data[key]
+            y = data[label_key] if label_key in data.files else None
+        return x, y, f"{spec} [{key}] ({len(x)} examples{'' if y is not None else ', no labels'})"
+    name, _, split = spec.partition(":")
+    if split not in SPLITS:
+        raise ConfigError(f"--input {spec!r}: expected FILE.npy, FILE.npz or DATASET:SPLIT with SPLIT one of "
+                          f"{', '.join(SPLITS)} (e.g. fashion-mnist:test)")
+    from edgens.data import load_dataset
+
+    dataset = load_dataset(name, data_dir=data_dir)
+    x, y = getattr(dataset, f"{split}_x"), getattr(dataset, f"{split}_y")
+    return x, y, f"{name} {split} split ({len(x)} examples)"
+
+
+def summarise(predictions: list[Any], y: Any, family: str, class_index: int | None) -> dict[str, Any]:
+    """Accuracy (or error for gaussian/poisson), latency, members used and failures over a run's batches."""
+    import numpy as np
+
+    latencies = [p.elapsed_ms for p in predictions]
+    members = np.concatenate([p.members_used for p in predictions])
+    failures: dict[str, dict[str, int]] = {}
+    for p in predictions:
+        for failure in p.failures:
+            failures.setdefault(failure.stack, {}).setdefault(failure.kind, 0)
+            failures[failure.stack][failure.kind] += 1
+    summary: dict[str, Any] = {
+        "batches": len(predictions), "examples": int(len(members)),
+        "latency_ms": {"median": statistics.median(latencies), "p90": float(np.percentile(latencies, 90)),
+                       "mean": statistics.fmean(latencies), "max": max(latencies)},
+        "members_used": {"mean": float(members.mean()), "min": int(members.min()), "max": int(members.max())},
+        "failures": failures,
+    }
+    deadline = predictions[0].deadline_ms
+    if deadline is not None:
+        overruns = [p.overrun_ms for p in predictions if p.overrun_ms > 0]
+        summary["deadline"] = {"deadline_ms": deadline, "overrun_batches": len(overruns),
+                               "max_overrun_ms": max(overruns, default=0.0)}
+    if y is not None:
+        y = np.asarray(y)
+        if family == "categorical":
+            labels = np.concatenate([p.labels for p in predictions])
+            summary["accuracy"] = float((labels == y).mean())
+            if class_index is not None:
+                predicted, actual = labels == class_index, y == class_index
+                tp = float((predicted & actual).sum())
+                summary["task_f1"] = 2 * tp / max(1.0, float(predicted.sum() + actual.sum()))
+        else:
+            mean = np.concatenate([p.mean for p in predictions])[:, 0]
+            summary["mse"] = float(((mean - y.astype(np.float64)) ** 2).mean())
+    return summary
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--input", "input_spec", required=True, metavar="FILE.npy|FILE.npz|DATASET:SPLIT",
+              help="Raw inputs (as the data set stores them): a .npy array, a .npz with x (and y), or e.g. "
+                   "fashion-mnist:test.")
+@click.option("--members", "members_text", metavar="K|FRACTION", help="Budget: the first K members (or 0.5, 50%).")
+@click.option("--flops", type=float, help="Budget: as many stacks as fit this many flops per example.")
+@click.option("--latency-ms", type=float, help="Budget: as many stacks as fit this latency (needs `edgens profile`).")
+@click.option("--deadline-ms", type=float, help="Budget: anytime, stop starting stacks at this deadline per batch.")
+@click.option("--confidence", type=float, help="Budget: per example, stop at this class probability.")
+@click.option("--task", help="Budget: a specialist, by task name (class-3), class index or class name.")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), help="Use only the first N examples.")
+@click.option("--stack-timeout-ms", type=float, help="Drop a stack from a batch when it takes longer than this.")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per stack (default: half the cores).")
+@click.option("--strict", is_flag=True, help="Fail on a missing or corrupt stack file instead of excluding it.")
+@click.option("--data-dir", help="Where to look for built-in data sets.")
+@click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
+def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float | None, latency_ms: float | None,
+          deadline_ms: float | None, confidence: float | None, task: str | None, backend: str, batch_size: int,
+          limit: int | None, stack_timeout_ms: float | None, threads: int | None, strict: bool,
+          data_dir: str | None, as_json: bool) -> None:
+    """Predict with BUNDLE on raw inputs within one budget; print accuracy, latency, members used and failures."""
+    from edgens.runtime import Predictor
+    from edgens.runtime.policies import Budget, resolve_task
+
+    task_value: str | int | None = int(task) if task is not None and task.isdigit() else task
+    budget = Budget.parse(parse_members(members_text), flops, latency_ms, deadline_ms, confidence, task_value)
+    options = {"threads": threads} if threads else {}
+    x, y, described = load_input(input_spec, data_dir)
+    if limit is not None:
+        x, y = x[:limit], (y[:limit] if y is not None else None)
+    with Predictor.load(bundle, backend, strict=strict, stack_timeout_ms=stack_timeout_ms, **options) as predictor:
+        class_index = resolve_task(predictor.manifest, budget.value).class_index if budget.kind == "task" else None
+        kwargs = {budget.kind: budget.value} if budget.kind else {}
+        predictions = [predictor.predict(x[i:i + batch_size], **kwargs) for i in range(0, len(x), batch_size)]
+        summary = summarise(predictions, y, predictor.manifest.family, class_index)
+        info = predictor.describe()
+    report = {"bundle": str(bundle), "input": described, "budget": str(budget), "batch_size": batch_size,
+              "backend": info["backend"], "providers": info["providers"], "device": info["device"],
+              "unavailable_stacks": {name: status for name, status in info["stacks"].items() if status != "ok"},
+              **summary}
+    if as_json:
+        click.echo(json.dumps(report, indent=2))
+        return
+    click.echo(f"bundle:   {bundle} on {info['backend']} [{', '.join(info['providers'])}], {info['device']}")
+    click.echo(f"input:    {described}; batch size {batch_size}; budget: {budget}")
+    if "accuracy" in summary:
+        click.echo(f"accuracy: {summary['accuracy']:.2%} ({summary['examples']} examples)")
+    if "task_f1" in summary:
+        click.echo(f"task F1:  {summary['task_f1']:.4f} (class {class_index})")
+    if "mse" in summary:
+        click.echo(f"mse:      {summary['mse']:.4g}")
+    lat = summary["latency_ms"]
+    click.echo(f"latency:  median {lat['median']:.3f} ms, p90 {lat['p90']:.3f} ms per batch "
+               f"({summary['batches']} batches)")
+    used = summary["members_used"]
+    click.echo(f"members:  mean {used['mean']:.2f} per example (min {used['min']}, max {used['max']}) of "
+               f"{info['members']}")
+    if "deadline" in summary:
+        d = summary["deadline"]
+        click.echo(f"deadline: {d['deadline_ms']:g} ms overrun in {d['overrun_batches']}/{summary['batches']} "
+                   f"batches, by at most {d['max_overrun_ms']:.3f} ms")
+    failures = "; ".join(f"{stack}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
+                         for stack, kinds in summary["failures"].items())
+    click.echo(f"failures: {failures or 'none'}")
+    if report["unavailable_stacks"]:
+        click.echo("unavailable stacks: " + ", ".join(f"{k} ({v})" for k, v in report["unavailable_stacks"].items()))

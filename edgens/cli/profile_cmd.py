@@ -1,0 +1,71 @@
+"""``edgens profile``: measure every stack of a bundle on this device and store the latency table in the bundle.
+
+Only click and the standard library are imported here; the runtime and tqdm are imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from edgens.cli.infer_cmd import BACKEND_CHOICES
+
+
+def parse_batch_sizes(text: str) -> list[int]:
+    """``"1,8,64"`` -> ``[1, 8, 64]``.
+
+    Raises:
+        click.BadParameter: not a comma-separated list of integers >= 1.
+    """
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise click.BadParameter(f"expected comma-separated batch sizes >= 1 such as 1,8,64, got {text!r}",
+                                 param_hint="--batch-sizes")
+    return sorted(set(sizes))
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--batch-sizes", default="1,8,64", show_default=True, help="Comma-separated batch sizes to measure.")
+@click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs each.")
+@click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per stack (default: half the cores).")
+@click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of text.")
+def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: int, threads: int | None,
+            as_json: bool) -> None:
+    """Measure each stack of BUNDLE on this device (median and p90 latency) and save BUNDLE/latency.json.
+
+    The table is kept per backend, providers and device; profiling again replaces the matching table. Budgets
+    given in milliseconds (`edgens infer --latency-ms`) use it.
+    """
+    from tqdm import tqdm
+
+    from edgens.runtime import Predictor, profile_stacks, save_latency_table
+
+    sizes = parse_batch_sizes(batch_sizes)
+    options = {"threads": threads} if threads else {}
+    with Predictor.load(bundle, backend, **options) as predictor:
+        total = len(predictor.runners) * len(sizes)
+        with tqdm(total=total, desc="profiling", unit="stack", disable=None, leave=False) as bar:
+            def advance(stack: str, batch: int) -> None:
+                bar.set_postfix_str(f"{stack} @ {batch}")
+                bar.update()
+
+            table = profile_stacks(predictor, sizes, warmup=warmup, repeats=repeats, on_progress=advance)
+        path = save_latency_table(bundle, table)
+    if as_json:
+        click.echo(json.dumps({"path": str(path), **table.to_dict()}, indent=2))
+        return
+    click.echo(f"{table.backend} [{', '.join(table.providers)}] on {table.device}; {warmup} warm-up, {repeats} "
+               f"timed runs")
+    click.echo(f"{'stack':<20} {'batch':>6} {'median ms':>10} {'p90 ms':>10}")
+    for name, rows in table.stacks.items():
+        for batch, latency in sorted(rows.items()):
+            click.echo(f"{name:<20} {batch:>6} {latency.median_ms:>10.4f} {latency.p90_ms:>10.4f}")
+    click.echo(f"wrote {path}")

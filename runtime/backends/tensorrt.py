@@ -1,0 +1,234 @@
+"""Native TensorRT backend: runs the bundle's prebuilt engines (``engines/*.engine``) with the TensorRT 10 API.
+
+UNVERIFIED: written against the TensorRT 10 Python API (JetPack 6 ships 10.3) and cuda-python, but never run: the
+machines this was written on have no GPU or TensorRT. The test suite only checks that it raises a clear
+:class:`BackendUnavailableError` where TensorRT is missing; tests marked ``tensorrt`` exercise it where it exists.
+
+How it runs a stack: deserialise the engine, create one execution context, allocate device buffers for the engine's
+largest batch once, bind them with ``set_tensor_address``, and per call copy the batch in, ``execute_async_v3`` on a
+private CUDA stream, copy eta out and synchronise. Batches larger than the engine's ``max_batch`` are cut into
+chunks; batches smaller than ``min_batch`` are padded with zeros. Engines whose input and output are float16 (built
+from float16 graphs) get float16 input and give float16 output, converted here. Engines are specific to a GPU
+(compute capability) and a TensorRT version; a stack without an engine for this device cannot run on this backend
+(use onnxruntime, or ``backend="auto"``, which picks TensorRT only when every general stack has an engine here).
+
+Buffers go through cuda-python (``pip install cuda-python``, NVIDIA's official bindings), imported as
+``cuda.bindings.runtime`` (cuda-python >= 12.6) or ``cuda.cudart`` (older); the ``tensorrt`` extra must include it.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgens.errors import BackendUnavailableError, BundleError, unknown_choice
+from edgens.runtime.backends.base import Backend, StackRunner
+from edgens.runtime.manifest import EngineInfo, Manifest, StackInfo, check_file
+
+log = logging.getLogger(__name__)
+
+INSTALL = ("install it with `pip install edgens[tensorrt]` (on a Jetson, TensorRT comes with JetPack: use the "
+           "system Python or `apt-get install python3-libnvinfer`)")
+PREFERENCE = ("fp16", "fp32", "int8")  # int8 may cost accuracy: only when nothing else was built
+
+
+def _trt() -> Any:
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise BackendUnavailableError(f"the tensorrt backend needs TensorRT >= 10, which is not importable ({err}); "
+                                      f"{INSTALL}") from None
+    major = int(str(tensorrt.__version__).split(".")[0])
+    if major < 10:
+        raise BackendUnavailableError(f"the tensorrt backend needs TensorRT >= 10 (the tensor-address API), found "
+                                      f"{tensorrt.__version__}; {INSTALL}")
+    return tensorrt
+
+
+def _cudart() -> Any:
+    try:
+        from cuda.bindings import runtime as cudart  # cuda-python >= 12.6
+    except ImportError:
+        try:
+            from cuda import cudart  # older cuda-python
+        except ImportError as err:
+            raise BackendUnavailableError(f"the tensorrt backend needs cuda-python for device buffers, which is not "
+                                          f"importable ({err}); {INSTALL}") from None
+    return cudart
+
+
+def _check(cudart: Any, result: Any) -> Any:
+    """Unpack a cuda-python call's ``(error, value...)`` tuple, raising on an error."""
+    err, *values = result if isinstance(result, tuple) else (result,)
+    if err != cudart.cudaError_t.cudaSuccess:
+        raise RuntimeError(f"CUDA error {err}: {cudart.cudaGetErrorString(err)[1]}")
+    return values[0] if len(values) == 1 else tuple(values)
+
+
+def _version_key(version: str) -> tuple[str, ...]:
+    # Engines load only in the TensorRT version that built them; compare major.minor.patch.
+    return tuple(version.split(".")[:3])
+
+
+class TensorRTRunner(StackRunner):
+    """One TensorRT engine for one stack (unverified, see the module docstring)."""
+
+    def __init__(self, stack: StackInfo, engine: EngineInfo, path: Path, input_shape: tuple[int, ...],
+                 n_outputs: int, device: int = 0):
+        super().__init__(stack, input_shape, n_outputs)
+        self.engine_info = engine
+        self.path = path
+        self.device = device
+        self._engine: Any = None
+        self._context: Any = None
+        self._stream: Any = None
+        self._buffers: list[Any] = []
+        self._dtypes = (np.dtype(np.float32), np.dtype(np.float32))  # engine input and output dtypes
+
+    @property
+    def is_active(self) -> bool:
+        return self._context is not None
+
+    @property
+    def providers(self) -> list[str]:
+        return [f"TensorRT {self.engine_info.tensorrt_version} {self.engine_info.precision}"] if self.is_active else []
+
+    def activate(self) -> None:
+        if self._context is not None:
+            return
+        trt, cudart = _trt(), _cudart()
+        _check(cudart, cudart.cudaSetDevice(self.device))
+        runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+        if engine is None:
+            raise BundleError(f"stack {self.name}: TensorRT {trt.__version__} cannot deserialise {self.path} (built "
+                              f"with TensorRT {self.engine_info.tensorrt_version} for compute capability "
+                              f"{self.engine_info.compute_capability})")
+        names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
+        dtypes = []
+        for name, mode in ((self.stack.input_name, trt.TensorIOMode.INPUT),
+                           (self.stack.output_name, trt.TensorIOMode.OUTPUT)):
+            if name not in names or engine.get_tensor_mode(name) != mode:
+                raise BundleError(f"stack {self.name}: engine tensors are {sorted(names)}, expected {mode.name} "
+                                  f"{name!r}")
+            # Engines built from float16 graphs (TensorRT >= 11 FP16) take and give float16; convert at the edges.
+            if engine.get_tensor_dtype(name) not in (trt.DataType.FLOAT, trt.DataType.HALF):
+                raise BundleError(f"stack {self.name}: engine tensor {name!r} is {engine.get_tensor_dtype(name)}, "
+                                  f"expected float32 or float16")
+            dtypes.append(np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
+        self._dtypes = (dtypes[0], dtypes[1])
+        context = engine.create_execution_context()
+        stream = _check(cudart, cudart.cudaStreamCreate())
+        max_batch = self.engine_info.max_batch
+        in_bytes = max_batch * int(np.prod(self.input_shape)) * dtypes[0].itemsize
+        out_bytes = len(self.stack.members) * max_batch * self.n_outputs * dtypes[1].itemsize
+        buffers = [_check(cudart, cudart.cudaMalloc(in_bytes)), _check(cudart, cudart.cudaMalloc(out_bytes))]
+        context.set_tensor_address(self.stack.input_name, int(buffers[0]))
+        context.set_tensor_address(self.stack.output_name, int(buffers[1]))
+        self._engine, self._context, self._stream, self._buffers = engine, context, stream, buffers
+
+    def deactivate(self) -> None:
+        if self._context is None:
+            return
+        cudart = _cudart()
+        for buffer in self._buffers:
+            cudart.cudaFree(buffer)
+        cudart.cudaStreamDestroy(self._stream)
+        self._engine = self._context = self._stream = None
+        self._buffers = []
+
+    def run(self, x: np.ndarray) -> np.ndarray:
+        low, high = self.engine_info.min_batch, self.engine_info.max_batch
+        if len(x) > high:
+            return np.concatenate([self.run(x[i:i + high]) for i in range(0, len(x), high)], axis=1)
+        batch = len(x)
+        if batch < low:
+            x = np.concatenate([x, np.zeros((low - batch, *x.shape[1:]), dtype=np.float32)])
+        x = np.ascontiguousarray(x, dtype=self._dtypes[0])
+        cudart = _cudart()
+        copy_in = cudart.cudaMemcpyKind.cudaMemcpyHostToDevice
+        copy_out = cudart.cudaMemcpyKind.cudaMemcpyDeviceToHost
+        self._context.set_input_shape(self.stack.input_name, tuple(x.shape))
+        _check(cudart, cudart.cudaMemcpyAsync(self._buffers[0], x.ctypes.data, x.nbytes, copy_in, self._stream))
+        if not self._context.execute_async_v3(self._stream):
+            raise RuntimeError(f"stack {self.name}: TensorRT execute_async_v3 failed")
+        out = np.empty((len(self.stack.members), len(x), self.n_outputs), dtype=self._dtypes[1])
+        _check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[1], out.nbytes, copy_out, self._stream))
+        _check(cudart, cudart.cudaStreamSynchronize(self._stream))
+        out = out.astype(np.float32, copy=False)
+        return out[:, :batch] if batch < len(x) else out
+
+
+class TensorRTBackend(Backend):
+    """Runs prebuilt TensorRT engines (unverified, see the module docstring).
+
+    Args:
+        bundle_dir: the bundle.
+        manifest: its manifest.
+        precision: use engines of this precision only (default: the first of fp16, fp32, int8 that exists).
+        device: CUDA device index.
+
+    Raises:
+        BackendUnavailableError: TensorRT >= 10 or cuda-python is not installed, or there is no CUDA device.
+        ConfigError: an unknown precision.
+    """
+
+    name = "tensorrt"
+
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, precision: str | None = None, device: int = 0):
+        super().__init__(bundle_dir, manifest)
+        if precision is not None and precision not in PREFERENCE:
+            raise unknown_choice("engine precision", precision, PREFERENCE)
+        trt, cudart = _trt(), _cudart()
+        try:
+            props = _check(cudart, cudart.cudaGetDeviceProperties(device))
+        except RuntimeError as err:
+            raise BackendUnavailableError(f"the tensorrt backend found no usable CUDA device {device}: {err}") from None
+        self.precision = precision
+        self.device = device
+        self.tensorrt_version = str(trt.__version__)
+        self.compute_capability = f"{props.major}.{props.minor}"
+        name = props.name
+        self.device_name = name.decode(errors="replace").rstrip("\x00") if isinstance(name, bytes) else str(name)
+
+    @classmethod
+    def check_available(cls) -> None:
+        _trt()
+        _cudart()
+
+    def select_engine(self, stack: StackInfo) -> EngineInfo | None:
+        """The engine of ``stack`` built for this GPU and TensorRT version, by precision preference."""
+        fitting = [e for e in stack.engines if e.compute_capability == self.compute_capability
+                   and _version_key(e.tensorrt_version) == _version_key(self.tensorrt_version)]
+        for precision in ([self.precision] if self.precision else PREFERENCE):
+            for engine in fitting:
+                if engine.precision == precision:
+                    return engine
+        return None
+
+    def can_run(self) -> bool:
+        return all(self.select_engine(stack) is not None for stack in self.manifest.general_stacks)
+
+    def runner(self, stack: StackInfo) -> TensorRTRunner:
+        engine = self.select_engine(stack)
+        if engine is None:
+            built = ", ".join(f"{e.precision}/cc {e.compute_capability}/TensorRT {e.tensorrt_version}"
+                              for e in stack.engines) or "none"
+            raise BundleError(f"stack {stack.name}: no TensorRT engine for this device (compute capability "
+                              f"{self.compute_capability}, TensorRT {self.tensorrt_version}); engines in the bundle: "
+                              f"{built}. Build one on this device, or use the onnxruntime backend")
+        problem = check_file(self.bundle_dir, engine.file, engine.sha256)
+        if problem is not None:
+            raise BundleError(f"stack {stack.name}: engine {problem}")
+        log.info("stack %s: %s engine %s", stack.name, engine.precision, engine.file)
+        return TensorRTRunner(stack, engine, self.bundle_dir / engine.file, self.manifest.input.shape,
+                              self.manifest.n_outputs, self.device)
+
+    def describe(self) -> dict[str, Any]:
+        precisions = sorted({e.precision for s in self.manifest.stacks if (e := self.select_engine(s)) is not None})
+        return {"backend": self.name, "providers": [f"TensorRT {self.tensorrt_version} {p}" for p in precisions],
+                "device": f"{self.device_name} (cc {self.compute_capability})"}
+

@@ -1,0 +1,72 @@
+"""What went wrong with which stack: per-call failures and the quarantine of stacks that keep failing.
+
+A stack that fails in a call (raises, returns NaN/Inf or the wrong shape, or exceeds its timeout) is dropped for that
+call only. After ``quarantine_after`` consecutive failed calls it is quarantined: budgets stop planning it until
+:meth:`edgens.runtime.Predictor.retry` puts it back. A stack whose file is missing or corrupt, or that cannot be
+loaded, is excluded from the start (``retry`` checks it again too).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# Why a stack failed in one call.
+FAILURE_KINDS = ("error", "non-finite", "shape", "timeout", "busy")
+# A stack's standing: planned, excluded at load, or quarantined after repeated failures.
+STATUSES = ("ok", "excluded", "quarantined")
+
+
+@dataclass(frozen=True)
+class StackFailure:
+    """One stack failing in one call.
+
+    Attributes:
+        stack: the stack's name.
+        kind: ``error`` (it raised), ``non-finite`` (NaN/Inf in its output), ``shape`` (wrong output shape),
+            ``timeout`` (slower than the stack timeout) or ``busy`` (still running after an earlier timeout).
+        message: what happened.
+    """
+
+    stack: str
+    kind: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.stack} ({self.kind}: {self.message})"
+
+
+@dataclass
+class StackHealth:
+    """A stack's standing over the predictor's life.
+
+    Attributes:
+        name: the stack's name.
+        status: ``ok``, ``excluded`` or ``quarantined``.
+        reason: why it is excluded or quarantined.
+        calls: calls that ran it.
+        failures: calls in which it failed.
+        consecutive_failures: failed calls since its last success.
+    """
+
+    name: str
+    status: str = "ok"
+    reason: str | None = None
+    calls: int = 0
+    failures: int = 0
+    consecutive_failures: int = 0
+
+    def succeeded(self) -> None:
+        """Record a successful call."""
+        self.calls += 1
+        self.consecutive_failures = 0
+
+    def failed(self, failure: StackFailure, quarantine_after: int | None) -> bool:
+        """Record a failed call; returns True if this failure puts the stack in quarantine."""
+        self.calls += 1
+        self.failures += 1
+        self.consecutive_failures += 1
+        if quarantine_after and self.consecutive_failures >= quarantine_after and self.status == "ok":
+            self.status = "quarantined"
+            self.reason = f"failed {self.consecutive_failures} calls in a row; last: {failure.kind}: {failure.message}"
+            return True
+        return False

@@ -1,0 +1,94 @@
+"""Checking and normalising the caller's raw input, once per call, before any stack runs.
+
+Callers pass data as the data set stores it (Fashion-MNIST: uint8 0..255 of shape ``(B, 28, 28)`` or
+``(B, 1, 28, 28)``); float and other integer arrays are read in the same raw units. The bundle's preprocessing
+``(raw - mean[c]) / std[c]`` (``c``: axis 0 of one example) is applied here, so stack graphs get normalised float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import numpy as np
+
+from edgens.errors import InputError
+from edgens.runtime.manifest import InputSpec, Preprocessing
+
+log = logging.getLogger(__name__)
+
+
+def _fmt(shape: tuple[int, ...]) -> str:
+    return "(B, " + ", ".join(str(d) for d in shape) + ")"
+
+
+class InputPreparer:
+    """Checks a raw batch against the bundle's input and returns it normalised.
+
+    Accepted shapes are ``(B, *shape)`` and, when the example has a single channel, ``(B, *shape[1:])`` (images
+    without a channel axis).
+    """
+
+    def __init__(self, spec: InputSpec, preprocessing: Preprocessing):
+        self.shape = tuple(spec.shape)
+        self.raw_dtype = np.dtype(spec.raw_dtype)
+        broadcast = (-1,) + (1,) * (len(self.shape) - 1)  # per channel: axis 0 of one example
+        self._mean = np.asarray(preprocessing.mean, dtype=np.float32).reshape(broadcast)
+        self._std = np.asarray(preprocessing.std, dtype=np.float32).reshape(broadcast)
+        self.accepted = [self.shape] + ([self.shape[1:]] if self.shape[0] == 1 and len(self.shape) > 1 else [])
+        self._warned_units = False
+
+    def describe_expected(self) -> str:
+        """The accepted shapes, e.g. ``(B, 1, 28, 28) or (B, 28, 28)``."""
+        return " or ".join(_fmt(shape) for shape in self.accepted)
+
+    def __call__(self, x: Any) -> np.ndarray:
+        """Check ``x`` and return ``(B, *shape)`` float32, normalised and C-contiguous.
+
+        Raises:
+            InputError: not a numeric array, a shape that does not fit, an empty batch, NaN or infinite values.
+        """
+        if not isinstance(x, np.ndarray):
+            received = type(x).__name__
+            try:
+                x = np.asarray(x)
+            except (ValueError, TypeError):  # ragged nested lists and the like
+                x = np.empty(0, dtype=object)
+            if x.dtype == object:
+                raise InputError(f"input: received a {received} that is not a numeric array, expected a numpy array "
+                                 f"of shape {self.describe_expected()}")
+        if x.dtype.kind not in "uif":
+            raise InputError(f"input: received dtype {x.dtype}, expected {self.raw_dtype} (as the data set stores "
+                             f"it) or another integer or float type")
+        if tuple(x.shape[1:]) not in self.accepted or x.ndim < 2:
+            single = " (a single example needs a batch axis: x[None])" if tuple(x.shape) in self.accepted else ""
+            raise InputError(f"input: received shape {tuple(x.shape)}, expected {self.describe_expected()}{single}")
+        if len(x) == 0:
+            raise InputError(f"input: received an empty batch (shape {tuple(x.shape)}), expected at least one "
+                             f"example")
+        # One copy into float32, then normalise in place: the doc's formula, (raw - mean) / std.
+        out = np.array(x, dtype=np.float32, order="C").reshape((len(x), *self.shape))  # np.array always copies
+        if x.dtype.kind == "f":
+            self._check_finite(out)
+            self._check_units(out)
+        np.subtract(out, self._mean, out=out)
+        np.divide(out, self._std, out=out)
+        return out
+
+    @staticmethod
+    def _check_finite(x: np.ndarray) -> None:
+        if np.isfinite(x).all():
+            return
+        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+        raise InputError(f"input: received {int(bad.sum())} example(s) with NaN or infinite values (first: "
+                             f"example {int(np.flatnonzero(bad)[0])}), expected finite values")
+
+    def _check_units(self, x: np.ndarray) -> None:
+        # A common mistake is to pass data already scaled to 0..1 or normalised; the runtime expects raw units.
+        if self._warned_units or self.raw_dtype.kind not in "ui":
+            return
+        low, high = float(x.min()), float(x.max())
+        if high <= 1.0 or low < 0.0:
+            self._warned_units = True
+            log.warning("input values lie in [%.3g, %.3g], but the bundle expects raw %s units (e.g. 0..255); pass "
+                        "data as the data set stores it, not scaled or normalised", low, high, self.raw_dtype)

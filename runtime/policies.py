@@ -1,0 +1,296 @@
+"""Budgets: which members to run for a call, and when to stop.
+
+One budget per call (none: every member):
+
+- ``members=k``: the first k members of the anytime order (an int >= 1), or a fraction of all members (a float in
+  (0, 1], rounded to the nearest count, at least 1). A stack cut by k runs whole; only its first rows are used.
+- ``flops=F``: as many whole stacks, in order, as fit F flops per example.
+- ``latency_ms=T``: as many whole stacks as fit T by the profiled latency table of this device (``edgens profile``).
+- ``deadline_ms=T``: anytime. Stacks run in order until the wall-clock deadline, counted from the call's start; a
+  stack is not started when the latency table (or, without one, its last observed time at this batch size) says it
+  cannot finish in time, so the deadline is overrun by at most one stack's latency. The first stack that answers is
+  always waited for: a prediction needs at least one member.
+- ``confidence=p``: per example, stop adding stacks once the largest class probability of the running ensemble
+  reaches p (categorical bundles only); later stacks run only on the examples still below p.
+  :func:`fit_confidence` picks p on validation data for a target mean number of members.
+- ``task=...``: the specialist sub-ensemble of a task, named by task (``class-3``), class index (3) or class name.
+
+Planning uses the stacks that are available when the call starts (not excluded, not quarantined): a budget counts
+members, flops and latency over those, so a stack lost at load is replaced by the next ones. A stack that fails
+during the call is dropped without replacement (retrying would break the latency a budget promises).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from edgens.errors import ConfigError
+from edgens.runtime.combine import confidence as max_probability
+from edgens.runtime.manifest import Manifest, SpecialistInfo, StackInfo
+
+if TYPE_CHECKING:
+    from edgens.runtime.predictor import Predictor
+
+BUDGETS = ("members", "flops", "latency_ms", "deadline_ms", "confidence", "task")
+
+
+@dataclass(frozen=True)
+class Budget:
+    """One call's budget: ``kind`` is one of :data:`BUDGETS`, or None for all members."""
+
+    kind: str | None = None
+    value: Any = None
+
+    @classmethod
+    def parse(cls, members: int | float | None = None, flops: float | None = None, latency_ms: float | None = None,
+              deadline_ms: float | None = None, confidence: float | None = None,
+              task: str | int | None = None) -> Budget:
+        """Check the budget keyword arguments of a call; at most one may be given.
+
+        Raises:
+            ConfigError: more than one budget, or a value out of range (the message says the valid range).
+        """
+        given = {key: value for key, value in (("members", members), ("flops", flops), ("latency_ms", latency_ms),
+                                               ("deadline_ms", deadline_ms), ("confidence", confidence),
+                                               ("task", task)) if value is not None}
+        if len(given) > 1:
+            listed = " and ".join(f"{key}={value!r}" for key, value in given.items())
+            raise ConfigError(f"give one budget at a time, got {listed}")
+        if not given:
+            return cls()
+        kind, value = next(iter(given.items()))
+        if kind == "task":
+            if isinstance(value, bool) or not isinstance(value, str | int | np.integer):
+                raise ConfigError(f"task: expected a task name, class index or class name, got {value!r}")
+            return cls(kind, value if isinstance(value, str) else int(value))
+        if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
+                or not math.isfinite(value):
+            raise ConfigError(f"{kind}: expected a finite number, got {value!r}")
+        if kind == "members":
+            if isinstance(value, int | np.integer):
+                if value < 1:
+                    raise ConfigError(f"members: expected a count >= 1 or a fraction in (0, 1], got {value}")
+                return cls(kind, int(value))
+            if not 0.0 < value <= 1.0:
+                raise ConfigError(f"members: expected a fraction in (0, 1] (or an int count), got {value}")
+            return cls(kind, float(value))
+        if kind == "confidence" and not 0.0 < value <= 1.0:
+            raise ConfigError(f"confidence: expected a probability in (0, 1], got {value}")
+        if value <= 0:
+            raise ConfigError(f"{kind}: expected a number > 0, got {value}")
+        return cls(kind, float(value))
+
+    def __str__(self) -> str:
+        return "all members" if self.kind is None else f"{self.kind}={self.value}"
+
+
+@dataclass(frozen=True)
+class Step:
+    """Run one stack and use some of its output rows.
+
+    Attributes:
+        stack: the stack's name.
+        rows: indices of the output rows (members) to use; None for all.
+        members: the member ids those rows hold.
+    """
+
+    stack: str
+    rows: tuple[int, ...] | None
+    members: tuple[int, ...]
+
+
+def _whole(stack: StackInfo) -> Step:
+    return Step(stack.name, None, tuple(stack.members))
+
+
+def plan(budget: Budget, manifest: Manifest, available: Callable[[str], bool],
+         estimate: Callable[[str], float | None] | None = None) -> list[Step]:
+    """The stacks a call runs, in order, before any runs.
+
+    Deadline and confidence budgets plan every available general stack; they stop early while running.
+
+    Args:
+        budget: the call's budget.
+        manifest: the bundle's manifest.
+        available: whether a stack may be planned (not excluded or quarantined).
+        estimate: latency (ms) of a stack at this call's batch size, from this device's latency table; None when
+            there is no table.
+
+    Raises:
+        ConfigError: the budget fits no stack, there is no latency table for a latency budget, or the task is
+            unknown.
+    """
+    general = [stack for stack in manifest.general_stacks if available(stack.name)]
+    if budget.kind in (None, "deadline_ms", "confidence"):
+        return [_whole(stack) for stack in general]
+    if budget.kind == "members":
+        return _plan_members(budget.value, manifest, general)
+    if budget.kind == "flops":
+        return _plan_cost(general, budget.value, lambda stack: float(stack.flops), "flops", "flops per example")
+    if budget.kind == "latency_ms":
+        if estimate is None:
+            raise ConfigError("latency_ms budgets need this device's latency table, and the bundle has none for this "
+                              "backend and device; run `edgens profile BUNDLE` first (or use deadline_ms)")
+        return _plan_cost(general, budget.value, lambda stack: _required(estimate, stack.name), "latency_ms", "ms")
+    if budget.kind == "task":
+        return _plan_task(resolve_task(manifest, budget.value), manifest, available)
+    raise ConfigError(f"unknown budget {budget.kind!r}; expected one of {', '.join(BUDGETS)}")
+
+
+def _required(estimate: Callable[[str], float | None], name: str) -> float:
+    value = estimate(name)
+    if value is None:
+        raise ConfigError(f"the latency table has no entry for stack {name}; run `edgens profile BUNDLE` again")
+    return value
+
+
+def _plan_members(value: int | float, manifest: Manifest, general: list[StackInfo]) -> list[Step]:
+    total = len(manifest.members)
+    if isinstance(value, float):
+        k = max(1, round(value * total))
+    else:
+        if value > total:
+            raise ConfigError(f"members: the bundle has {total} members, got members={value}")
+        k = value
+    steps, left = [], k
+    for stack in general:
+        if left <= 0:
+            break
+        if len(stack.members) <= left:
+            steps.append(_whole(stack))
+        else:  # the whole stack runs; its first `left` rows are the next members of the order
+            steps.append(Step(stack.name, tuple(range(left)), tuple(stack.members[:left])))
+        left -= len(stack.members)
+    return steps
+
+
+def _plan_cost(general: list[StackInfo], limit: float, cost: Callable[[StackInfo], float], kind: str,
+               unit: str) -> list[Step]:
+    steps, spent = [], 0.0
+    for stack in general:
+        spent += cost(stack)
+        if spent > limit:
+            break
+        steps.append(_whole(stack))
+    if not steps and general:
+        raise ConfigError(f"{kind}={limit:g} fits no stack: the first available stack, {general[0].name}, needs "
+                          f"{cost(general[0]):.4g} {unit}")
+    return steps
+
+
+def resolve_task(manifest: Manifest, task: str | int) -> SpecialistInfo:
+    """The specialist named by ``task``: a task name (``class-3``), a class index (3, or ``"3"``) or a class name.
+
+    Raises:
+        ConfigError: no specialist matches (the message lists the tasks the bundle has).
+    """
+    names = manifest.class_names or []
+    for specialist in manifest.specialists:
+        index = specialist.class_index
+        if task == specialist.task or (isinstance(task, int) and task == index) \
+                or (isinstance(task, str) and (task == str(index) or (index < len(names) and task == names[index]))):
+            return specialist
+    listed = ", ".join(f"{s.task} ({names[s.class_index] if s.class_index < len(names) else s.class_index})"
+                       for s in manifest.specialists) or "none"
+    raise ConfigError(f"unknown task {task!r}; this bundle's specialists: {listed}")
+
+
+def _plan_task(specialist: SpecialistInfo, manifest: Manifest, available: Callable[[str], bool]) -> list[Step]:
+    if available(specialist.stack):
+        return [_whole(manifest.stack(specialist.stack))]
+    # The specialist's own stack is lost: its members also live in general stacks, so run those rows instead.
+    wanted = set(specialist.members)
+    steps = []
+    for stack in manifest.general_stacks:
+        rows = tuple(i for i, member in enumerate(stack.members) if member in wanted)
+        if rows and available(stack.name):
+            steps.append(Step(stack.name, rows, tuple(stack.members[i] for i in rows)))
+    return steps
+
+
+def may_start(now: float, deadline: float, estimate_ms: float | None, answered: bool) -> bool:
+    """Whether a deadline call may start its next stack (times in seconds from ``time.perf_counter``).
+
+    Until a member has answered, always (a prediction needs one); after that, only if the stack is expected to
+    finish before the deadline (its estimated latency, or without an estimate, if the deadline has not passed).
+    """
+    if not answered:
+        return True
+    remaining = deadline - now
+    return remaining > 0 and (estimate_ms is None or estimate_ms / 1e3 <= remaining)
+
+
+def still_unsure(eta_sum: np.ndarray, counts: np.ndarray, p: float) -> np.ndarray:
+    """Boolean mask of the examples whose running ensemble's largest class probability is still below ``p``."""
+    return max_probability(eta_sum / counts[:, None]) < p
+
+
+def early_exit(stack_etas: Sequence[np.ndarray], p: float) -> tuple[np.ndarray, np.ndarray]:
+    """Simulate the ``confidence=p`` budget on precomputed stack outputs.
+
+    Args:
+        stack_etas: each general stack's output ``(members, B, K)``, in anytime order.
+        p: the confidence threshold.
+
+    Returns:
+        ``(members used per example (B,), mean natural parameters (B, K))``.
+    """
+    eta_sum = np.zeros(stack_etas[0].shape[1:], dtype=np.float64)
+    counts = np.zeros(stack_etas[0].shape[1], dtype=np.int64)
+    active = np.ones(len(counts), dtype=bool)
+    for eta in stack_etas:
+        if not active.any():
+            break
+        eta_sum[active] += eta[:, active].sum(axis=0)
+        counts[active] += len(eta)
+        active[active] = still_unsure(eta_sum[active], counts[active], p)
+    return counts, eta_sum / counts[:, None]
+
+
+def fit_confidence(predictor: Predictor, x: np.ndarray, target_members: float, batch_size: int = 256) -> float:
+    """The confidence threshold p for which early exit uses about ``target_members`` members per example on ``x``.
+
+    Returns the largest p whose mean number of members on ``x`` is at most ``target_members`` (larger p: more
+    members, better accuracy), searched over the confidences the ensemble actually reaches. No labels are needed.
+
+    Args:
+        predictor: a loaded categorical predictor.
+        x: raw validation inputs.
+        target_members: the wanted mean number of members per example.
+        batch_size: examples per stack run.
+
+    Raises:
+        ConfigError: not a categorical bundle, or ``target_members`` is below the first stack's size.
+        InputError: bad ``x``.
+    """
+    if predictor.manifest.family != "categorical":
+        raise ConfigError(f"confidence budgets need a categorical bundle, this one is {predictor.manifest.family}")
+    outputs = predictor.stack_outputs(x, batch_size=batch_size)
+    etas = [outputs[stack.name] for stack in predictor.manifest.general_stacks if stack.name in outputs]
+    if target_members < len(etas[0]):
+        raise ConfigError(f"target_members={target_members} is below the first stack's {len(etas[0])} members; "
+                          f"early exit never uses fewer")
+    # Candidates: the confidences reached after each prefix of stacks (p just above one changes a decision).
+    eta_sum = np.zeros(etas[0].shape[1:])
+    levels = []
+    count = 0
+    for eta in etas:
+        eta_sum += eta.sum(axis=0)
+        count += len(eta)
+        levels.append(max_probability(eta_sum / count))
+    candidates = np.unique(np.concatenate(levels + [np.array([1.0])]))
+    low, high = 0, len(candidates) - 1  # the mean members grow with p: binary search the largest p that fits
+    best = float(candidates[0])
+    while low <= high:
+        middle = (low + high) // 2
+        used, _ = early_exit(etas, float(candidates[middle]))
+        if used.mean() <= target_members:
+            best, low = float(candidates[middle]), middle + 1
+        else:
+            high = middle - 1
+    return best

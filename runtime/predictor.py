@@ -1,0 +1,608 @@
+"""The public API of the on-device runtime: load a bundle, predict within a budget, survive failing stacks.
+
+    predictor = Predictor.load("bundle")                 # backend="auto": TensorRT engines or onnxruntime
+    prediction = predictor.predict(x_uint8, deadline_ms=5)
+    prediction.probabilities, prediction.labels, prediction.members_used, prediction.failures
+
+A call checks and normalises the input once, plans the stacks its budget allows (:mod:`edgens.runtime.policies`),
+runs them one after another in the calling thread and averages the natural parameters of the members that answered
+(:mod:`edgens.runtime.combine`). A stack that raises, returns NaN/Inf or the wrong shape, or (with
+``stack_timeout_ms``) is too slow, is dropped for that call and reported in ``Prediction.failures``; after
+``quarantine_after`` failed calls in a row it is quarantined until :meth:`Predictor.retry`. Only when no member at
+all answers does a call raise :class:`NoMembersAvailableError`.
+
+Stacks run in the calling thread (no thread handoff on the hot path). Only with ``stack_timeout_ms`` does each stack
+run in a worker thread of its own, so that the call can stop waiting for it; the late stack is asked to cancel and
+is reported as ``busy`` until it has finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+import numpy as np
+
+from edgens.errors import BackendUnavailableError, BundleError, ConfigError, NoMembersAvailableError
+from edgens.runtime import policies
+from edgens.runtime.backends import Backend, StackRunner, create_backend
+from edgens.runtime.combine import inverse_link
+from edgens.runtime.health import StackFailure, StackHealth
+from edgens.runtime.inputs import InputPreparer
+from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest
+from edgens.runtime.policies import Budget, Step
+from edgens.runtime.profile import LatencyTable, find_table, load_latency_tables
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Prediction:
+    """The result of one call.
+
+    Attributes:
+        family: the bundle's target family.
+        mean: ``(B, K)`` the prediction: class probabilities (categorical), the mean (gaussian), the rate (poisson).
+        eta: ``(B, K)`` the mean natural parameters of the members used.
+        labels: ``(B,)`` the most probable class (categorical), else None.
+        members_used: ``(B,)`` members averaged for each example.
+        stacks_run: stacks that answered, in the order they ran.
+        failures: stacks that failed in this call.
+        elapsed_ms: wall time of the call, input checks included.
+        stack_ms: wall time of each stack that ran (failed ones included).
+        budget: the budget, as text.
+        deadline_ms: the deadline of a ``deadline_ms`` call, else None.
+        task: the specialist task of a ``task`` call, else None.
+    """
+
+    family: str
+    mean: np.ndarray
+    eta: np.ndarray
+    labels: np.ndarray | None
+    members_used: np.ndarray
+    stacks_run: list[str]
+    failures: list[StackFailure]
+    elapsed_ms: float
+    stack_ms: dict[str, float] = field(default_factory=dict)
+    budget: str = "all members"
+    deadline_ms: float | None = None
+    task: str | None = None
+
+    @property
+    def probabilities(self) -> np.ndarray:
+        """Class probabilities (B, K) of a categorical bundle.
+
+        Raises:
+            ConfigError: the bundle is gaussian or poisson (use ``mean``).
+        """
+        if self.family != "categorical":
+            raise ConfigError(f"a {self.family} bundle predicts means, not probabilities; use Prediction.mean")
+        return self.mean
+
+    @property
+    def overrun_ms(self) -> float:
+        """How far past its deadline the call finished (0 if in time or without a deadline)."""
+        return max(0.0, self.elapsed_ms - self.deadline_ms) if self.deadline_ms is not None else 0.0
+
+
+@dataclass
+class _Call:
+    """The state of one call while its stacks run.
+
+    Stacks that answered wait in ``pending`` until :meth:`Predictor._settle` checks their sums for NaN/Inf and adds
+    them to ``eta_sum``: after every stack when someone looks at partial results (deadlines, early exit, callbacks,
+    the anytime iterator), otherwise once at the end, which keeps the per-stack work of a plain call to one sum.
+    """
+
+    x: np.ndarray
+    budget: Budget
+    steps: list[Step]
+    start: float
+    eta_sum: np.ndarray
+    eager: bool = False  # settle after every stack
+    members: int = 0  # members that answered for every example (all budgets but confidence)
+    deadline: float | None = None
+    # Confidence budgets only: indices of the examples still running, and members answered per example.
+    active: np.ndarray | None = None
+    counts: np.ndarray | None = None
+    pending: list[tuple[Step, np.ndarray]] = field(default_factory=list)
+    stacks_run: list[str] = field(default_factory=list)
+    failures: list[StackFailure] = field(default_factory=list)
+    stack_ms: dict[str, float] = field(default_factory=dict)
+    task: str | None = None
+
+
+class Predictor:
+    """Runs a bundle's member stacks within a budget and combines the members that answer.
+
+    Build one with :meth:`load`. Not thread-safe: use one predictor per thread.
+
+    Attributes:
+        bundle_dir: the bundle.
+        manifest: its manifest.
+        backend: what runs the stacks.
+        latency_table: this device's latency table for the backend (None until ``edgens profile`` ran).
+    """
+
+    def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, strict: bool = False,
+                 stack_timeout_ms: float | None = None, quarantine_after: int | None = 3):
+        self.bundle_dir = bundle_dir
+        self.manifest = manifest
+        self.backend = backend
+        self.strict = strict
+        self.quarantine_after = quarantine_after
+        self._timeout_s = None if stack_timeout_ms is None else stack_timeout_ms / 1e3
+        self._prepare = InputPreparer(manifest.input, manifest.preprocessing)
+        self._runners: dict[str, StackRunner] = {}
+        self._health = {stack.name: StackHealth(stack.name) for stack in manifest.stacks}
+        self._pools: dict[str, ThreadPoolExecutor] = {}
+        self._pending: dict[str, Any] = {}
+        self._observed: dict[tuple[str, int], float] = {}
+        self._plans: dict[tuple[Budget, int], list[Step]] = {}
+        self.latency_table: LatencyTable | None = None
+        self._latency_problem: str | None = None
+
+    # ---------------------------------------------------------------------------------------------------- loading
+
+    @classmethod
+    def load(cls, bundle: str | Path, backend: str = "auto", *, strict: bool = False,
+             stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, **backend_options: Any
+             ) -> Predictor:
+        """Load a bundle and start its stacks.
+
+        Args:
+            bundle: the bundle directory.
+            backend: ``auto``, ``onnxruntime`` or ``tensorrt``.
+            strict: raise instead of excluding a stack whose file is missing, corrupt or unloadable.
+            stack_timeout_ms: drop a stack from a call when it takes longer than this (runs each stack in a worker
+                thread; None: no timeout, no threads).
+            quarantine_after: consecutive failed calls after which a stack is quarantined (None: never).
+            **backend_options: e.g. ``providers`` and ``threads`` (onnxruntime), ``precision`` (tensorrt).
+
+        Raises:
+            DataNotFoundError: the bundle or its manifest does not exist.
+            BundleError: the manifest is unreadable or incompatible; in strict mode, a stack cannot be used.
+            BackendUnavailableError: the backend cannot run here (the message says what to install).
+            ConfigError: an unknown backend or option out of range.
+            NoMembersAvailableError: no stack at all could be loaded.
+        """
+        if stack_timeout_ms is not None and not stack_timeout_ms > 0:
+            raise ConfigError(f"stack_timeout_ms: expected a number > 0 or None, got {stack_timeout_ms}")
+        if quarantine_after is not None and quarantine_after < 1:
+            raise ConfigError(f"quarantine_after: expected an integer >= 1 or None, got {quarantine_after}")
+        bundle_dir = Path(bundle)
+        manifest = load_manifest(bundle_dir)
+        engine = create_backend(backend, bundle_dir, manifest, **backend_options)
+        predictor = cls(bundle_dir, manifest, engine, strict, stack_timeout_ms, quarantine_after)
+        problems = check_stack_files(bundle_dir, manifest)
+        for stack in manifest.stacks:
+            problem = problems.get(stack.name)
+            if problem is None:
+                problem = predictor._start(stack.name)
+            if problem is not None:
+                predictor._exclude(stack.name, problem)
+        if not predictor._runners:
+            raise NoMembersAvailableError(f"no stack of {bundle_dir} could be loaded: {predictor.describe_health()}")
+        predictor.reload_latency()
+        log.info("loaded %s: %d/%d stacks on %s", bundle_dir, len(predictor._runners), len(manifest.stacks),
+                 predictor.backend.describe())
+        return predictor
+
+    def _start(self, name: str) -> str | None:
+        """Make and activate the runner of stack ``name``; returns the problem if it cannot run."""
+        try:
+            runner = self.backend.runner(self.manifest.stack(name))
+            runner.activate()
+        except BackendUnavailableError:
+            raise  # the machine, not the stack, is the problem: every stack would fail the same way
+        except Exception as err:  # noqa: BLE001  (a corrupt graph makes backends raise their own errors)
+            if isinstance(err, BundleError):
+                return str(err).removeprefix(f"stack {name}: ")
+            return f"cannot load it ({type(err).__name__}: {err})"
+        self._runners[name] = runner
+        return None
+
+    def _exclude(self, name: str, problem: str) -> None:
+        if self.strict:
+            raise BundleError(f"stack {name}: {problem} (strict mode; without it the stack is excluded)")
+        log.warning("stack %s excluded: %s", name, problem)
+        health = self._health[name]
+        health.status, health.reason = "excluded", problem
+        self._plans.clear()
+
+    def reload_latency(self) -> None:
+        """Read ``latency.json`` again and pick the table of this backend, providers and device."""
+        self.latency_table, self._latency_problem = None, None
+        self._plans.clear()
+        try:
+            self.latency_table = find_table(load_latency_tables(self.bundle_dir), self.backend.describe())
+        except BundleError as err:
+            self._latency_problem = str(err)
+            log.warning("latency table ignored: %s", err)
+
+    # ------------------------------------------------------------------------------------------------- properties
+
+    @property
+    def runners(self) -> dict[str, StackRunner]:
+        """The loaded runners by stack name (quarantined ones included; excluded ones have none)."""
+        return dict(self._runners)
+
+    def replace_runners(self, runners: dict[str, StackRunner]) -> dict[str, StackRunner]:
+        """Swap the runners of some stacks (fault injection uses this); returns the ones replaced."""
+        replaced = {name: self._runners[name] for name in runners}
+        self._runners.update(runners)
+        return replaced
+
+    def health(self) -> dict[str, StackHealth]:
+        """Each stack's standing: ok, excluded or quarantined, with failure counts."""
+        return dict(self._health)
+
+    def available(self, name: str) -> bool:
+        """Whether budgets may plan stack ``name`` (loaded and not quarantined)."""
+        return name in self._runners and self._health[name].status == "ok"
+
+    def describe_health(self) -> str:
+        """One line: the stacks that are not available, and why."""
+        lost = [f"{h.name} {h.status} ({h.reason})" for h in self._health.values() if h.status != "ok"]
+        return "; ".join(lost) if lost else "all stacks available"
+
+    def describe(self) -> dict[str, Any]:
+        """What runs the bundle: backend, providers really in use, device, and stacks available."""
+        return {**self.backend.describe(), "bundle": str(self.bundle_dir), "family": self.manifest.family,
+                "members": len(self.manifest.members),
+                "stacks": {name: h.status for name, h in self._health.items()}}
+
+    # ----------------------------------------------------------------------------------------------------- health
+
+    def retry(self, names: list[str] | None = None) -> list[str]:
+        """Give quarantined and excluded stacks another chance.
+
+        Quarantined stacks are planned again; excluded ones have their file checked and are loaded again.
+
+        Args:
+            names: the stacks to retry (default: every quarantined or excluded stack).
+
+        Returns:
+            The stacks available again.
+
+        Raises:
+            ConfigError: an unknown stack name.
+        """
+        names = [h.name for h in self._health.values() if h.status != "ok"] if names is None else names
+        back = []
+        for name in names:
+            health = self._health[self.manifest.stack(name).name]
+            if health.status == "quarantined":
+                self._pending.pop(name, None)
+            elif health.status == "excluded":
+                stack = self.manifest.stack(name)
+                problem = check_file(self.bundle_dir, stack.file, stack.sha256, stack.bytes) or self._start(name)
+                if problem is not None:
+                    log.warning("stack %s still excluded: %s", name, problem)
+                    health.reason = problem
+                    continue
+            health.status, health.reason, health.consecutive_failures = "ok", None, 0
+            back.append(name)
+        self._plans.clear()
+        return back
+
+    # ---------------------------------------------------------------------------------------------------- predict
+
+    def predict(self, x: Any, *, members: int | float | None = None, flops: float | None = None,
+                latency_ms: float | None = None, deadline_ms: float | None = None, confidence: float | None = None,
+                task: str | int | None = None, on_update: Callable[[Prediction], bool | None] | None = None
+                ) -> Prediction:
+        """Predict for a batch of raw inputs within one budget (see :mod:`edgens.runtime.policies`).
+
+        Args:
+            x: raw inputs as the data set stores them, ``(B, *input.shape)`` (or without a single channel axis).
+            members: the first k members of the anytime order, or a fraction of all members.
+            flops: as many stacks as fit this many flops per example.
+            latency_ms: as many stacks as fit this latency by the device's latency table.
+            deadline_ms: anytime: run stacks until this wall-clock deadline, return the best prediction so far.
+            confidence: per example, stop once the largest class probability reaches this (categorical).
+            task: a specialist sub-ensemble, by task name, class index or class name.
+            on_update: called with the prediction so far after each stack that answers; returning True stops.
+
+        Returns:
+            The prediction of the members that answered.
+
+        Raises:
+            InputError: bad input (shape, dtype, NaN/Inf, empty batch), before any stack runs.
+            ConfigError: more than one budget, a value out of range, a budget no stack fits, a latency budget
+                without a latency table, an unknown task, or confidence on a non-categorical bundle.
+            NoMembersAvailableError: no member answered (every planned stack failed, or none is available).
+        """
+        call = self._begin(x, Budget.parse(members, flops, latency_ms, deadline_ms, confidence, task),
+                           eager=on_update is not None)
+        for _ in self._execute(call):
+            if on_update is not None and on_update(self._result(call)):
+                break
+        self._settle(call)
+        return self._result(call)
+
+    def anytime(self, x: Any, **budget: Any) -> Iterator[Prediction]:
+        """Yield an improving prediction after each stack that answers (anytime inference).
+
+        Stop iterating whenever the prediction is good enough or time is up; budgets work as in :meth:`predict`
+        (e.g. ``deadline_ms``). Input and budget are checked before this returns.
+
+        Raises:
+            InputError: bad input, before any stack runs.
+            ConfigError: a bad budget.
+            NoMembersAvailableError: (when iterating) no member answered.
+        """
+        call = self._begin(x, Budget.parse(**budget), eager=True)
+
+        def iterate() -> Iterator[Prediction]:
+            answered = False
+            for _ in self._execute(call):
+                answered = True
+                yield self._result(call)
+            if not answered:
+                self._result(call)  # raises NoMembersAvailableError with the reasons
+
+        return iterate()
+
+    def stack_outputs(self, x: Any, stacks: list[str] | None = None, batch_size: int | None = None
+                      ) -> dict[str, np.ndarray]:
+        """The raw natural parameters ``(members, B, K)`` of stacks, without combining (for analysis and fitting).
+
+        Args:
+            x: raw inputs.
+            stacks: stack names (default: every available general stack).
+            batch_size: run this many examples at a time (default: all at once).
+
+        Returns:
+            ``{stack name: eta}`` for the stacks that answered on every batch.
+
+        Raises:
+            InputError: bad input.
+        """
+        xn = self._prepare(x)
+        names = stacks if stacks is not None else [s.name for s in self.manifest.general_stacks
+                                                   if self.available(s.name)]
+        step = batch_size or len(xn)
+        outputs = {}
+        for name in names:
+            runner = self._runners[self.manifest.stack(name).name]
+            parts = []
+            for i in range(0, len(xn), step):
+                try:
+                    out = runner.run(xn[i:i + step])
+                    failure = self._check_output(runner, out, len(xn[i:i + step]))
+                except Exception as err:  # noqa: BLE001  (any backend failure drops the stack, as in predict)
+                    failure = StackFailure(name, "error", f"{type(err).__name__}: {err}")
+                if failure is not None:
+                    log.warning("stack %s failed: %s", name, failure)
+                    break
+                parts.append(out)
+            else:
+                outputs[name] = np.concatenate(parts, axis=1)
+        return outputs
+
+    # ------------------------------------------------------------------------------------------------- internals
+
+    def _begin(self, x: Any, budget: Budget, eager: bool = False) -> _Call:
+        start = time.perf_counter()
+        if budget.kind == "confidence" and self.manifest.family != "categorical":
+            raise ConfigError(f"confidence budgets need a categorical bundle, this one is {self.manifest.family}")
+        xn = self._prepare(x)
+        batch = len(xn)
+        estimate = None
+        if self.latency_table is not None:
+            table = self.latency_table
+            estimate = lambda name: table.estimate(name, batch)  # noqa: E731
+        elif budget.kind == "latency_ms" and self._latency_problem:
+            raise ConfigError(f"latency_ms budgets need this device's latency table: {self._latency_problem}")
+        steps = self._plan(budget, batch, estimate)
+        if not steps:
+            raise NoMembersAvailableError(f"no stack is available for {budget}: {self.describe_health()}; "
+                                          f"Predictor.retry() tries them again")
+        k = self.manifest.n_outputs
+        call = _Call(x=xn, budget=budget, steps=steps, start=start, eta_sum=np.zeros((batch, k)), eager=eager)
+        if budget.kind == "deadline_ms":
+            call.deadline, call.eager = start + budget.value / 1e3, True
+        elif budget.kind == "confidence":
+            call.active, call.counts, call.eager = np.arange(batch), np.zeros(batch, dtype=np.int64), True
+        elif budget.kind == "task":
+            call.task = policies.resolve_task(self.manifest, budget.value).task
+        return call
+
+    def _plan(self, budget: Budget, batch: int, estimate: Callable[[str], float | None] | None) -> list[Step]:
+        """The budget's plan, cached: it changes only with the stacks' availability and, for latency budgets, the
+        batch size and the latency table (``_plans`` is cleared when those change)."""
+        key = (budget, batch if budget.kind == "latency_ms" else 0)
+        steps = self._plans.get(key)
+        if steps is None:
+            if len(self._plans) > 256:
+                self._plans.clear()
+            steps = self._plans[key] = policies.plan(budget, self.manifest, self.available, estimate)
+        return steps
+
+    def _execute(self, call: _Call) -> Iterator[None]:
+        """Run the call's stacks in order; when eager, yields after each one that answers."""
+        for step in call.steps:
+            if call.deadline is not None:
+                batch = len(call.x)
+                estimate = (self.latency_table.estimate(step.stack, batch) if self.latency_table is not None
+                            else self._observed.get((step.stack, batch)))
+                if not policies.may_start(time.perf_counter(), call.deadline, estimate, bool(call.stacks_run)):
+                    break
+            active = call.active
+            x = call.x if active is None or len(active) == len(call.x) else call.x[active]
+            part = self._run_step(step, x, call)
+            if part is None:
+                continue
+            call.pending.append((step, part))
+            if not call.eager:
+                continue
+            if not self._settle(call):
+                continue
+            if active is not None:
+                assert call.counts is not None
+                unsure = policies.still_unsure(call.eta_sum[active], call.counts[active], call.budget.value)
+                call.active = active[unsure]
+            yield
+            if call.active is not None and not len(call.active):
+                break
+
+    def _run_step(self, step: Step, x: np.ndarray, call: _Call) -> np.ndarray | None:
+        """Run one stack: the sum (B, K) of the natural parameters of the step's rows, or None after recording why
+        the stack failed. The hot path: one shape check and one sum (NaN/Inf are caught when settling)."""
+        name = step.stack
+        runner = self._runners[name]
+        start = time.perf_counter()
+        try:
+            out = runner.run(x) if self._timeout_s is None else self._run_in_worker(runner, x)
+            expected = (len(runner.stack.members), len(x), self.manifest.n_outputs)
+            if getattr(out, "shape", None) == expected:
+                # float32 sums take half the time of float64 ones; only absurd logits (~1e37) could overflow, and
+                # are then reported as non-finite.
+                part = (out if step.rows is None else out[list(step.rows)]).sum(axis=0)
+                failure = None
+            else:
+                failure = StackFailure(name, "shape", f"returned shape {getattr(out, 'shape', type(out))}, expected "
+                                                      f"{expected}")
+        except _Timeout as err:
+            failure = StackFailure(name, err.kind, str(err))
+        except Exception as err:  # noqa: BLE001  (a backend may raise anything; KeyboardInterrupt still propagates)
+            failure = StackFailure(name, "error", f"{type(err).__name__}: {err}")
+        ms = (time.perf_counter() - start) * 1e3
+        call.stack_ms[name] = ms
+        if failure is not None:
+            self._failed(call, failure)
+            return None
+        self._observed[(name, len(x))] = ms
+        return part
+
+    def _settle(self, call: _Call) -> bool:
+        """Check the pending stacks' sums for NaN/Inf, add the good ones to the call's sums and record each stack's
+        health; returns whether any was added."""
+        pending, call.pending = call.pending, []
+        if not pending:
+            return False
+        # One test for all of them: NaN or Inf in any sum makes the total (in float64) NaN or Inf.
+        total = _total(pending)
+        if not math.isfinite(total.sum()):
+            good = []
+            for step, part in pending:
+                if math.isfinite(part.sum()):
+                    good.append((step, part))
+                else:
+                    self._failed(call, StackFailure(step.stack, "non-finite", "returned NaN or infinite values"))
+            if not good:
+                return False
+            pending = good
+            total = _total(pending)
+        members = sum(len(step.members) for step, _ in pending)
+        if call.active is None:
+            call.eta_sum += total
+            call.members += members
+        else:  # early exit settles one stack at a time, run on the active examples only
+            assert call.counts is not None
+            call.eta_sum[call.active] += total
+            call.counts[call.active] += members
+        for step, _ in pending:
+            health = self._health[step.stack]
+            health.succeeded()
+            call.stacks_run.append(step.stack)
+        return True
+
+    def _failed(self, call: _Call, failure: StackFailure) -> None:
+        call.failures.append(failure)
+        log.info("stack %s failed: %s", failure.stack, failure)
+        health = self._health[failure.stack]
+        if health.failed(failure, self.quarantine_after):
+            self._plans.clear()
+            log.warning("stack %s quarantined: %s; Predictor.retry() tries it again", failure.stack, health.reason)
+
+    def _check_output(self, runner: StackRunner, out: Any, batch: int) -> StackFailure | None:
+        """Shape and finiteness of a whole output (for :meth:`stack_outputs`; predict checks the sum it uses)."""
+        expected = runner.expected_output_shape(batch)
+        shape = getattr(out, "shape", None)
+        if shape != expected:
+            return StackFailure(runner.name, "shape", f"returned shape {shape}, expected {expected}")
+        if not np.isfinite(out).all():
+            return StackFailure(runner.name, "non-finite", "returned NaN or infinite values")
+        return None
+
+    def _run_in_worker(self, runner: StackRunner, x: np.ndarray) -> np.ndarray:
+        name = runner.name
+        pending = self._pending.get(name)
+        if pending is not None and not pending.done():
+            raise _Timeout("busy", "still running after timing out in an earlier call")
+        pool = self._pools.get(name)
+        if pool is None:
+            pool = self._pools[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edgens-{name}")
+        future = pool.submit(runner.run, x)
+        try:
+            return future.result(timeout=self._timeout_s)
+        except FutureTimeout:
+            runner.cancel()
+            self._pending[name] = future
+            raise _Timeout("timeout", f"took longer than the stack timeout of {self._timeout_s * 1e3:g} ms") from None
+
+    def _result(self, call: _Call) -> Prediction:
+        if call.counts is None:  # every example has the same members
+            if not call.members:
+                self._raise_no_members(call)
+            eta = call.eta_sum / call.members
+            members_used = np.full(len(call.x), call.members)
+        else:
+            if not call.counts.all():
+                self._raise_no_members(call)
+            eta = call.eta_sum / call.counts[:, None]
+            members_used = call.counts.copy()
+        mean = inverse_link(self.manifest.family, eta)
+        return Prediction(
+            family=self.manifest.family, mean=mean, eta=eta,
+            labels=mean.argmax(axis=1) if self.manifest.family == "categorical" else None,
+            members_used=members_used, stacks_run=list(call.stacks_run), failures=list(call.failures),
+            elapsed_ms=(time.perf_counter() - call.start) * 1e3, stack_ms=dict(call.stack_ms), budget=str(call.budget),
+            deadline_ms=call.budget.value if call.budget.kind == "deadline_ms" else None, task=call.task)
+
+    def _raise_no_members(self, call: _Call) -> None:
+        failed = "; ".join(str(f) for f in call.failures) or "none ran"
+        raise NoMembersAvailableError(f"no member answered ({call.budget}): failures: {failed}; unavailable: "
+                                      f"{self.describe_health()}")
+
+    # --------------------------------------------------------------------------------------------------- cleanup
+
+    def close(self) -> None:
+        """Free every stack's resources and stop worker threads (without waiting for late stacks)."""
+        for pool in self._pools.values():
+            pool.shutdown(wait=False, cancel_futures=True)
+        self._pools.clear()
+        for runner in self._runners.values():
+            runner.deactivate()
+
+    def __enter__(self) -> Predictor:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 traceback: TracebackType | None) -> None:
+        self.close()
+
+
+def _total(pending: list[tuple[Step, np.ndarray]]) -> np.ndarray:
+    """The float64 sum of the pending stacks' sums."""
+    if len(pending) == 1:
+        return pending[0][1].astype(np.float64)
+    return np.sum([part for _, part in pending], axis=0, dtype=np.float64)
+
+
+class _Timeout(Exception):
+    """A stack was too slow (``timeout``) or still busy from an earlier timeout (``busy``)."""
+
+    def __init__(self, kind: str, message: str):
+        super().__init__(message)
+        self.kind = kind
