@@ -20,6 +20,9 @@ from edgens.errors import EdgensError
 COMMANDS = {
     "train": "edgens.cli.train_cmd:train",
     "inspect": "edgens.cli.inspect_cmd:inspect",
+    "export": "edgens.cli.export_cmd:export",
+    "infer": "edgens.cli.infer_cmd:infer",
+    "profile": "edgens.cli.profile_cmd:profile",
 }
 
 

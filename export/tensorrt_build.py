@@ -1,0 +1,195 @@
+"""Build TensorRT engines from a bundle's ONNX stacks with the TensorRT Python API.
+
+UNVERIFIED: written against the TensorRT 10 API (JetPack 6 ships 10.3) and the TensorRT 11 changes, but never run:
+the machines this was written on have no GPU and no TensorRT. Where ``tensorrt`` is not importable every entry point
+raises :class:`BackendUnavailableError` naming the extra to install; no engine is ever faked.
+
+Versions take different paths:
+
+- TensorRT 10: precision is a builder flag (``FP16``, ``INT8``); INT8 is calibrated with an entropy calibrator on
+  the bundle's calibration inputs (validation images) on the GPU.
+- TensorRT >= 11 removed those flags: precision comes from the ONNX graph. FP16 uses a graph exported in float16
+  (float32 input and output) and a strongly typed network; INT8 would need explicit quantize/dequantize nodes, which
+  edgens does not write yet, so it is refused with a clear message.
+
+Engines only load on the GPU (compute capability) and TensorRT version that built them, so their file names and
+manifest entries carry both, plus the precision.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from edgens.errors import BackendUnavailableError, ConfigError, ExportError
+
+log = logging.getLogger(__name__)
+
+INSTALL = "pip install edgens[tensorrt] (on a Jetson TensorRT comes with JetPack: apt-get install python3-libnvinfer)"
+PRECISIONS = ("fp32", "fp16", "int8")
+WORKSPACE_BYTES = 1 << 30
+
+
+def import_tensorrt() -> Any:
+    """Import TensorRT (>= 10) or explain how to get it.
+
+    Raises:
+        BackendUnavailableError: not importable, or too old.
+    """
+    try:
+        import tensorrt
+    except ImportError as err:
+        raise BackendUnavailableError(f"building TensorRT engines needs the tensorrt package, which is not importable "
+                                      f"({err}); install it: {INSTALL}") from None
+    if major_version(tensorrt.__version__) < 10:
+        raise BackendUnavailableError(f"TensorRT {tensorrt.__version__} is too old; edgens needs >= 10 ({INSTALL})")
+    return tensorrt
+
+
+def major_version(version: str) -> int:
+    """The major number of a version string like ``10.3.0.30``."""
+    return int(str(version).split(".")[0])
+
+
+@dataclass
+class TargetDevice:
+    """What an engine is specific to."""
+
+    name: str
+    compute_capability: str
+    tensorrt_version: str
+
+    def engine_file(self, stack_name: str, precision: str) -> str:
+        """Bundle-relative file name keyed by stack, precision, TensorRT version and compute capability."""
+        cc = self.compute_capability.replace(".", "")
+        return f"engines/{stack_name}.{precision}.trt{self.tensorrt_version}.sm{cc}.engine"
+
+
+def target_device(tensorrt: Any) -> TargetDevice:
+    """The GPU engines will be built for (CUDA device 0, through torch).
+
+    Raises:
+        BackendUnavailableError: no CUDA GPU.
+    """
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError("building TensorRT engines needs a CUDA GPU, and torch sees none; build them on "
+                                      "the target device with `edgens export --add-tensorrt BUNDLE`")
+    major, minor = torch.cuda.get_device_capability(0)
+    return TargetDevice(torch.cuda.get_device_name(0), f"{major}.{minor}", str(tensorrt.__version__))
+
+
+def check_precision(precision: str, tensorrt_version: str) -> None:
+    """Refuse precisions this TensorRT cannot build from our graphs.
+
+    Raises:
+        ConfigError: unknown precision, or INT8 with TensorRT >= 11.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if precision == "int8" and major_version(tensorrt_version) >= 11:
+        raise ConfigError(f"TensorRT {tensorrt_version} takes INT8 only from quantize/dequantize nodes in the ONNX "
+                          f"graph, which edgens does not write yet; use --fp16, or TensorRT 10 (JetPack 6) for INT8")
+
+
+def needs_float16_graph(precision: str, tensorrt_version: str) -> bool:
+    """TensorRT >= 11 builds FP16 engines from a float16 graph instead of a builder flag."""
+    return precision == "fp16" and major_version(tensorrt_version) >= 11
+
+
+class _EntropyCalibrator:
+    """INT8 calibration data for TensorRT 10: batches of normalised validation inputs in GPU memory (via torch)."""
+
+    def __init__(self, tensorrt: Any, inputs: np.ndarray, batch_size: int) -> None:
+        import torch
+
+        base = tensorrt.IInt8EntropyCalibrator2
+        outer = self
+
+        class Calibrator(base):  # type: ignore[misc, valid-type]  # TensorRT wants a subclass of its own class
+            def __init__(self) -> None:
+                base.__init__(self)
+
+            def get_batch_size(self) -> int:
+                return outer.batch_size
+
+            def get_batch(self, names: list[str]) -> list[int] | None:
+                return outer.next_batch()
+
+            def read_calibration_cache(self) -> None:
+                return None  # always calibrate from the data: the cache would be keyed by nothing we control
+
+            def write_calibration_cache(self, cache: bytes) -> None:
+                return None
+
+        self.batch_size = batch_size
+        self.batches = [torch.from_numpy(np.ascontiguousarray(inputs[i:i + batch_size])).cuda()
+                        for i in range(0, len(inputs) - batch_size + 1, batch_size)]
+        self.position = 0
+        self.calibrator = Calibrator()
+
+    def next_batch(self) -> list[int] | None:
+        if self.position >= len(self.batches):
+            return None
+        batch = self.batches[self.position]
+        self.position += 1
+        return [int(batch.data_ptr())]
+
+
+def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...], precision: str,
+                 min_batch: int = 1, opt_batch: int = 8, max_batch: int = 64,
+                 calibration: np.ndarray | None = None) -> bytes:
+    """Build a serialized engine from an ONNX stack with an optimisation profile over ``min..max_batch``.
+
+    Args:
+        onnx_path: the stack graph (for TensorRT >= 11 with fp16: the float16 graph).
+        input_name: its input.
+        input_shape: one example's shape.
+        precision: ``fp32``, ``fp16`` or ``int8``.
+        calibration: normalised float32 inputs for INT8 calibration (TensorRT 10).
+
+    Raises:
+        BackendUnavailableError: no TensorRT or no GPU.
+        ConfigError: a precision this TensorRT cannot build.
+        ExportError: the ONNX parser or the builder failed (their messages are included).
+    """
+    trt = import_tensorrt()
+    version = str(trt.__version__)
+    check_precision(precision, version)
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if major_version(version) >= 11:
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse(onnx_path.read_bytes()):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ExportError(f"TensorRT {version} cannot parse {onnx_path.name}: {errors}")
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, WORKSPACE_BYTES)
+    profile = builder.create_optimization_profile()
+    profile.set_shape(input_name, (min_batch, *input_shape), (opt_batch, *input_shape), (max_batch, *input_shape))
+    config.add_optimization_profile(profile)
+    calibrator = None
+    if major_version(version) < 11:
+        if precision in ("fp16", "int8"):
+            config.set_flag(trt.BuilderFlag.FP16)  # INT8 layers that do not quantise fall back to FP16, not FP32
+        if precision == "int8":
+            if calibration is None or len(calibration) < opt_batch:
+                raise ExportError(f"INT8 needs at least {opt_batch} calibration inputs; the bundle has "
+                                  f"{0 if calibration is None else len(calibration)}")
+            config.set_flag(trt.BuilderFlag.INT8)
+            calibrator = _EntropyCalibrator(trt, calibration, opt_batch)
+            config.int8_calibrator = calibrator.calibrator
+            config.set_calibration_profile(profile)
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ExportError(f"TensorRT {version} failed to build an engine for {onnx_path.name} ({precision}); run "
+                          f"with -vv to see its log")
+    return bytes(serialized)

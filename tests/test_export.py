@@ -1,0 +1,214 @@
+"""Export: ONNX parity for every stack kind, the bundle's contents against independent maths, safety."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from edgens.config import TrainConfig
+from edgens.errors import BackendUnavailableError, ConfigError, ExportError, RunDirectoryError
+from edgens.export import ExportOptions, export_bundle
+from edgens.export.onnx_export import check_parity, export_stack
+from edgens.runtime.manifest import load_manifest
+from edgens.stacks import StackSpec, build_stack
+from edgens.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+SMALL = {
+    "mlp": StackSpec("mlp", 6, (1, 28, 28), 10, {"hidden": (4,)}),
+    "cnn": StackSpec("cnn", 3, (1, 12, 12), 5, {"channels": (4, 8, 8), "strides": (1, 2, 1)}),
+    "densenet": StackSpec("densenet", 2, (3, 8, 8), 4, {"depth": 10, "growth": 3}),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(SMALL))
+def test_onnx_parity_and_dynamic_batch(kind: str, tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    spec = SMALL[kind]
+    stack = build_stack(spec)
+    with torch.no_grad():  # non-trivial batch-norm statistics
+        stack.train()
+        for _ in range(3):
+            stack(torch.randn(8, *spec.input_shape) + 0.3)
+    stack.eval()
+    path = export_stack(stack, tmp_path / f"{kind}.onnx", opset=17)
+    model = onnx.load(path)
+    assert max(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) >= 17
+    onnx.checker.check_model(model, full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    for batch in (1, 64):  # exported with an example batch of 4: the batch axis must stay dynamic
+        x = np.random.default_rng(batch).normal(size=(batch, *spec.input_shape)).astype(np.float32)
+        got = session.run(None, {"x": x})[0]
+        want = stack(torch.from_numpy(x)).detach().numpy()
+        assert got.shape == (spec.n_members, batch, spec.n_outputs)
+        np.testing.assert_allclose(got, want, atol=1e-4)
+    report = check_parity(path, stack, np.random.default_rng(0).normal(size=(20, *spec.input_shape)))
+    assert report.ok and report.max_abs_diff < 1e-4
+
+
+def test_parity_check_catches_a_wrong_graph(tmp_path: Path) -> None:
+    stack = build_stack(SMALL["mlp"]).eval()
+    other = build_stack(SMALL["mlp"]).eval()  # same shape, different weights
+    path = export_stack(other, tmp_path / "other.onnx")
+    report = check_parity(path, stack, np.zeros((4, 1, 28, 28), np.float32) + 0.5)
+    assert not report.ok and "exceeds" in report.problems[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path) -> Path:
+    out = tmp_path_factory.mktemp("run") / "run"
+    config = TrainConfig(preset="mlp-16x64", n_members=12, lam=0.95, epochs=2, train_limit=3000, val_size=2000,
+                         data_dir=str(fashion_mnist_dir), seed=1)
+    train(config, out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def bundle(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("bundle") / "bundle"
+    export_bundle(tiny_run, out, ExportOptions(stack_size=5, specialist_size=4))
+    return out
+
+
+def _softmax_error(eta_mean: np.ndarray, y: np.ndarray) -> float:
+    return float((eta_mean.argmax(-1) != y).mean())
+
+
+def test_bundle_layout_and_schema(bundle: Path) -> None:
+    import jsonschema
+
+    data = json.loads((bundle / "manifest.json").read_text())
+    schema = json.loads((ROOT / "runtime" / "manifest.schema.json").read_text())
+    jsonschema.validate(data, schema)
+    manifest = load_manifest(bundle)
+    assert sorted(manifest.order) == list(range(12))
+    general = manifest.general_stacks
+    assert [len(s.members) for s in general] == [5, 5, 2]
+    assert [m for s in general for m in s.members] == manifest.order  # consecutive chunks of the order
+    assert len(manifest.specialists) == 10 and all(len(s.members) == 4 for s in manifest.specialists)
+    assert not list(bundle.parent.glob(".bundle.*"))  # no leftovers of the temporary directory
+    for stack in manifest.stacks:
+        assert stack.flops == sum(manifest.member(m).flops for m in stack.members)
+
+
+def test_stacks_reproduce_the_runs_outputs(bundle: Path, tiny_run: Path) -> None:
+    from edgens.data import load_dataset
+
+    manifest = load_manifest(bundle)
+    val_eta = np.load(tiny_run / "outputs" / "val_eta.npy")
+    data = load_dataset("fashion-mnist", val_size=2000)
+    raw = data.val_x[:300]
+    # the runtime's normalisation, from the manifest alone
+    x = ((raw.astype(np.float32) - manifest.preprocessing.mean[0]) / manifest.preprocessing.std[0]).astype(np.float32)
+    for stack in manifest.stacks:
+        session = ort.InferenceSession(str(bundle / stack.file), providers=["CPUExecutionProvider"])
+        eta = session.run(None, {"x": x})[0]
+        np.testing.assert_allclose(eta, val_eta[stack.members, :300], atol=1e-4)
+
+
+def test_greedy_order_beats_index_order_on_validation(bundle: Path, tiny_run: Path) -> None:
+    manifest = load_manifest(bundle)
+    val_eta = np.load(tiny_run / "outputs" / "val_eta.npy")
+    val_y = np.load(tiny_run / "outputs" / "val_y.npy")
+    # recompute both curves independently from the stored outputs
+    greedy = [_softmax_error(val_eta[manifest.order[:k]].mean(0), val_y) for k in range(1, 13)]
+    index = [_softmax_error(val_eta[:k].mean(0), val_y) for k in range(1, 13)]
+    np.testing.assert_allclose(manifest.curves.order_val_error, greedy, atol=1e-9)
+    np.testing.assert_allclose(manifest.curves.index_val_error, index, atol=1e-9)
+    assert greedy[0] == min(_softmax_error(val_eta[j], val_y) for j in range(12))  # the best single member first
+    assert np.mean(greedy) <= np.mean(index)
+    assert greedy[-1] == pytest.approx(index[-1])
+    assert np.mean(greedy) <= np.mean(manifest.curves.random_val_error)
+
+
+def test_specialists_beat_random_subsets(bundle: Path, tiny_run: Path) -> None:
+    manifest = load_manifest(bundle)
+    val_eta = np.load(tiny_run / "outputs" / "val_eta.npy")
+    val_y = np.load(tiny_run / "outputs" / "val_y.npy")
+    rng = np.random.default_rng(0)
+    for spec in manifest.specialists:
+        c = spec.class_index
+        predicted = val_eta[spec.members].mean(0).argmax(-1) == c
+        actual = val_y == c
+        f1 = 2 * (predicted & actual).sum() / (predicted.sum() + actual.sum())
+        assert f1 == pytest.approx(spec.val_f1["greedy"], abs=1e-9)
+        random_f1 = []
+        for _ in range(50):
+            subset = rng.choice(12, 4, replace=False)
+            p = val_eta[subset].mean(0).argmax(-1) == c
+            random_f1.append(2 * (p & actual).sum() / (p.sum() + actual.sum()))
+        assert f1 >= np.mean(random_f1)
+        assert spec.val_f1["greedy"] >= spec.val_f1["random_mean"]
+
+
+def test_runtime_loads_bundle_without_torch(bundle: Path) -> None:
+    code = ("import sys\nsys.modules['torch'] = None\nimport numpy as np\n"
+            "from edgens.runtime import Predictor\n"
+            f"p = Predictor.load({str(bundle)!r})\n"
+            "x = np.random.default_rng(0).integers(0, 255, (3, 28, 28), dtype=np.uint8)\n"
+            "out = p.predict(x)\nassert out.mean.shape == (3, 10)\nassert 'torch' not in sys.modules or "
+            "sys.modules['torch'] is None\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
+
+
+def test_interrupted_export_leaves_nothing(tiny_run: Path, tmp_path: Path) -> None:
+    def interrupt(stage: str, done: int, total: int) -> None:
+        if stage == "export stacks" and done == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(stack_size=3, specialist_size=0), interrupt)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_existing_destination_needs_force(tiny_run: Path, tmp_path: Path) -> None:
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="--force"):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(specialist_size=0))
+    assert (tmp_path / "b" / "keep.txt").exists()
+    export_bundle(tiny_run, tmp_path / "b", ExportOptions(specialist_size=0, order="index", force=True))
+    assert not (tmp_path / "b" / "keep.txt").exists()
+    assert load_manifest(tmp_path / "b").order == list(range(12))
+
+
+def test_incomplete_or_inconsistent_runs(tiny_run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_run, broken)
+    (broken / "outputs" / "val_eta.npy").unlink()
+    with pytest.raises(RunDirectoryError, match="outputs/val_eta.npy"):
+        export_bundle(broken, tmp_path / "b1")
+    other = tmp_path / "other"
+    shutil.copytree(tiny_run, other)
+    config = json.loads((other / "config.json").read_text())
+    config["config"]["preset"] = "mlp-64x16"
+    (other / "config.json").write_text(json.dumps(config))
+    with pytest.raises(RunDirectoryError, match="not preset 'mlp-64x16'"):
+        export_bundle(other, tmp_path / "b2")
+    assert not (tmp_path / "b1").exists() and not (tmp_path / "b2").exists()
+
+
+def test_bad_options(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="add --tensorrt"):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(precision="fp16"))
+    with pytest.raises(ConfigError, match="unknown order"):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(order="random"))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None, reason="TensorRT is installed here")
+def test_tensorrt_missing_names_the_extra(tiny_run: Path, tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailableError, match=r"edgens\[tensorrt\]"):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(tensorrt=True, precision="fp16", specialist_size=0))
+    assert not (tmp_path / "b").exists()
