@@ -29,12 +29,12 @@ class MLPStack(MemberStack):
             raise ConfigError(f"mlp needs options['hidden'] with one or more positive sizes, got {hidden}")
         m = spec.n_members
         in_features = math.prod(spec.input_shape)
-        self.first = SharedInputLinear(m, in_features, hidden[0])
+        self.first = SharedInputLinear(m, in_features, hidden[0], relu=True)
         sizes = hidden + (spec.n_outputs,)
         self.rest = nn.ModuleList(BatchedLinear(m, a, b) for a, b in zip(sizes[:-1], sizes[1:]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.first(x.flatten(1))
-        for layer in self.rest:
-            h = layer(F.relu(h))
+        h = self.first(x.flatten(1))  # ReLU already applied
+        for index, layer in enumerate(self.rest):
+            h = layer(h if index == 0 else F.relu(h))
         return h
