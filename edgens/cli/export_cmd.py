@@ -66,10 +66,11 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, order: 
         return
     manifest = report.manifest
     worst = max(report.parity, key=lambda r: r.max_abs_diff)
-    click.echo(f"{out}: {len(manifest.general_stacks)} general stacks of {manifest.stacks[0].members.__len__()} "
+    click.echo(f"{out}: {len(manifest.general_stacks)} general stacks of {len(manifest.stacks[0].members)} "
                f"members, {len(manifest.specialists)} specialists, {report.bytes / 1e6:.1f} MB, "
                f"{report.seconds:.0f} s")
-    click.echo(f"parity: every stack within 1e-4 of torch (worst {worst.name}: {worst.max_abs_diff:.1e})")
+    click.echo(f"parity: every stack matches torch on validation inputs (largest difference {worst.max_abs_diff:.1e}"
+               f" in {worst.name})")
     curve = manifest.curves
     tenth = max(1, len(manifest.order) // 10)
     click.echo(f"validation error: all members {100 * manifest.metrics.val.error:.2f}%, first {tenth} in "
