@@ -212,3 +212,28 @@ def test_tensorrt_missing_names_the_extra(tiny_run: Path, tmp_path: Path) -> Non
     with pytest.raises(BackendUnavailableError, match=r"edgens\[tensorrt\]"):
         export_bundle(tiny_run, tmp_path / "b", ExportOptions(tensorrt=True, precision="fp16", specialist_size=0))
     assert not (tmp_path / "b").exists()
+
+
+def test_cli_export_then_infer_matches_the_runs_own_outputs(tiny_run: Path, tmp_path: Path) -> None:
+    # End to end through the commands a user types: the runtime's accuracy with the first k members must equal the
+    # accuracy of the same members computed from the run's stored torch test outputs.
+    out = tmp_path / "bundle"
+
+    def edgens(*args: str) -> str:
+        result = subprocess.run([sys.executable, "-m", "edgens", *args], capture_output=True, text=True, cwd=ROOT,
+                                timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result.stdout
+
+    report = json.loads(edgens("export", str(tiny_run), "-o", str(out), "--stack-size", "4", "--specialist-size",
+                               "0", "--json"))
+    assert report["general_stacks"] == 3 and all(row["ok"] for row in report["parity"])
+    manifest = load_manifest(out)
+    test_eta = np.load(tiny_run / "outputs" / "test_eta.npy")
+    test_y = np.load(tiny_run / "outputs" / "test_y.npy")
+    for k in (3, 12):
+        result = json.loads(edgens("infer", str(out), "--input", "fashion-mnist:test", "--members", str(k),
+                                   "--limit", "2000", "--json"))
+        expected = 1 - _softmax_error(test_eta[manifest.order[:k], :2000].mean(0), test_y[:2000])
+        assert result["members_used"]["mean"] == k
+        assert result["accuracy"] == pytest.approx(expected, abs=1e-3)  # float32 ties may flip an example or two
