@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -34,6 +35,7 @@ log = logging.getLogger(__name__)
 
 LR_CONVENTION = "per-member: the modular loss is multiplied by the member count M before backpropagation"
 SYNC_EVERY = 50  # batches between host syncs for the progress display (each .item() stalls a GPU)
+_T = TypeVar("_T")
 
 
 @dataclass
@@ -93,7 +95,15 @@ def predict_members(model: MemberStack, x: torch.Tensor, batch_size: int) -> tor
 
 
 class Trainer:
-    """One training run: holds the data on the device, the stack, the optimiser and the run directory."""
+    """One training run: holds the data on the device, the stack, the optimiser and the run directory.
+
+    Hooks for member-parallel training (:class:`edgens.distributed.trainer.DistributedTrainer` overrides them):
+    :meth:`build_model` (this process's members), :meth:`predict` and :meth:`model_state` (the whole ensemble, on
+    the process that writes the run directory), :meth:`load_model_state`, :meth:`share` and :attr:`is_main`.
+    """
+
+    is_main = True
+    """Whether this process writes the run directory (rank 0 of a distributed run)."""
 
     def __init__(self, config: TrainConfig, run: RunDir, dataset: Dataset, spec: StackSpec,
                  device: torch.device, callbacks: Callbacks | None = None) -> None:
@@ -101,7 +111,7 @@ class Trainer:
         self.callbacks = callbacks or Callbacks()
         self.lr = config.resolved_lr()
         torch.manual_seed(config.seed)
-        self.model = build_stack(spec).to(device)
+        self.model = self.build_model().to(device)
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=self.lr, momentum=config.momentum,
                                          nesterov=config.nesterov, weight_decay=config.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, config.milestone_epochs(),
@@ -121,17 +131,38 @@ class Trainer:
         self.history: list[dict] = []
         self.dominance_warned = False
 
+    # --- hooks (one process here; see edgens.distributed) ----------------------------------------------------
+    def build_model(self) -> MemberStack:
+        """This process's members, freshly initialised (called right after seeding torch with the run's seed)."""
+        return build_stack(self.spec)
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor | None:
+        """All members' natural parameters (M, N, K) for ``x`` in eval mode; None on processes other than the main."""
+        return predict_members(self.model, x, self.config.eval_batch_size)
+
+    def model_state(self) -> dict | None:
+        """The whole ensemble's model state dict (None on processes other than the main)."""
+        return self.model.state_dict()
+
+    def load_model_state(self, state: dict) -> None:
+        """Load a whole-ensemble model state dict (as written in checkpoints)."""
+        self.model.load_state_dict(state)
+
+    def share(self, value: _T) -> _T:
+        """The main process's ``value`` (any picklable object) on every process (here: ``value`` itself)."""
+        return value
+
     # --- state ----------------------------------------------------------------------------------------------
-    def state(self) -> dict:
+    def state(self) -> dict | None:
         """Everything needed to resume."""
-        return {"epoch": self.epoch, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"epoch": self.epoch, "model": self.model_state(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "best_epoch": self.best_epoch,
                 "best_score": self.best_score, "epochs_without_improvement": self.epochs_without_improvement,
                 "history": self.history, "dominance_warned": self.dominance_warned, "spec": self.spec.to_dict()}
 
     def load_state(self, state: dict) -> None:
         """Restore from :meth:`state`."""
-        self.model.load_state_dict(state["model"])
+        self.load_model_state(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.epoch, self.best_epoch, self.best_score = state["epoch"], state["best_epoch"], state["best_score"]
@@ -139,10 +170,14 @@ class Trainer:
         self.history, self.dominance_warned = state["history"], state["dominance_warned"]
 
     # --- one epoch ------------------------------------------------------------------------------------------
-    def loss(self, eta: torch.Tensor, y: torch.Tensor, index: torch.Tensor):  # -> ModularLoss
-        """The modular loss of a batch (``index``: the batch's rows in the training set, for bagging weights)."""
+    def loss(self, eta: torch.Tensor, y: torch.Tensor, index: torch.Tensor):  # -> (ModularLoss, Tensor)
+        """The modular loss of a batch and the ensemble's natural parameters ``eta_bar`` (B, K), detached.
+
+        ``index``: the batch's rows in the training set (for bagging weights).
+        """
         weights = None if self.weights is None else self.weights[:, index].float()
-        return modular_loss(eta, y, self.config.lam, self.config.family, validate=False, member_weights=weights)
+        parts = modular_loss(eta, y, self.config.lam, self.config.family, validate=False, member_weights=weights)
+        return parts, eta.detach().mean(0)
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
         """Row indices of each batch of ``epoch`` (a final batch of one example is dropped: batch norm needs 2)."""
@@ -163,12 +198,12 @@ class Trainer:
         for number, index in enumerate(batches, 1):
             x, y = x_all[index], y_all[index]
             eta = self.model(x)
-            parts = self.loss(eta, y, index)
+            parts, eta_bar = self.loss(eta, y, index)
             self.optimizer.zero_grad(set_to_none=True)
             (parts.total * m).backward()  # per-member learning-rate convention (edgens.config)
             self.optimizer.step()
             with torch.no_grad():
-                errors = self._ensemble_errors(eta.detach(), y)
+                errors = self._ensemble_errors(eta_bar, y)
                 sums += torch.stack([parts.total.detach(), parts.ensemble_nll.detach(), parts.member_nll.detach(),
                                      parts.ambiguity.detach(), errors / len(y)]) * len(y)
             seen += len(y)
@@ -183,8 +218,7 @@ class Trainer:
         means = (sums / seen).tolist()
         return dict(zip(("loss", "ensemble_loss", "member_loss", "ambiguity", "ensemble_error"), means))
 
-    def _ensemble_errors(self, eta: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        eta_bar = eta.mean(0)
+    def _ensemble_errors(self, eta_bar: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         if self.config.family == "categorical":
             return (eta_bar.argmax(-1) != y).float().sum()
         mean = torch.exp(eta_bar) if self.config.family == "poisson" else eta_bar
@@ -205,8 +239,8 @@ class Trainer:
             lr_used = self.optimizer.param_groups[0]["lr"]
             train = self.train_epoch(self.epoch)
             self.scheduler.step()
-            val_eta = predict_members(self.model, self.data["val"][0], config.eval_batch_size)
-            val = epoch_diagnostics(val_eta, self.data["val"][1], config.family)
+            val_eta = self.predict(self.data["val"][0])  # None on the processes that do not write the run
+            val = self.share(epoch_diagnostics(val_eta, self.data["val"][1], config.family) if self.is_main else None)
             self.epoch += 1
             score = self.validation_score(val)
             improved = score < self.best_score
@@ -225,26 +259,31 @@ class Trainer:
             record = {"epoch": self.epoch, "lr": lr_used, "time_s": round(time.perf_counter() - started, 3),
                       "train": train, "val": val, "best_epoch": self.best_epoch, "dominance": dominated}
             self.history.append(record)
-            # Checkpoint first, then metrics: metrics.jsonl never runs ahead of what a resume restores.
-            if improved:
-                save_checkpoint(self.run.best_checkpoint, {"epoch": self.epoch, "model": self.model.state_dict(),
-                                                           "spec": self.spec.to_dict()})
-            save_checkpoint(self.run.last_checkpoint, self.state())
-            self.run.write_metrics(self.history)
+            best = {"epoch": self.epoch, "model": self.model_state(), "spec": self.spec.to_dict()} if improved else None
+            last = self.state()
+            if self.is_main:
+                # Checkpoint first, then metrics: metrics.jsonl never runs ahead of what a resume restores.
+                if best is not None:
+                    save_checkpoint(self.run.best_checkpoint, best)
+                save_checkpoint(self.run.last_checkpoint, last)
+                self.run.write_metrics(self.history)
             self.callbacks.epoch_end(record)
 
     def finish(self) -> dict:
         """Evaluate the best checkpoint on validation and test data, save member outputs, write summary.json."""
-        best = load_checkpoint(self.run.best_checkpoint, self.device)
-        self.model.load_state_dict(best["model"])
+        best = self.share(load_checkpoint(self.run.best_checkpoint)["model"] if self.is_main else None)
+        self.load_model_state(best)
         x_test = torch.from_numpy(self.dataset.normalize(self.dataset.test_x)).to(self.device)
         target_dtype = self.data["val"][1].dtype
         y_test = torch.as_tensor(self.dataset.test_y, dtype=target_dtype, device=self.device)
         results = {}
         for split, x, y in (("val", self.data["val"][0], self.data["val"][1]), ("test", x_test, y_test)):
-            eta = predict_members(self.model, x, self.config.eval_batch_size)
-            results[split] = epoch_diagnostics(eta, y, self.config.family)
-            self.run.write_outputs(split, eta.cpu().numpy(), y.cpu().numpy())
+            eta = self.predict(x)
+            if eta is not None:
+                results[split] = epoch_diagnostics(eta, y, self.config.family)
+                self.run.write_outputs(split, eta.cpu().numpy(), y.cpu().numpy())
+        if not self.is_main:
+            return self.share(None)
         summary = {
             "preset": self.config.preset, "lam": self.config.lam, "method": self.config.method,
             "family": self.config.family,
@@ -255,7 +294,7 @@ class Trainer:
             "val": results["val"], "test": results["test"],
         }
         self.run.write_summary(summary)
-        return summary
+        return self.share(summary)
 
 
 def _build_run_config(config: TrainConfig, dataset: Dataset, spec: StackSpec, device: torch.device) -> dict:

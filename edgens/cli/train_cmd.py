@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 from datetime import datetime
+from pathlib import Path
 
 import click
 
@@ -60,16 +62,26 @@ def _milestones(text: str) -> tuple[float, ...]:
               help="Continue the interrupted run in this directory (its own settings are used).")
 @click.option("--json", "as_json", is_flag=True, help="Print the final summary as JSON.")
 @click.option("--quiet", is_flag=True, help="No progress bar or per-epoch lines.")
-def train(preset: str, n_members: int | None, lam: float, epochs: int, lr: float | None, lr_milestones: str,
-          lr_gamma: float, momentum: float, nesterov: bool, weight_decay: float, batch_size: int,
+@click.option("--nproc-per-node", type=click.IntRange(min=1), default=None,
+              help="Train member-parallel in N processes on this machine (starts torchrun; each process trains "
+                   "about M/N members; with GPUs, one GPU per process).")
+@click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
+              help="Distributed runs: seconds a process waits for the others before failing.")
+@click.pass_context
+def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, epochs: int, lr: float | None,
+          lr_milestones: str, lr_gamma: float, momentum: float, nesterov: bool, weight_decay: float, batch_size: int,
           patience: int | None, method: str, dataset: str, family: str, data_dir: str | None, val_size: int | None,
           train_limit: int | None, seed: int, device: str, out: str | None, resume_dir: str | None, as_json: bool,
-          quiet: bool) -> None:
+          quiet: bool, nproc_per_node: int | None, dist_timeout: float) -> None:
     """Train an ensemble with the modular loss and write a run directory.
 
     The run directory holds config.json, metrics.jsonl (one line per epoch), checkpoints (written atomically
     every epoch), the members' validation and test outputs, and summary.json. Interrupt it any time and continue
     with --resume RUN.
+
+    Member-parallel training: `edgens train --nproc-per-node N ...`, or `torchrun --nproc-per-node N -m edgens
+    train ...` (any torchrun setup, several machines included). Each process trains a slice of the members; rank
+    0 writes the same run directory as a single process would.
     """
     if resume_dir is None:
         config = TrainConfig(preset=preset, n_members=n_members, lam=lam, epochs=epochs, lr=lr,
@@ -79,28 +91,104 @@ def train(preset: str, n_members: int | None, lam: float, epochs: int, lr: float
                              val_size=val_size, train_limit=train_limit, method=method).validate()
         out = out or f"runs/{preset}-lam{lam:g}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}"
 
+    from edgens.distributed.launch import torchrun_env  # torch-free
+
+    if nproc_per_node is not None:
+        _launch(ctx, nproc_per_node, resume_dir or out)
+        return
+    world = torchrun_env()
+    distributed = world is not None and world.world_size > 1
+    reports = not distributed or world.rank == 0  # rank 0 reports for everyone
+    if not reports:
+        quiet = True
+        logging.getLogger("edgens").setLevel(logging.ERROR)
+    run_path = resume_dir or out
+
     from edgens.cli.progress import EpochProgress  # heavy imports only now that the command runs
+    from edgens.errors import DistributedError
     from edgens.train import resume, train as train_run
 
     progress = EpochProgress(quiet)
     try:
         if resume_dir is not None:
-            summary = resume(resume_dir, progress.callbacks(), None if device == "auto" else device)
+            device_override = None if device == "auto" else device
+            if distributed:
+                from edgens.distributed.trainer import resume_distributed
+
+                summary = resume_distributed(resume_dir, progress.callbacks(), device_override, dist_timeout)
+            else:
+                summary = resume(resume_dir, progress.callbacks(), device_override)
             out = resume_dir
         else:
             click.echo(f"training {preset} (lam={lam:g}) -> {out}", err=True) if not quiet else None
-            summary = train_run(config, out, progress.callbacks())
+            if distributed:
+                from edgens.distributed.trainer import train_distributed
+
+                summary = train_distributed(config, out, progress.callbacks(), dist_timeout)
+            else:
+                summary = train_run(config, out, progress.callbacks())
     except KeyboardInterrupt:
         progress.close()
-        click.echo(f"\ninterrupted; the last finished epoch is saved: continue with `edgens train --resume {out}`",
-                   err=True)
+        if reports:
+            click.echo(f"\ninterrupted; the last finished epoch is saved: continue with `edgens train --resume "
+                       f"{run_path}`", err=True)
         sys.exit(130)
+    except DistributedError as err:
+        progress.close()
+        raise DistributedError(f"{err}{_resume_hint(run_path) if reports else ''}") from err
     progress.close()
+    if not reports:
+        return
     if as_json:
         click.echo(json.dumps({"run": str(out), **summary}, indent=2))
     else:
         click.echo(f"{out}: {describe_test(summary)}, best epoch {summary['best_epoch']} of "
                    f"{summary['epochs_run']}, {summary['train_time_s']:.0f} s")
+
+
+def _worker_args(ctx: click.Context, out: str | None) -> list[str]:
+    """The command line each torchrun worker runs: this one without --nproc-per-node, with --out resolved (so that
+    every process, and the resume hint, name the same directory)."""
+    verbose = ctx.parent.params.get("verbose", 0) if ctx.parent is not None else 0
+    args = ["-v"] * verbose + [ctx.info_name or "train"]
+    for param in ctx.command.params:
+        if not isinstance(param, click.Option) or param.name == "nproc_per_node":
+            continue
+        value = out if param.name == "out" else ctx.params.get(param.name)
+        if value is None:
+            continue
+        if param.is_flag:
+            if param.secondary_opts:
+                args.append(param.opts[0] if value else param.secondary_opts[0])
+            elif value:
+                args.append(param.opts[0])
+        else:
+            args += [param.opts[0], str(value)]
+    return args
+
+
+def _launch(ctx: click.Context, nproc_per_node: int, run_dir: str) -> None:
+    """``--nproc-per-node N``: run this command in N torchrun workers here and wait for them."""
+    from edgens.distributed.launch import launch
+    from edgens.errors import DistributedError
+
+    new_run = ctx.params["resume_dir"] is None
+    try:
+        launch(nproc_per_node, _worker_args(ctx, run_dir if new_run else None))
+    except KeyboardInterrupt:
+        click.echo(f"\ninterrupted; the last finished epoch is saved: continue with `edgens train --resume {run_dir} "
+                   f"--nproc-per-node {nproc_per_node}`", err=True)
+        sys.exit(130)
+    except DistributedError as err:
+        hint = _resume_hint(run_dir, f" --nproc-per-node {nproc_per_node}")
+        raise DistributedError(f"{err} (each process's own error is printed above){hint}") from err
+
+
+def _resume_hint(run_dir: str | None, options: str = "") -> str:
+    """How to continue a failed run, if it saved an epoch (a run refused at the start has nothing to resume)."""
+    if run_dir is None or not Path(run_dir, "checkpoints", "last.pt").is_file():
+        return ""
+    return f"; finished epochs are saved in {run_dir}: continue with `edgens train --resume {run_dir}{options}`"
 
 
 def describe_test(summary: dict) -> str:
