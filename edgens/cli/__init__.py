@@ -23,6 +23,7 @@ COMMANDS = {
     "export": "edgens.cli.export_cmd:export",
     "infer": "edgens.cli.infer_cmd:infer",
     "profile": "edgens.cli.profile_cmd:profile",
+    "bench": "edgens.cli.bench_cmd:bench",
 }
 
 
