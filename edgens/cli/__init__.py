@@ -64,6 +64,7 @@ def cli(verbose: int) -> None:
       edgens train --preset mlp-256x4 --lam 0.99 --out runs/default
       edgens export runs/default -o bundle
       edgens infer bundle --input fashion-mnist:test --deadline-ms 5
+      edgens bench drop runs/default        # accuracy vs members dropped (also: lambda, specialists, dominance)
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
