@@ -41,6 +41,7 @@ from edgens.config import TrainConfig
 from edgens.data import Dataset
 from edgens.distributed.comm import Communicator, process_group
 from edgens.distributed.trainer import DistributedTrainer
+from edgens.fileio import atomic_write_text
 from edgens.presets import PRESETS, preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import build_stack
@@ -200,8 +201,7 @@ def main() -> None:
               f"{info[f'step_ms_{args.nproc}_processes']:.1f} ms", flush=True)
     report["machine"]["load_average_after"] = os.getloadavg()
     if args.out is not None:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_text(args.out, json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

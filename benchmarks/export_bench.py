@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from edgens import selection
+from edgens.fileio import atomic_write_text
 from edgens.rundir import RunDir
 from edgens.runtime.manifest import load_manifest
 
@@ -70,8 +71,7 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        atomic_write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":

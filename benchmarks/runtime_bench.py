@@ -41,7 +41,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
 from edgens.cli.infer_cmd import load_input  # noqa: E402
-from edgens.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from edgens.runtime import (Predictor, fit_confidence, inject_faults, load_manifest, profile_stacks,  # noqa: E402
                             read_calibration, save_latency_table)
 from edgens.runtime.combine import inverse_link  # noqa: E402
@@ -354,11 +354,13 @@ def plots(results: dict, out: Path) -> list[str]:
 
 
 def _save(fig: Any, path: Path) -> str:
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
     import matplotlib.pyplot as plt
 
-    plt.close(fig)
+    fig.tight_layout()
+    try:
+        atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=120))
+    finally:
+        plt.close(fig)
     return path.name
 
 

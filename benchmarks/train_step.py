@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from edgens.fileio import atomic_write_text
 from edgens.losses import modular_loss
 from edgens.presets import create_stack
 from edgens.stacks.reference import LoopEnsemble, reference_member
@@ -105,8 +106,7 @@ def main() -> None:
     text = json.dumps(result, indent=2)
     print(text)
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+        atomic_write_text(args.out, text + "\n")
 
 
 if __name__ == "__main__":
