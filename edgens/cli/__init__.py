@@ -27,10 +27,30 @@ COMMANDS = {
 }
 
 
+# Packages some commands need that the device install (`edgens[runtime]`: numpy, click, tqdm, onnxruntime) does not
+# hold, and the extra that installs each.
+OPTIONAL_PACKAGES = {
+    "torch": "train", "onnx": "train", "onnxscript": "train", "onnxruntime": "runtime", "matplotlib": "plots",
+    "tensorrt": "tensorrt", "cuda": "tensorrt",
+}
+
+
 class UserError(click.ClickException):
     """An :class:`EdgensError` shown to the user: one line, exit status 2."""
 
     exit_code = 2
+
+
+def missing_package_error(command: str, err: ModuleNotFoundError) -> UserError | None:
+    """The one-line error for a command that needs an optional package this install lacks (None for any other
+    missing module: that is a bug, and its traceback is worth seeing)."""
+    package = (err.name or "").split(".")[0]
+    extra = OPTIONAL_PACKAGES.get(package)
+    if extra is None:
+        return None
+    hint = " (on a CPU-only machine install a CPU build of torch first; see the README)" if package == "torch" else ""
+    return UserError(f"`edgens {command}` needs {package}, which this installation does not have; install it with "
+                     f"pip install 'edgens[{extra}]'{hint}")
 
 
 class _LazyGroup(click.Group):
@@ -51,6 +71,11 @@ class _LazyGroup(click.Group):
             return super().invoke(ctx)
         except EdgensError as err:
             raise UserError(str(err)) from err
+        except ModuleNotFoundError as err:
+            friendly = missing_package_error(ctx.invoked_subcommand or "", err)
+            if friendly is None:
+                raise
+            raise friendly from err
 
 
 @click.group(cls=_LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

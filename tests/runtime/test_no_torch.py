@@ -74,6 +74,15 @@ except SystemExit as exit:
     assert report["accuracy"] == pytest.approx(expected) and report["members_used"]["mean"] == 6.0
 
 
+def test_training_commands_without_torch_say_which_extra(tmp_path: Path) -> None:
+    code = BLOCK + "from edgens.cli import main\nmain(sys.argv[1:])\n"
+    result = _python(code, "train", "--epochs", "1", "--out", str(tmp_path / "run"))
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.count("\n") == 1 and "Traceback" not in result.stderr
+    assert "`edgens train` needs torch" in result.stderr and "pip install 'edgens[train]'" in result.stderr
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(os.environ.get("EDGENS_BLOCK_TORCH") == "1", reason="already running with torch blocked")
 def test_whole_runtime_suite_with_torch_blocked_from_the_start() -> None:

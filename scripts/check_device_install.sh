@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The device install works on its own: build a bundle with the full install (scripts/setup.sh), then, in a fresh
+# virtual environment holding only `pip install ".[runtime]"` (what goes on a Jetson-class device: numpy, click,
+# tqdm, onnxruntime), check that torch and onnx are absent and run what the README promises there: `edgens --help`,
+# `edgens inspect`, `edgens profile`, `edgens infer` on a .npy file and on fashion-mnist:test, and a Predictor
+# prediction checked against the training run's own stored outputs (numpy). Commands that need the training extras must refuse in one
+# line that names the extra (exit status 2). Everything is made in a temporary directory, removed at exit.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$(pwd)
+PYTHON=${PYTHON:-python3}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/edgens-device-install.XXXXXX")
+trap 'rm -rf "$WORK"' EXIT
+FASHION=/usr/share/datasets/fashion-mnist
+
+echo "== device install check in $WORK"
+# 1. With the full install: a small real run, its bundle, and raw test images as a .npy file.
+edgens train --preset mlp-16x64 --epochs 1 --train-limit 3000 --val-size 1000 --data-dir "$FASHION" \
+    --out "$WORK/run" --quiet --json >/dev/null
+edgens export "$WORK/run" -o "$WORK/bundle" --json >/dev/null 2>&1
+"$PYTHON" - "$WORK" "$FASHION" <<'EOF'
+import sys
+import numpy as np
+from edgens.data import load_dataset
+work, fashion = sys.argv[1:]
+dataset = load_dataset("fashion-mnist", data_dir=fashion, val_size=1000, train_limit=3000)
+np.save(f"{work}/x.npy", dataset.test_x[:256])  # raw uint8, as a caller on the device passes them
+EOF
+
+# 2. A fresh venv with the device install only; run everything from outside the repository, so that the local
+#    ./edgens folder cannot stand in for the installed package.
+"$PYTHON" -m venv "$WORK/venv"
+VENV_PY="$WORK/venv/bin/python"
+if ! "$VENV_PY" -m pip install -q "$ROOT[runtime]" > "$WORK/pip.log" 2>&1; then
+  cat "$WORK/pip.log" >&2
+  exit 1
+fi
+cd "$WORK"
+EDGENS="$WORK/venv/bin/edgens"
+"$VENV_PY" - <<'EOF'
+import importlib.util, sys
+present = [name for name in ("torch", "onnx", "onnxscript", "matplotlib") if importlib.util.find_spec(name)]
+assert not present, f"the device install pulled in {present}"
+import edgens
+assert edgens.__file__.startswith(sys.prefix), f"imported edgens from {edgens.__file__}, not the venv"
+print("device venv: edgens", edgens.__version__, "without torch and onnx")
+EOF
+"$EDGENS" --help >/dev/null
+"$EDGENS" inspect run >/dev/null
+"$EDGENS" profile bundle --batch-sizes 1,16 --repeats 3 --warmup 1 >/dev/null
+"$EDGENS" infer bundle --input x.npy --members 0.5 --json > infer-npy.json
+"$EDGENS" infer bundle --input fashion-mnist:test --data-dir "$FASHION" --latency-ms 1000 --json > infer-test.json
+"$VENV_PY" - <<'EOF'
+import json
+import numpy as np
+from edgens.runtime import Predictor
+
+npy, test = json.load(open("infer-npy.json")), json.load(open("infer-test.json"))
+assert npy["examples"] == 256 and "accuracy" not in npy, npy
+trained = 1 - json.load(open("run/summary.json"))["test"]["ensemble_error"]  # what training measured in torch
+assert test["examples"] == 10_000 and abs(test["accuracy"] - trained) <= 1e-3, (test, trained)  # float32 ties
+# The run's stored test outputs (M, N, K) give the ensemble's probabilities independently of the runtime.
+eta = np.load("run/outputs/test_eta.npy")[:, :256].astype(np.float64).mean(axis=0)
+expected = np.exp(eta - eta.max(axis=1, keepdims=True))
+expected /= expected.sum(axis=1, keepdims=True)
+with Predictor.load("bundle") as predictor:
+    prediction = predictor.predict(np.load("x.npy"))
+np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-4)
+print(f"device venv: profile, infer (npy, fashion-mnist:test accuracy {test['accuracy']:.4f}) and a prediction "
+      f"matching the run's outputs (max difference {np.abs(prediction.probabilities - expected).max():.1e})")
+EOF
+# 3. Commands of the training install refuse in one line naming the extra.
+for command in "train --epochs 1 --out run2" "export run -o bundle2"; do
+  status=0
+  "$EDGENS" $command > out.txt 2> err.txt || status=$?
+  if [ "$status" != 2 ] || [ "$(wc -l < err.txt)" != 1 ] || ! grep -q "pip install 'edgens\[train\]'" err.txt; then
+    echo "edgens $command on the device install: expected a one-line error naming edgens[train] and exit 2," \
+         "got exit $status:" >&2
+    cat err.txt >&2
+    exit 1
+  fi
+  [ ! -e run2 ] && [ ! -e bundle2 ] || { echo "edgens $command left files behind" >&2; exit 1; }
+  echo "device venv: edgens ${command%% *} says: $(cat err.txt)"
+done
+echo "device install check passed"
