@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # runnable from a checkout without installing
     sys.path.insert(0, str(ROOT))
 
-from edgens.cli.infer_cmd import load_input  # noqa: E402
+from edgens.data.inputs import load_input  # noqa: E402
 from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from edgens.runtime import (Predictor, fit_confidence, inject_faults, load_manifest, profile_stacks,  # noqa: E402
                             read_calibration, save_latency_table)

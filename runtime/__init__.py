@@ -9,14 +9,16 @@ format (``docs/bundle-format.md``) is read and written by :mod:`edgens.runtime.m
 describes the runtime.
 """
 
-from edgens.runtime.faults import Fault, inject_faults
+# What the Predictor is built from, then the Predictor, then what drives one (fitting, profiling, fault injection).
 from edgens.runtime.health import StackFailure, StackHealth
+from edgens.runtime.latency import LatencyTable, load_latency_tables, save_latency_table
 from edgens.runtime.manifest import (
     CalibrationInfo, Curves, EngineInfo, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SpecialistInfo,
     SplitMetrics, StackInfo, TrainingInfo, load_manifest, read_calibration, write_manifest)
-from edgens.runtime.policies import fit_confidence
 from edgens.runtime.predictor import Prediction, Predictor
-from edgens.runtime.profile import LatencyTable, load_latency_tables, profile_stacks, save_latency_table
+from edgens.runtime.early_exit import fit_confidence  # noqa: I001  (after the Predictor: it drives one)
+from edgens.runtime.faults import Fault, inject_faults
+from edgens.runtime.profile import profile_stacks
 
 __all__ = [
     "CalibrationInfo", "Curves", "EngineInfo", "Fault", "InputSpec", "LatencyTable", "Manifest", "MemberInfo",

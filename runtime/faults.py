@@ -14,15 +14,12 @@ import threading
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgens.errors import unknown_choice
 from edgens.runtime.backends.base import StackRunner
-
-if TYPE_CHECKING:
-    from edgens.runtime.predictor import Predictor
+from edgens.runtime.predictor import Predictor
 
 FAULT_KINDS = ("raise", "nan", "inf", "shape", "sleep")
 

@@ -39,7 +39,7 @@ from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.inputs import InputPreparer
 from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest
 from edgens.runtime.policies import Budget, Step
-from edgens.runtime.profile import LatencyTable, find_table, load_latency_tables
+from edgens.runtime.latency import LatencyTable, find_table, load_latency_tables
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """``edgens infer``: run a bundle on a data file or data set split within a budget, and report how it went.
 
-Only click and the standard library are imported here; numpy, the runtime and the data loaders are imported when
-the command runs (the runtime never imports torch).
+Only click and the standard library are imported here; numpy, the runtime and the input loader
+(:mod:`edgens.data.inputs`) are imported when the command runs (none of them imports torch).
 """
 
 from __future__ import annotations
@@ -15,7 +15,6 @@ import click
 
 # Kept in step with edgens.runtime.backends.CHOICES (a test checks); importing it here would import numpy.
 BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
-SPLITS = ("train", "val", "test")
 
 
 def parse_members(text: str | None) -> int | float | None:
@@ -33,52 +32,6 @@ def parse_members(text: str | None) -> int | float | None:
     except ValueError:
         raise click.BadParameter(f"expected a count (3), a fraction (0.5) or a percentage (50%), got {text!r}",
                                  param_hint="--members") from None
-
-
-def load_input(spec: str, data_dir: str | None = None) -> tuple[Any, Any, str]:
-    """Load ``FILE.npy``, ``FILE.npz`` (arrays ``x`` and optional ``y``; or ``x_test``/``y_test``) or
-    ``DATASET:SPLIT`` (e.g. ``fashion-mnist:test``).
-
-    Returns:
-        ``(x, y or None, description)``.
-
-    Raises:
-        DataNotFoundError: the file or data set is missing.
-        InputError: the file holds no usable arrays.
-        ConfigError: an unknown data set or split.
-    """
-    import numpy as np
-
-    from edgens.errors import ConfigError, DataNotFoundError, InputError
-
-    path = Path(spec)
-    if spec.endswith((".npy", ".npz")):
-        if not path.is_file():
-            raise DataNotFoundError(f"--input {spec}: no such file")
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise InputError(f"--input {spec}: not a readable numpy file ({err})") from None
-        if spec.endswith(".npy"):
-            return data, None, f"{spec} ({len(data)} examples, no labels)"
-        with data:
-            key = "x" if "x" in data.files else "x_test" if "x_test" in data.files else None
-            if key is None:
-                raise InputError(f"--input {spec}: expected an array x (and optionally y) or x_test (and y_test), "
-                                 f"found {', '.join(data.files) or 'none'}")
-            label_key = "y" if key == "x" else "y_test"
-            x = data[key]
-            y = data[label_key] if label_key in data.files else None
-        return x, y, f"{spec} [{key}] ({len(x)} examples{'' if y is not None else ', no labels'})"
-    name, _, split = spec.partition(":")
-    if split not in SPLITS:
-        raise ConfigError(f"--input {spec!r}: expected FILE.npy, FILE.npz or DATASET:SPLIT with SPLIT one of "
-                          f"{', '.join(SPLITS)} (e.g. fashion-mnist:test)")
-    from edgens.data import load_dataset
-
-    dataset = load_dataset(name, data_dir=data_dir)
-    x, y = getattr(dataset, f"{split}_x"), getattr(dataset, f"{split}_y")
-    return x, y, f"{name} {split} split ({len(x)} examples)"
 
 
 def summarise(predictions: list[Any], y: Any, family: str, class_index: int | None) -> dict[str, Any]:
@@ -143,6 +96,7 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
           limit: int | None, stack_timeout_ms: float | None, threads: int | None, strict: bool,
           data_dir: str | None, as_json: bool) -> None:
     """Predict with BUNDLE on raw inputs within one budget; print accuracy, latency, members used and failures."""
+    from edgens.data.inputs import load_input
     from edgens.runtime import Predictor
     from edgens.runtime.policies import Budget, resolve_task
 

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 from bundle_factory import SyntheticBundle
 
-from edgens.errors import ConfigError
+from edgens.errors import ConfigError, NoMembersAvailableError
 from edgens.runtime import LatencyTable, Predictor, fit_confidence, save_latency_table
+from edgens.runtime.early_exit import early_exit
 from edgens.runtime.faults import Fault, inject_faults
-from edgens.runtime.policies import early_exit
-from edgens.runtime.profile import StackLatency
+from edgens.runtime.latency import StackLatency
 
 GENERAL = ["general-000", "general-001", "general-002"]
 PREFIXES = [[0, 1], [0, 1, 2, 3], [0, 1, 2, 3, 4, 5]]
@@ -142,6 +142,15 @@ def test_fit_confidence_hits_the_target_mean_members(predictor: Predictor, bundl
     assert fit_confidence(predictor, x, target_members=6.0) == 1.0
     with pytest.raises(ConfigError, match="below the first stack's 2 members"):
         fit_confidence(predictor, x, target_members=1.0)
+
+
+def test_fit_confidence_when_no_stack_answers(predictor: Predictor, data) -> None:
+    with inject_faults(predictor, {name: "raise" for name in GENERAL}):
+        with pytest.raises(NoMembersAvailableError, match="no general stack .* answered on the 32 inputs"):
+            fit_confidence(predictor, data[0], target_members=4.0)
+    # one stack answering is enough to fit on
+    with inject_faults(predictor, {"general-000": "nan", "general-002": "raise"}):
+        assert 0 < fit_confidence(predictor, data[0], target_members=2.0) <= 1
 
 
 def test_early_exit_simulation_matches_the_runtime(predictor: Predictor, data) -> None:

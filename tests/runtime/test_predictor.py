@@ -12,7 +12,7 @@ from bundle_factory import SyntheticBundle, make_bundle, make_data
 from edgens.errors import ConfigError, InputError
 from edgens.runtime import LatencyTable, Predictor, save_latency_table
 from edgens.runtime.faults import inject_faults
-from edgens.runtime.profile import StackLatency
+from edgens.runtime.latency import StackLatency
 
 ATOL = 2e-5  # float32 graphs against float64 numpy
 

@@ -10,7 +10,7 @@ from bundle_factory import SyntheticBundle
 
 from edgens.errors import BundleError, ConfigError
 from edgens.runtime import LatencyTable, Predictor, load_latency_tables, profile_stacks, save_latency_table
-from edgens.runtime.profile import StackLatency
+from edgens.runtime.latency import StackLatency
 
 
 def test_profile_measures_every_stack_and_batch_size(predictor: Predictor, bundle: SyntheticBundle, data) -> None:

@@ -1,0 +1,154 @@
+"""Latency tables: how long each stack takes on this device, per backend, providers and batch size.
+
+:func:`edgens.runtime.profile.profile_stacks` measures them; ``save_latency_table`` stores a table in
+``BUNDLE/latency.json`` atomically, replacing the table of the same (backend, providers, device). ``latency_ms``
+budgets plan with the table that matches the predictor's backend, providers and device, and deadlines use it to
+avoid starting a stack that cannot finish in time.
+
+The table times the stack graphs alone; the runtime's own work per call (checking and normalising the input,
+combining members) is not in it (tens of microseconds; see ``benchmarks/runtime_bench.py``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from edgens.errors import BundleError
+from edgens.fileio import atomic_write_json
+from edgens.runtime.manifest import utc_now
+
+LATENCY_FILE = "latency.json"
+LATENCY_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class StackLatency:
+    """Latency of one stack at one batch size, in milliseconds."""
+
+    median_ms: float
+    p90_ms: float
+
+
+@dataclass
+class LatencyTable:
+    """Latencies of a bundle's stacks measured with one backend and provider list on one device.
+
+    Attributes:
+        backend: e.g. ``onnxruntime``.
+        providers: what really ran the stacks, e.g. ``["CPUExecutionProvider"]``.
+        device: the device's name (:func:`edgens.runtime.backends.describe_device`).
+        stacks: ``{stack name: {batch size: StackLatency}}``.
+        created: ISO-8601 UTC time of measurement.
+        warmup: untimed runs before measuring.
+        repeats: timed runs per stack and batch size.
+    """
+
+    backend: str
+    providers: list[str]
+    device: str
+    stacks: dict[str, dict[int, StackLatency]] = field(default_factory=dict)
+    created: str = field(default_factory=utc_now)
+    warmup: int = 0
+    repeats: int = 0
+
+    def matches(self, description: dict[str, Any]) -> bool:
+        """Whether this table was measured with the backend, providers and device in ``description``."""
+        return (self.backend == description["backend"] and list(self.providers) == list(description["providers"])
+                and self.device == description["device"])
+
+    def estimate(self, stack: str, batch: int) -> float | None:
+        """Median latency (ms) of ``stack`` at ``batch``, interpolated between measured batch sizes.
+
+        Below the smallest measured size the smallest's latency is used; above the largest, its latency scaled by
+        ``batch / largest`` (work grows with the batch). None if the stack was not measured.
+        """
+        sizes = self.stacks.get(stack)
+        if not sizes:
+            return None
+        known = sorted(sizes)
+        if batch in sizes:
+            return sizes[batch].median_ms
+        if batch <= known[0]:
+            return sizes[known[0]].median_ms
+        if batch >= known[-1]:
+            return sizes[known[-1]].median_ms * batch / known[-1]
+        upper = next(b for b in known if b > batch)
+        lower = max(b for b in known if b < batch)
+        weight = (batch - lower) / (upper - lower)
+        return (1 - weight) * sizes[lower].median_ms + weight * sizes[upper].median_ms
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"backend": self.backend, "providers": list(self.providers), "device": self.device,
+                "created": self.created, "warmup": self.warmup, "repeats": self.repeats,
+                "stacks": {name: {str(batch): {"median_ms": round(v.median_ms, 6), "p90_ms": round(v.p90_ms, 6)}
+                                  for batch, v in sorted(sizes.items())}
+                           for name, sizes in self.stacks.items()}}
+
+    @classmethod
+    def from_dict(cls, data: Any, where: str = "latency table") -> LatencyTable:
+        """Parse one table of ``latency.json``.
+
+        Raises:
+            BundleError: a key is missing or malformed (the message names it).
+        """
+        try:
+            stacks = {str(name): {int(batch): StackLatency(float(v["median_ms"]), float(v["p90_ms"]))
+                                  for batch, v in sizes.items()}
+                      for name, sizes in data["stacks"].items()}
+            return cls(backend=str(data["backend"]), providers=[str(p) for p in data["providers"]],
+                       device=str(data["device"]), stacks=stacks, created=str(data.get("created", "")),
+                       warmup=int(data.get("warmup", 0)), repeats=int(data.get("repeats", 0)))
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            raise BundleError(f"{where}: malformed ({type(err).__name__}: {err}); expected backend, providers, "
+                              f"device and stacks {{name: {{batch: {{median_ms, p90_ms}}}}}}; run `edgens profile` "
+                              f"again to rewrite it") from None
+
+
+def load_latency_tables(bundle_dir: str | Path) -> list[LatencyTable]:
+    """All tables in ``BUNDLE/latency.json`` (empty if the file does not exist).
+
+    Raises:
+        BundleError: the file is unreadable, not JSON, of an unknown format version, or malformed.
+    """
+    path = Path(bundle_dir) / LATENCY_FILE
+    if not path.is_file():
+        return []
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise BundleError(f"{path}: cannot read it ({err}); run `edgens profile` to rewrite it") from None
+    if not isinstance(data, dict) or data.get("format_version") != LATENCY_FORMAT_VERSION:
+        version = data.get("format_version") if isinstance(data, dict) else None
+        raise BundleError(f"{path}: format_version: this edgens reads latency tables of version "
+                          f"{LATENCY_FORMAT_VERSION}, got {version!r}")
+    tables = data.get("tables")
+    if not isinstance(tables, list):
+        raise BundleError(f"{path}: tables: expected a list of tables, got {tables!r:.60}")
+    return [LatencyTable.from_dict(table, f"{path}: tables[{i}]") for i, table in enumerate(tables)]
+
+
+def find_table(tables: list[LatencyTable], description: dict[str, Any]) -> LatencyTable | None:
+    """The table measured with ``description``'s backend, providers and device, if any."""
+    return next((table for table in tables if table.matches(description)), None)
+
+
+def save_latency_table(bundle_dir: str | Path, table: LatencyTable) -> Path:
+    """Add ``table`` to ``BUNDLE/latency.json`` atomically, replacing the table of the same backend, providers and
+    device.
+
+    A malformed existing file is replaced rather than kept (the tables are cheap to measure again).
+
+    Returns:
+        The path written.
+    """
+    try:
+        tables = load_latency_tables(bundle_dir)
+    except BundleError:
+        tables = []
+    key = {"backend": table.backend, "providers": table.providers, "device": table.device}
+    kept = [t for t in tables if not t.matches(key)]
+    data = {"format_version": LATENCY_FORMAT_VERSION, "tables": [t.to_dict() for t in [*kept, table]]}
+    return atomic_write_json(Path(bundle_dir) / LATENCY_FILE, data)
