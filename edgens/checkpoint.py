@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import os
+import pickle
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -33,5 +35,6 @@ def load_checkpoint(path: str | os.PathLike[str], device: torch.device | str = "
     try:
         # weights_only=False: our checkpoints hold the optimiser state and metric history (plain Python objects).
         return torch.load(path, map_location=device, weights_only=False)
-    except (RuntimeError, EOFError, OSError, ValueError) as err:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError, zipfile.BadZipFile) as err:
+        # a truncated or foreign file: torch.load raises any of these, depending on where the bytes end
         raise RunDirectoryError(f"{path} is not a readable checkpoint ({err})") from None

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from edgens.errors import ConfigError, unknown_choice
+from edgens.stack_spec import StackSpec
 
 PRESETS: dict[str, dict[str, Any]] = {
     "mlp-1x1024": {"kind": "mlp", "n_members": 1, "options": {"hidden": (1024,)}},
@@ -37,14 +38,12 @@ def check_preset(name: str) -> str:
 
 
 def preset_spec(name: str, input_shape: tuple[int, ...], n_outputs: int, n_members: int | None = None,
-                **options: Any):  # -> StackSpec (imported lazily: this module must stay torch-free for --help)
-    """The :class:`~edgens.stacks.StackSpec` of a preset for the given data, with optional overrides.
+                **options: Any) -> StackSpec:
+    """The :class:`~edgens.stack_spec.StackSpec` of a preset for the given data, with optional overrides.
 
     Raises:
         ConfigError: unknown preset or bad override.
     """
-    from edgens.stacks import StackSpec
-
     preset = PRESETS[check_preset(name)]
     members = preset["n_members"] if n_members is None else int(n_members)
     if members < 1:

@@ -1,4 +1,5 @@
-"""The run directory a training run writes, and checks that one is complete (numpy and stdlib only).
+"""The run directory a training run writes, and the one way to read it (numpy and stdlib; torch only to load a
+checkpoint).
 
 ::
 
@@ -17,11 +18,18 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from edgens.errors import DataNotFoundError, RunDirectoryError
+from edgens.config import TrainConfig
+from edgens.errors import ConfigError, DataNotFoundError, RunDirectoryError
 from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text
+from edgens.presets import preset_spec
+from edgens.stack_spec import StackSpec
+
+if TYPE_CHECKING:
+    import torch
 
 SPLITS = ("val", "test")
 
@@ -71,6 +79,71 @@ class RunDir:
     def config(self) -> dict:
         """The run's config.json."""
         return self._read_json(self.config_path)
+
+    def train_config(self, config: dict | None = None) -> TrainConfig:
+        """The training settings in config.json (or in ``config``, a config.json already read), checked.
+
+        Raises:
+            DataNotFoundError: config.json is missing.
+            RunDirectoryError: config.json lacks the settings or holds invalid ones.
+        """
+        config = self.config() if config is None else config
+        try:
+            return TrainConfig.from_dict(config["config"]).validate()
+        except (KeyError, TypeError, ValueError) as err:  # ConfigError is a ValueError
+            raise RunDirectoryError(f"{self.config_path}: the training settings are unreadable ({err}); is this a "
+                                    f"run directory of this edgens version?") from None
+
+    def stack_spec(self, config: dict | None = None, check_preset: bool = False) -> StackSpec:
+        """The stack described in config.json (or in ``config``).
+
+        Args:
+            config: config.json already read, to avoid reading it again.
+            check_preset: also require the stack to be the preset the settings name (export does: it rebuilds
+                the stack from the preset's code).
+
+        Raises:
+            DataNotFoundError: config.json is missing.
+            RunDirectoryError: config.json has no readable stack, or (``check_preset``) not its preset's.
+        """
+        config = self.config() if config is None else config
+        try:
+            spec = StackSpec.from_dict(config["stack"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise RunDirectoryError(f"{self.config_path}: the stack description is unreadable ({err})") from None
+        if check_preset:
+            preset = self.train_config(config).preset
+            try:
+                expected = preset_spec(preset, spec.input_shape, spec.n_outputs, spec.n_members)
+            except ConfigError as err:
+                raise RunDirectoryError(f"{self.config_path}: {err}") from None
+            if (spec.kind, spec.options) != (expected.kind, expected.options):
+                raise RunDirectoryError(f"{self.config_path}: the stack ({spec.kind}, {spec.options}) is not preset "
+                                        f"{preset!r} ({expected.kind}, {expected.options})")
+        return spec
+
+    def checkpoint(self, which: str = "last", device: torch.device | str = "cpu",
+                   config: dict | None = None) -> dict[str, Any]:
+        """Load ``checkpoints/{which}.pt`` (``last`` or ``best``) and check that it holds config.json's stack.
+
+        Raises:
+            DataNotFoundError: the checkpoint or config.json is missing.
+            RunDirectoryError: the file is unreadable, or it holds another stack than config.json describes.
+        """
+        from edgens.checkpoint import load_checkpoint  # torch: only here
+
+        path = {"last": self.last_checkpoint, "best": self.best_checkpoint}[which]
+        spec = self.stack_spec(config)
+        state = load_checkpoint(path, device)
+        try:
+            held = StackSpec.from_dict(state["spec"])
+        except (KeyError, TypeError, ValueError) as err:
+            raise RunDirectoryError(f"{path} has no readable stack description ({err})") from None
+        if held != spec:
+            raise RunDirectoryError(f"{path} holds a {held.kind} stack of {held.n_members} members that differs from "
+                                    f"config.json's ({spec.kind}, {spec.n_members} members); the run directory is "
+                                    f"inconsistent")
+        return state
 
     def summary(self) -> dict:
         """The run's summary.json (present once training finished)."""

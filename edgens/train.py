@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from edgens import __version__
-from edgens.checkpoint import load_checkpoint, save_checkpoint
+from edgens.checkpoint import save_checkpoint
 from edgens.config import TrainConfig
 from edgens.data import Dataset, load_dataset
 from edgens.diagnostics import DOMINANCE_RATIO, epoch_diagnostics, is_dominated
-from edgens.errors import ConfigError, RunDirectoryError, TrainingDivergedError
+from edgens.errors import ConfigError, TrainingDivergedError
 from edgens.losses import modular_loss
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
@@ -271,7 +271,7 @@ class Trainer:
 
     def finish(self) -> dict:
         """Evaluate the best checkpoint on validation and test data, save member outputs, write summary.json."""
-        best = self.share(load_checkpoint(self.run.best_checkpoint)["model"] if self.is_main else None)
+        best = self.share(self.run.checkpoint("best")["model"] if self.is_main else None)
         self.load_model_state(best)
         x_test = torch.from_numpy(self.dataset.normalize(self.dataset.test_x)).to(self.device)
         target_dtype = self.data["val"][1].dtype
@@ -344,18 +344,14 @@ def resume(run_dir: str | Path, callbacks: Callbacks | None = None, device: str 
     if run.is_finished():
         log.info("%s has already finished", run.path)
         return run.summary()
-    config = TrainConfig.from_dict(stored["config"]).validate()
+    config = run.train_config(stored)
     if device is not None:
         config.device = device
     dataset = _load_data(config)
-    spec = StackSpec.from_dict(stored["stack"])
+    spec = run.stack_spec(stored)
     trainer = Trainer(config, run, dataset, spec, resolve_device(config.device), callbacks)
     if run.last_checkpoint.is_file():
-        state = load_checkpoint(run.last_checkpoint, trainer.device)
-        if StackSpec.from_dict(state["spec"]) != spec:
-            raise RunDirectoryError(f"{run.last_checkpoint} holds a {state['spec']['kind']} stack that differs from "
-                                    f"config.json's; the run directory is inconsistent")
-        trainer.load_state(state)
+        trainer.load_state(run.checkpoint("last", trainer.device, stored))
         log.info("resuming %s after epoch %d of %d", run.path, trainer.epoch, config.epochs)
     trainer.fit()
     return trainer.finish()

@@ -8,13 +8,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from edgens.checkpoint import load_checkpoint
 from edgens.config import TrainConfig
 from edgens.data import Dataset, load_dataset
 from edgens.errors import RunDirectoryError
-from edgens.presets import preset_spec
 from edgens.rundir import RunDir
-from edgens.stacks import MemberStack, StackSpec, build_stack
+from edgens.stacks import MemberStack, build_stack
 
 CONSISTENCY_EXAMPLES = 256  # validation examples re-run through the checkpoint to confirm it made the stored outputs
 CONSISTENCY_TOLERANCE = 1e-3
@@ -48,16 +46,9 @@ def load_run(run_dir: str | os.PathLike[str]) -> LoadedRun:
     """
     run = RunDir(run_dir)
     config = run.require_finished()
-    train_config = TrainConfig.from_dict(config["config"])
-    spec = StackSpec.from_dict(config["stack"])
-    expected = preset_spec(train_config.preset, spec.input_shape, spec.n_outputs, spec.n_members)
-    if (spec.kind, spec.options) != (expected.kind, expected.options):
-        raise RunDirectoryError(f"{run.config_path}: the stack ({spec.kind}, {spec.options}) is not preset "
-                                f"{train_config.preset!r} ({expected.kind}, {expected.options})")
-    best = load_checkpoint(run.best_checkpoint)
-    if StackSpec.from_dict(best["spec"]) != spec:
-        raise RunDirectoryError(f"{run.best_checkpoint} holds a different stack ({best['spec']}) than config.json "
-                                f"({config['stack']})")
+    train_config = run.train_config(config)
+    spec = run.stack_spec(config, check_preset=True)
+    best = run.checkpoint("best", "cpu", config)
     stack = build_stack(spec)
     try:
         stack.load_state_dict(best["model"])

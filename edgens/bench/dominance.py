@@ -36,9 +36,7 @@ def first_layer_filters(run_dir: RunDir, members: Sequence[int]) -> np.ndarray:
     Raises:
         RunDirectoryError: the checkpoint holds no such weight, or its rows do not split into members.
     """
-    from edgens.checkpoint import load_checkpoint  # torch: only when filters are asked for
-
-    checkpoint = load_checkpoint(run_dir.best_checkpoint)
+    checkpoint = run_dir.checkpoint("best")  # torch: only when filters are asked for
     spec = checkpoint["spec"]
     weight = next((t for t in checkpoint["model"].values() if t.dim() >= 2), None)
     m = int(spec["n_members"])

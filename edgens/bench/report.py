@@ -81,7 +81,7 @@ def load_finished(run: str | Path) -> tuple[RunDir, dict]:
     """
     run_dir = RunDir(run)
     config = run_dir.require_finished()
-    family = config["config"].get("family", "categorical")
+    family = run_dir.train_config(config).family
     if family != "categorical":
         raise RunDirectoryError(f"{run_dir.path} is a {family} run; the benches need a classification "
                                 f"(categorical) run")

@@ -26,14 +26,12 @@ from typing import TypeVar
 
 import torch
 
-from edgens.checkpoint import load_checkpoint
 from edgens.config import TrainConfig
 from edgens.data import Dataset
 from edgens.distributed.comm import Communicator, process_group, use_rank_device
 from edgens.distributed.launch import DEFAULT_TIMEOUT_S
 from edgens.distributed.slices import (concat_model_members, concat_optimizer_members, member_slices,
                                        take_model_members, take_optimizer_members, to_cpu)
-from edgens.errors import RunDirectoryError
 from edgens.losses import ModularLoss, member_nll
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
@@ -194,11 +192,7 @@ def _read_for_resume(run: RunDir) -> tuple[dict, dict | None, dict | None]:
         return stored, run.summary(), None
     if not run.last_checkpoint.is_file():
         return stored, None, None
-    state = load_checkpoint(run.last_checkpoint, "cpu")
-    if StackSpec.from_dict(state["spec"]) != StackSpec.from_dict(stored["stack"]):
-        raise RunDirectoryError(f"{run.last_checkpoint} holds a {state['spec']['kind']} stack that differs from "
-                                f"config.json's; the run directory is inconsistent")
-    return stored, None, state
+    return stored, None, run.checkpoint("last", "cpu", stored)
 
 
 def resume_distributed(run_dir: str | Path, callbacks: Callbacks | None = None, device: str | None = None,
@@ -219,11 +213,11 @@ def resume_distributed(run_dir: str | Path, callbacks: Callbacks | None = None, 
             if comm.is_main:
                 log.info("%s has already finished", run.path)
             return summary
-        config = TrainConfig.from_dict(stored["config"]).validate()
+        config = run.train_config(stored)
         if device is not None:
             config.device = device
         dataset = _load_data(config)
-        spec = StackSpec.from_dict(stored["stack"])
+        spec = run.stack_spec(stored)
         trainer = DistributedTrainer(config, run, dataset, spec, use_rank_device(config.device, comm.local_rank),
                                      comm, callbacks)
         if state is not None:
