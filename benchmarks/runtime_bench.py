@@ -44,7 +44,7 @@ from edgens.data.inputs import load_input  # noqa: E402
 from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text  # noqa: E402
 from edgens.runtime import (Predictor, fit_confidence, inject_faults, load_manifest, profile_stacks,  # noqa: E402
                             read_calibration, save_latency_table)
-from edgens.runtime.combine import inverse_link  # noqa: E402
+from edgens.ensemble import inverse_link  # noqa: E402
 from edgens.runtime.faults import random_faults  # noqa: E402
 
 FAULT_FRACTIONS = (0.1, 0.25, 0.5)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from edgens.ensemble import error_rate, mean_nll
 from edgens.errors import InputError
 
 CHUNK = 32  # candidates evaluated at once: bounds memory at CHUNK * N * K floats
@@ -19,31 +20,10 @@ def _check(eta: np.ndarray, y: np.ndarray) -> None:
                          f"{y.shape}")
 
 
-def _nll(mean_eta: np.ndarray, y: np.ndarray, family: str) -> np.ndarray:
-    """Mean NLL per row of ``mean_eta`` (..., N, K) -> (...)."""
-    if family == "categorical":
-        top = mean_eta.max(-1, keepdims=True)
-        log_z = np.log(np.exp(mean_eta - top).sum(-1)) + top[..., 0]
-        picked = np.take_along_axis(mean_eta, np.broadcast_to(y[:, None], mean_eta.shape[:-1] + (1,)), -1)[..., 0]
-        return (log_z - picked).mean(-1)
-    value = mean_eta[..., 0]
-    per = 0.5 * (value - y) ** 2 if family == "gaussian" else np.exp(value) - y * value
-    return per.mean(-1)
-
-
-def _error(mean_eta: np.ndarray, y: np.ndarray, family: str) -> np.ndarray:
-    """Error per row of ``mean_eta`` (..., N, K) -> (...): misclassification rate, or MSE of the mean."""
-    if family == "categorical":
-        return (mean_eta.argmax(-1) != y).mean(-1)
-    value = mean_eta[..., 0]
-    prediction = np.exp(value) if family == "poisson" else value
-    return ((prediction - y) ** 2).mean(-1)
-
-
 def ensemble_error(eta: np.ndarray, y: np.ndarray, members: list[int] | np.ndarray,
                    family: str = "categorical") -> float:
     """Error of the sub-ensemble ``members`` (mean of their natural parameters)."""
-    return float(_error(eta[np.asarray(members)].mean(0), y, family))
+    return float(error_rate(eta[np.asarray(members)].mean(0), y, family))
 
 
 def prefix_errors(eta: np.ndarray, y: np.ndarray, order: list[int] | np.ndarray,
@@ -54,7 +34,7 @@ def prefix_errors(eta: np.ndarray, y: np.ndarray, order: list[int] | np.ndarray,
     errors = []
     for k, member in enumerate(order, 1):
         running += eta[member]
-        errors.append(float(_error(running / k, y, family)))
+        errors.append(float(error_rate(running / k, y, family)))
     return errors
 
 
@@ -80,10 +60,10 @@ def greedy_order(eta: np.ndarray, y: np.ndarray, family: str = "categorical") ->
         candidate_errors = np.empty(len(remaining))
         for start in range(0, len(remaining), CHUNK):
             ids = remaining[start:start + CHUNK]
-            candidate_errors[start:start + len(ids)] = _error((running + eta[ids]) * scale(k), y, family)
+            candidate_errors[start:start + len(ids)] = error_rate((running + eta[ids]) * scale(k), y, family)
         tied = np.flatnonzero(candidate_errors == candidate_errors.min())
         if len(tied) > 1:
-            nlls = _nll((running + eta[[remaining[i] for i in tied]]) / k, y, family)
+            nlls = mean_nll((running + eta[[remaining[i] for i in tied]]) / k, y, family)
             best = tied[int(np.argmin(nlls))]
         else:
             best = tied[0]
@@ -115,9 +95,9 @@ def random_subset_errors(eta: np.ndarray, y: np.ndarray, sizes: list[int] | rang
     result = []
     for size in sizes:
         if size >= m:
-            result.append(float(_error(eta.mean(0), y, family)))
+            result.append(float(error_rate(eta.mean(0), y, family)))
             continue
-        result.append(float(np.mean([_error(eta[rng.choice(m, size, replace=False)].mean(0), y, family)
+        result.append(float(np.mean([error_rate(eta[rng.choice(m, size, replace=False)].mean(0), y, family)
                                      for _ in range(draws)])))
     return result
 
@@ -161,7 +141,7 @@ def greedy_specialist(eta: np.ndarray, y: np.ndarray, positive: int, size: int) 
         tied = np.flatnonzero(scores == scores.max())
         if len(tied) > 1 and positives.any():
             candidates = (running + eta[[remaining[i] for i in tied]]) / k
-            fit = -_nll(candidates[:, positives], y[positives], "categorical")
+            fit = -mean_nll(candidates[:, positives], y[positives], "categorical")
             pick = tied[int(np.argmax(fit))]
         else:
             pick = tied[0]

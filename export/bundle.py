@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgens import __version__, selection
+from edgens.ensemble import error_rate, mean_nll
 from edgens.errors import ConfigError, ExportError
 from edgens.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity, export_stack
 from edgens.export.run_model import LoadedRun, load_run
@@ -105,16 +106,14 @@ class ExportReport:
                 "val_error": self.manifest.metrics.val.error, "test_error": self.manifest.metrics.test.error}
 
 
-def _nll(eta: np.ndarray, y: np.ndarray, family: str) -> float:
-    return float(selection._nll(eta.astype(np.float64), y, family))
-
-
 def _member_infos(loaded: LoadedRun) -> list[MemberInfo]:
     params, flops = loaded.stack.params_per_member(), loaded.stack.flops_per_member()
     family = loaded.train_config.family
-    errors = selection._error(loaded.val_eta, loaded.val_y, family)
-    return [MemberInfo(id=j, params=params, flops=flops, val_error=float(errors[j]),
-                       val_nll=_nll(loaded.val_eta[j], loaded.val_y, family)) for j in range(loaded.stack.n_members)]
+    errors = error_rate(loaded.val_eta, loaded.val_y, family)
+    # member by member: one float64 copy of all members' outputs would be M x N x K doubles
+    nlls = [float(mean_nll(member.astype(np.float64), loaded.val_y, family)) for member in loaded.val_eta]
+    return [MemberInfo(id=j, params=params, flops=flops, val_error=float(errors[j]), val_nll=nlls[j])
+            for j in range(loaded.stack.n_members)]
 
 
 def _specialists(loaded: LoadedRun, size: int, seed: int, progress: Progress) -> list[tuple[int, list[int], dict]]:
@@ -268,7 +267,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
 
 def _split_metrics(eta: np.ndarray, y: np.ndarray, family: str) -> SplitMetrics:
     mean = eta.mean(0, dtype=np.float64)
-    return SplitMetrics(error=float(selection._error(mean, y, family)), nll=float(selection._nll(mean, y, family)))
+    return SplitMetrics(error=float(error_rate(mean, y, family)), nll=float(mean_nll(mean, y, family)))
 
 
 def _write_calibration(loaded: LoadedRun, directory: Path) -> CalibrationInfo:

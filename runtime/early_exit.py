@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from edgens.errors import ConfigError, NoMembersAvailableError
-from edgens.runtime.combine import confidence as max_probability
+from edgens.ensemble import confidence as max_probability
 from edgens.runtime.policies import still_unsure
 from edgens.runtime.predictor import Predictor
 

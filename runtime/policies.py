@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from edgens.errors import ConfigError
-from edgens.runtime.combine import confidence as max_probability
+from edgens.ensemble import confidence as max_probability
 from edgens.runtime.manifest import Manifest, SpecialistInfo, StackInfo
 
 BUDGETS = ("members", "flops", "latency_ms", "deadline_ms", "confidence", "task")

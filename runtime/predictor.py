@@ -6,7 +6,7 @@
 
 A call checks and normalises the input once, plans the stacks its budget allows (:mod:`edgens.runtime.policies`),
 runs them one after another in the calling thread and averages the natural parameters of the members that answered
-(:mod:`edgens.runtime.combine`). A stack that raises, returns NaN/Inf or the wrong shape, or (with
+(:mod:`edgens.ensemble`). A stack that raises, returns NaN/Inf or the wrong shape, or (with
 ``stack_timeout_ms``) is too slow, is dropped for that call and reported in ``Prediction.failures``; after
 ``quarantine_after`` failed calls in a row it is quarantined until :meth:`Predictor.retry`. Only when no member at
 all answers does a call raise :class:`NoMembersAvailableError`.
@@ -34,7 +34,7 @@ import numpy as np
 from edgens.errors import BackendUnavailableError, BundleError, ConfigError, NoMembersAvailableError
 from edgens.runtime import policies
 from edgens.runtime.backends import Backend, StackRunner, create_backend
-from edgens.runtime.combine import inverse_link
+from edgens.ensemble import inverse_link
 from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.inputs import InputPreparer
 from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest

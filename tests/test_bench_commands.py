@@ -236,7 +236,7 @@ def test_dominance_bench(sweep_dir: Path, tmp_path: Path) -> None:
 
 # --- plots optional, errors, help -------------------------------------------------------------------------------------
 def test_results_without_matplotlib(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from edgens.plots import plot_drop
+    from edgens.bench.plots import plot_drop
 
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib now raises ImportError
     written = write_results(tmp_path, "x", {"value": 1.5, "_hidden": [1]}, "| a |\n", plot_drop)
@@ -271,7 +271,7 @@ def test_bench_help_is_torch_free() -> None:
             "for args in (['bench', '--help'], ['bench', 'drop', '--help'], ['bench', 'lambda', '--help'],\n"
             "             ['bench', 'specialists', '--help'], ['bench', 'dominance', '--help']):\n"
             "    try:\n        main(args)\n    except SystemExit as exit:\n        assert exit.code == 0, args\n"
-            "heavy = [m for m in ('torch', 'matplotlib', 'edgens.analysis') if m in sys.modules]\n"
+            "heavy = [m for m in ('torch', 'matplotlib', 'edgens.bench.analysis') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120,
                             env={**os.environ, "COLUMNS": "100"})
@@ -280,8 +280,8 @@ def test_bench_help_is_torch_free() -> None:
 
 
 def test_analysis_imports_without_torch() -> None:
-    code = ("import sys\nimport edgens.analysis, edgens.bench.drop, edgens.bench.specialists, "
-            "edgens.bench.lam_results, edgens.bench.report, edgens.plots\n"
+    code = ("import sys\nimport edgens.bench.analysis, edgens.bench.drop, edgens.bench.specialists, "
+            "edgens.bench.lam_results, edgens.bench.report, edgens.bench.plots\n"
             "assert 'torch' not in sys.modules and 'matplotlib' not in sys.modules\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert result.returncode == 0, result.stderr

@@ -9,8 +9,9 @@
   (``edgens bench dominance``).
 - :mod:`edgens.bench.report`: writing each bench's JSON, markdown table and plot.
 
-The maths lives in :mod:`edgens.analysis` (numpy only); the selection algorithms in :mod:`edgens.selection`.
-Reading finished runs needs no torch (drop, specialists, lam_results, report, and the plots in :mod:`edgens.plots`);
+The maths lives in :mod:`edgens.bench.analysis` (numpy only), the plots in :mod:`edgens.bench.plots` (matplotlib, an
+extra); the selection algorithms in :mod:`edgens.selection`, the ensemble maths in :mod:`edgens.ensemble`. Reading
+finished runs needs no torch (drop, specialists, lam_results, report, plots);
 :mod:`edgens.bench.sweep` imports it only when a run must train, and :mod:`edgens.bench.dominance` uses it for the
 module-dominance threshold and the checkpoint's first-layer weights.
 """

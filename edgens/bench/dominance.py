@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgens import analysis
-from edgens.analysis import Progress, no_progress
+from edgens.bench import analysis
+from edgens.bench.analysis import Progress, no_progress
 from edgens.bench.report import load_finished, markdown_table, pct, run_label
 from edgens.diagnostics import DOMINANCE_RATIO
 from edgens.errors import RunDirectoryError

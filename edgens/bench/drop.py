@@ -5,7 +5,7 @@ Three protocols per run (all on the test set; the greedy order is chosen on the 
 - random drop (the paper's): for each test example independently, d members chosen at random are dropped, for
   every d = 0 .. M-1, over 20 repeats (mean and standard error);
 - Bernoulli keep probability: each member kept independently with probability p per example (see
-  :func:`edgens.analysis.bernoulli_keep_curve` for the case where none is kept);
+  :func:`edgens.bench.analysis.bernoulli_keep_curve` for the case where none is kept);
 - greedy anytime order: the first k members of the export's order (greedy forward selection on validation).
 """
 
@@ -15,8 +15,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgens import analysis
-from edgens.analysis import Progress, no_progress
+from edgens.bench import analysis
+from edgens.bench.analysis import Progress, no_progress
 from edgens.bench.report import load_finished, markdown_table, num, pct, run_label
 from edgens.selection import greedy_order
 

@@ -5,7 +5,7 @@ over trials of the test error (the paper's Figure 2 / Table 2) and of the ensemb
 mean test NLL (their Figure 3: joint training lowers the ensemble loss while the members' own losses rise).
 
 ``stacking`` rows use the modular runs of the same lam: a linear combiner (a weight per member and a bias per class,
-:func:`edgens.analysis.fit_stacking`) is fitted on each run's validation outputs and scored on its test outputs.
+:func:`edgens.bench.analysis.fit_stacking`) is fitted on each run's validation outputs and scored on its test outputs.
 ``bagging`` has one row, at lam 0.
 """
 
@@ -17,8 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgens import analysis
-from edgens.analysis import Progress, no_progress
+from edgens.bench import analysis
+from edgens.bench.analysis import Progress, no_progress
 from edgens.bench.report import markdown_table, num, pct
 from edgens.bench.sweep import SweepRun, check_matches
 from edgens.config import TrainConfig

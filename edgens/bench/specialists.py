@@ -12,8 +12,8 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-from edgens import analysis
-from edgens.analysis import Progress, no_progress
+from edgens.bench import analysis
+from edgens.bench.analysis import Progress, no_progress
 from edgens.bench.report import load_finished, markdown_table, run_label
 
 log = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ checking that its settings are the ones asked for; an interrupted one is resumed
 
 Methods that train: ``modular`` (the modular loss at each lam) and ``bagging`` (independent members on bootstrap
 samples, lam 0 only). ``stacking`` trains nothing: it fits a combiner on the modular runs' validation outputs
-(:func:`edgens.analysis.fit_stacking`).
+(:func:`edgens.bench.analysis.fit_stacking`).
 """
 
 from __future__ import annotations

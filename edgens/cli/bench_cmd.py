@@ -94,7 +94,7 @@ def drop(runs: tuple[str, ...], repeats: int, seed: int, keep_probs: str, greedy
     from edgens.bench.drop import drop_bench, drop_markdown
     from edgens.bench.report import check_name
     from edgens.cli.progress import StageProgress
-    from edgens.plots import plot_drop
+    from edgens.bench.plots import plot_drop
 
     check_name(name)
     progress = StageProgress(quiet)
@@ -157,7 +157,7 @@ def lambda_(presets: tuple[str, ...], lams: str, epochs: int, trials: int, metho
         _train_sweep(planned, runs_path, epochs, seed, threads, quiet, settings)
     from edgens.bench.lam_results import collect_sweep, lambda_markdown
     from edgens.cli.progress import StageProgress
-    from edgens.plots import plot_lambda
+    from edgens.bench.plots import plot_lambda
 
     progress = StageProgress(quiet)
     try:
@@ -220,7 +220,7 @@ def specialists(runs: tuple[str, ...], size: int, candidates: int, seed: int, ou
     from edgens.bench.report import check_name
     from edgens.bench.specialists import specialists_bench, specialists_markdown
     from edgens.cli.progress import StageProgress
-    from edgens.plots import plot_specialists
+    from edgens.bench.plots import plot_specialists
 
     check_name(name)
     progress = StageProgress(quiet)
@@ -245,7 +245,7 @@ def dominance(runs: tuple[str, ...], filters: bool, filter_members: int, out: st
     from edgens.bench.dominance import dominance_bench, dominance_markdown
     from edgens.bench.report import check_name
     from edgens.cli.progress import StageProgress
-    from edgens.plots import plot_dominance
+    from edgens.bench.plots import plot_dominance
 
     check_name(name)
     progress = StageProgress(quiet)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from edgens.bench.specialists import COLUMNS
 from edgens.errors import BackendUnavailableError
 from edgens.fileio import atomic_write
 
@@ -174,7 +175,6 @@ def plot_specialists(data: dict, path: str | Path) -> list[Path]:
     Raises:
         BackendUnavailableError: no matplotlib.
     """
-    from edgens.bench.specialists import COLUMNS
 
     plt = _pyplot()
     runs = data["runs"]

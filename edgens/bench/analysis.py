@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from edgens.ensemble import log_softmax, nll_per_example
 from edgens.errors import InputError
 from edgens.selection import (best_of_random_specialists, best_single_member, f1_one_vs_rest, greedy_specialist,
                               subset_f1)
@@ -57,19 +58,6 @@ def check_outputs(eta: np.ndarray, y: np.ndarray) -> tuple[int, int, int]:
     return m, n, k
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Log-probabilities along the last axis (stable)."""
-    shifted = logits - logits.max(-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
-
-
-def nll_per_example(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Cross-entropy of each example: ``logits`` (..., N, K), ``y`` (N,) -> (..., N)."""
-    log_p = log_softmax(np.asarray(logits, dtype=np.float64))
-    index = np.broadcast_to(y[:, None], log_p.shape[:-1] + (1,))
-    return -np.take_along_axis(log_p, index, -1)[..., 0]
-
-
 def ensemble_metrics(eta: np.ndarray, y: np.ndarray) -> dict[str, float]:
     """Error and NLL of the full ensemble (mean of all members' logits).
 
@@ -84,7 +72,7 @@ def ensemble_metrics(eta: np.ndarray, y: np.ndarray) -> dict[str, float]:
 def member_metrics(eta: np.ndarray, y: np.ndarray) -> dict[str, np.ndarray]:
     """Each member's error and NLL alone: ``{"error": (M,), "nll": (M,)}``."""
     check_outputs(eta, y)
-    return {"error": (eta.argmax(-1) != y).mean(1), "nll": nll_per_example(eta, y).mean(1)}
+    return {"error": (eta.argmax(-1) != y).mean(1), "nll": nll_per_example(eta.astype(np.float64), y).mean(1)}
 
 
 def mean_and_se(values: Sequence[float] | np.ndarray, axis: int = 0) -> tuple[np.ndarray, np.ndarray]:

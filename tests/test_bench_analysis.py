@@ -1,4 +1,4 @@
-"""Benchmark maths (edgens.analysis) on generated logits, checked against independent computations."""
+"""Benchmark maths (edgens.bench.analysis) on generated logits, checked against independent computations."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from edgens import analysis
+from edgens.bench import analysis
 from edgens.errors import InputError
 from edgens.selection import prefix_errors
 
