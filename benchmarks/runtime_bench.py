@@ -67,12 +67,9 @@ class BareSessions:
     def __init__(self, predictor: Predictor):
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = predictor.backend.threads  # type: ignore[attr-defined]
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        from edgens.runtime.backends.onnxruntime import session_options
+
+        options = session_options(predictor.backend.threads)  # type: ignore[attr-defined]
         providers = predictor.backend.describe()["providers"]
         m = predictor.manifest
         self.stacks = m.general_stacks

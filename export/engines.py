@@ -82,7 +82,7 @@ def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
         ExportError: parsing or building failed.
     """
     progress = progress or (lambda stage, done, total: None)
-    trt = import_tensorrt()
+    trt = import_tensorrt("building TensorRT engines")
     device = target_device(trt)
     check_precision(precision, device.tensorrt_version)
     float16_graph = needs_float16_graph(precision, device.tensorrt_version)

@@ -26,33 +26,12 @@ from typing import Any
 import numpy as np
 
 from edgens.errors import BackendUnavailableError, ConfigError, ExportError
+from edgens.runtime.backends.tensorrt import import_tensorrt, major_version
 
 log = logging.getLogger(__name__)
 
-INSTALL = "pip install edgens[tensorrt] (on a Jetson TensorRT comes with JetPack: apt-get install python3-libnvinfer)"
 PRECISIONS = ("fp32", "fp16", "int8")
 WORKSPACE_BYTES = 1 << 30
-
-
-def import_tensorrt() -> Any:
-    """Import TensorRT (>= 10) or explain how to get it.
-
-    Raises:
-        BackendUnavailableError: not importable, or too old.
-    """
-    try:
-        import tensorrt
-    except ImportError as err:
-        raise BackendUnavailableError(f"building TensorRT engines needs the tensorrt package, which is not importable "
-                                      f"({err}); install it: {INSTALL}") from None
-    if major_version(tensorrt.__version__) < 10:
-        raise BackendUnavailableError(f"TensorRT {tensorrt.__version__} is too old; edgens needs >= 10 ({INSTALL})")
-    return tensorrt
-
-
-def major_version(version: str) -> int:
-    """The major number of a version string like ``10.3.0.30``."""
-    return int(str(version).split(".")[0])
 
 
 @dataclass
@@ -158,7 +137,7 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
         ConfigError: a precision this TensorRT cannot build.
         ExportError: the ONNX parser or the builder failed (their messages are included).
     """
-    trt = import_tensorrt()
+    trt = import_tensorrt("building TensorRT engines")
     version = str(trt.__version__)
     check_precision(precision, version)
     logger = trt.Logger(trt.Logger.WARNING)

@@ -41,6 +41,20 @@ def _ort() -> Any:
     return onnxruntime
 
 
+def session_options(threads: int) -> Any:
+    """The session options every stack runs with (the benchmarks' bare sessions reuse them, to compare like with
+    like): ``threads`` intra-op threads that do not spin, sequential execution, all graph optimisations."""
+    ort = _ort()
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's to act on
+    return options
+
+
 def default_threads() -> int:
     """Intra-op threads per session: half the logical cores, between 1 and 4 (see the module docstring)."""
     return max(1, min(4, (os.cpu_count() or 2) // 2))
@@ -84,13 +98,7 @@ class OnnxRuntimeRunner(StackRunner):
         if self._session is not None:
             return
         ort = _ort()
-        options = ort.SessionOptions()
-        options.intra_op_num_threads = self.threads
-        options.inter_op_num_threads = 1
-        options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's to act on
+        options = session_options(self.threads)
         try:
             # onnxruntime warns (warnings.warn) about requested providers it does not have; the check below reports
             # what really runs, through logging, so its warnings are not passed on.

@@ -33,17 +33,30 @@ log = logging.getLogger(__name__)
 INSTALL = ("install it with `pip install edgens[tensorrt]` (on a Jetson, TensorRT comes with JetPack: use the "
            "system Python or `apt-get install python3-libnvinfer`)")
 PREFERENCE = ("fp16", "fp32", "int8")  # int8 may cost accuracy: only when nothing else was built
+MIN_TENSORRT = 10  # the tensor-address API (set_tensor_address / execute_async_v3)
 
 
-def _trt() -> Any:
+def major_version(version: str) -> int:
+    """The major number of a version string like ``10.3.0.30``."""
+    return int(str(version).split(".")[0])
+
+
+def import_tensorrt(purpose: str = "the tensorrt backend") -> Any:
+    """Import TensorRT (>= 10) or explain how to get it; the one place edgens imports it (export uses it too).
+
+    Args:
+        purpose: what needs TensorRT, for the message (``building TensorRT engines``).
+
+    Raises:
+        BackendUnavailableError: not importable, or older than 10.
+    """
     try:
         import tensorrt
     except ImportError as err:
-        raise BackendUnavailableError(f"the tensorrt backend needs TensorRT >= 10, which is not importable ({err}); "
+        raise BackendUnavailableError(f"{purpose} needs TensorRT >= {MIN_TENSORRT}, which is not importable ({err}); "
                                       f"{INSTALL}") from None
-    major = int(str(tensorrt.__version__).split(".")[0])
-    if major < 10:
-        raise BackendUnavailableError(f"the tensorrt backend needs TensorRT >= 10 (the tensor-address API), found "
+    if major_version(tensorrt.__version__) < MIN_TENSORRT:
+        raise BackendUnavailableError(f"{purpose} needs TensorRT >= {MIN_TENSORRT} (the tensor-address API), found "
                                       f"{tensorrt.__version__}; {INSTALL}")
     return tensorrt
 
@@ -99,7 +112,7 @@ class TensorRTRunner(StackRunner):
     def activate(self) -> None:
         if self._context is not None:
             return
-        trt, cudart = _trt(), _cudart()
+        trt, cudart = import_tensorrt(), _cudart()
         _check(cudart, cudart.cudaSetDevice(self.device))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
@@ -182,7 +195,7 @@ class TensorRTBackend(Backend):
         super().__init__(bundle_dir, manifest)
         if precision is not None and precision not in PREFERENCE:
             raise unknown_choice("engine precision", precision, PREFERENCE)
-        trt, cudart = _trt(), _cudart()
+        trt, cudart = import_tensorrt(), _cudart()
         try:
             props = _check(cudart, cudart.cudaGetDeviceProperties(device))
         except RuntimeError as err:
@@ -196,7 +209,7 @@ class TensorRTBackend(Backend):
 
     @classmethod
     def check_available(cls) -> None:
-        _trt()
+        import_tensorrt()
         _cudart()
 
     def select_engine(self, stack: StackInfo) -> EngineInfo | None:
