@@ -1,4 +1,13 @@
-"""The modular loss against the paper's formulas (notes/paper.md), computed independently in numpy."""
+"""The modular loss against the formulas of Webb et al., "Joint Training of Neural Network Ensembles" (arXiv
+1902.04422), computed independently in numpy:
+
+    L = lam * NLL(eta_bar) + (1 - lam) * (1/M) sum_j NLL(eta_j),    eta_bar = (1/M) sum_j eta_j      (convex form)
+      = (1/M) sum_j NLL(eta_j) - lam * (1/M) sum_j KL(q_bar || q_j)                                 (ambiguity form)
+    dL / d eta_j = (1/M) * (yhat_j - y - lam * (yhat_j - ybar))                                    (the gradient)
+
+with yhat_j, ybar the means (inverse links) of member j and of the ensemble, and the families' NLLs up to
+eta-free constants: categorical cross-entropy, gaussian (eta - y)^2 / 2, poisson exp(eta) - y eta.
+"""
 
 from __future__ import annotations
 
@@ -41,7 +50,7 @@ def _target_vector(y: np.ndarray, family: str, k: int) -> np.ndarray:
 
 
 def _nll(eta: np.ndarray, y: np.ndarray, family: str) -> np.ndarray:
-    """Per-example NLL (up to eta-free constants), by the table in notes/paper.md."""
+    """Per-example NLL (up to eta-free constants), by the families' table in the module docstring."""
     if family == "categorical":
         log_p = eta - np.log(np.exp(eta).sum(-1, keepdims=True))
         return -np.take_along_axis(log_p, np.broadcast_to(y[:, None], log_p.shape[:-1] + (1,)), -1)[..., 0]

@@ -106,8 +106,8 @@ def test_cnn_flops_match_formula() -> None:
     ("densenet-64-6x16", 1_700_000),
 ])
 def test_presets_have_the_papers_sizes(name: str, total: int) -> None:
-    # notes/paper.md: ~815K parameters per Fashion-MNIST ensemble; 2.8M for cnn-10 (CIFAR-10); 3.2M / 2.1M / 1.7M
-    # for the CIFAR-100 DenseNet-BC ensembles.
+    # Webb et al. (arXiv 1902.04422): ~815K parameters per Fashion-MNIST MLP ensemble; 2.8M for the CIFAR-10 CNN
+    # ensemble; 3.2M / 2.1M / 1.7M for the CIFAR-100 DenseNet-BC ensembles.
     shape, classes = ((1, 28, 28), 10) if name.startswith("mlp") else ((3, 32, 32), 10 if name == "cnn-10" else 100)
     spec = preset_spec(name, shape, classes)
     stack = build_stack(spec)
