@@ -35,8 +35,9 @@ def epoch_diagnostics(eta: torch.Tensor, y: torch.Tensor, family: str) -> dict:
     """Ensemble and member measures of one split.
 
     Returns:
-        A dict with ``ensemble_loss`` and ``ensemble_error`` (of the mean of natural parameters), ``member_loss`` and
-        ``member_error`` (means over members), ``ambiguity`` (mean KL(q_bar || q_j)), ``best/median/worst_member_error``,
+        A dict with ``ensemble_loss`` and ``ensemble_error`` (of the mean of natural parameters), ``member_loss``
+        and ``member_error`` (means over members), ``ambiguity`` (mean KL(q_bar || q_j)),
+        ``best/median/worst_member_error``,
         ``dominance_ratio`` (best / median member error: near 1 for a healthy ensemble, small under module dominance),
         ``member_errors`` (list of M floats), and for categorical ``entropy_{min,max,mean,std}``: statistics across
         members of each member's mean predictive entropy.

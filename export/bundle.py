@@ -26,8 +26,8 @@ from edgens.errors import ConfigError, ExportError
 from edgens.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity, export_stack
 from edgens.export.run_model import LoadedRun, load_run
 from edgens.fileio import sha256_file
-from edgens.runtime.manifest import (CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SpecialistInfo,
-                                     SplitMetrics, StackInfo, TrainingInfo, write_manifest)
+from edgens.runtime.manifest import (CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing,
+                                     SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, write_manifest)
 
 log = logging.getLogger(__name__)
 

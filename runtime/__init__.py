@@ -16,7 +16,7 @@ from edgens.runtime.manifest import (
     CalibrationInfo, Curves, EngineInfo, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SpecialistInfo,
     SplitMetrics, StackInfo, TrainingInfo, load_manifest, read_calibration, write_manifest)
 from edgens.runtime.predictor import Prediction, Predictor
-from edgens.runtime.early_exit import fit_confidence  # noqa: I001  (after the Predictor: it drives one)
+from edgens.runtime.early_exit import fit_confidence
 from edgens.runtime.faults import Fault, inject_faults
 from edgens.runtime.profile import profile_stacks
 

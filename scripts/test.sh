@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Set up (scripts/setup.sh), run the whole test suite (GPU and TensorRT tests skip themselves without them), then
-# check the device install on its own (scripts/check_device_install.sh: a fresh venv with only edgens[runtime]).
+# Set up (scripts/setup.sh), lint (ruff, with the rules in pyproject.toml), run the whole test suite (GPU and
+# TensorRT tests skip themselves without them), then check the device install on its own
+# (scripts/check_device_install.sh: a fresh venv with only edgens[runtime]).
 # Arguments go to pytest; with arguments (a selection of tests) the device install check is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+python3 -m ruff check .
 python3 -m pytest -q "$@"
 if [ "$#" = 0 ]; then
   bash scripts/check_device_install.sh

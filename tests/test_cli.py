@@ -23,7 +23,8 @@ def _run(*args: str, check: bool = True) -> subprocess.CompletedProcess:
 def test_help_does_not_import_torch_or_onnxruntime() -> None:
     code = ("import sys\nfrom edgens.cli import COMMANDS, main\n"
             "for args in [['--help']] + [[name, '--help'] for name in COMMANDS]:\n"
-            "    try:\n        main(args)\n    except SystemExit as exit:\n        assert exit.code == 0, (args, exit.code)\n"
+            "    try:\n        main(args)\n"
+            "    except SystemExit as exit:\n        assert exit.code == 0, (args, exit.code)\n"
             "heavy = [m for m in ('torch', 'onnxruntime', 'onnx', 'tensorrt', 'matplotlib') if m in sys.modules]\n"
             "assert not heavy, heavy\n")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)

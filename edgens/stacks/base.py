@@ -39,8 +39,9 @@ class MemberStack(nn.Module):
     def check_input(self, x: torch.Tensor) -> None:
         """Raise InputError unless ``x`` has shape (B, *input_shape) with B >= 1."""
         if tuple(x.shape[1:]) != tuple(self.spec.input_shape) or x.shape[0] < 1:
-            raise InputError(f"{self.kind} stack expects input of shape (batch, {', '.join(map(str, self.spec.input_shape))})"
-                             f" with batch >= 1; got {tuple(x.shape)}")
+            shape = ", ".join(map(str, self.spec.input_shape))
+            raise InputError(f"{self.kind} stack expects input of shape (batch, {shape}) with batch >= 1; got "
+                             f"{tuple(x.shape)}")
 
     def subset(self, member_ids: Sequence[int]) -> MemberStack:
         """A new stack holding only ``member_ids`` (in that order); its outputs equal ``self(x)[member_ids]``.
