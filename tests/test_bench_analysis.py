@@ -243,3 +243,20 @@ def test_bad_protocol_settings() -> None:
         analysis.bernoulli_keep_curve(eta, y, [1.5])
     with pytest.raises(InputError, match="l2 must be > 0"):
         analysis.fit_stacking(eta, y, l2=0.0)
+
+
+def test_drop_plot_averages_trials_of_a_setting() -> None:
+    from edgens.bench.plots import _mean_curve, _trial_groups
+
+    runs = [{"preset": "mlp-256x4", "lam": lam, "method": "modular", "seed": seed}
+            for lam in (0.0, 0.99) for seed in (0, 1, 2)] + [{"preset": "mlp-256x4", "lam": 1.0, "seed": 0}]
+    groups = _trial_groups(runs)
+    assert [label for label, _ in groups] == ["lam=0 (3 seeds)", "lam=0.99 (3 seeds)", "lam=1"]
+    assert [len(members) for _, members in groups] == [3, 3, 1]
+    curves = [[0.1, 0.2], [0.3, 0.2], [0.2, 0.5]]
+    mean, se = _mean_curve(curves, [[0.9, 0.9]] * 3)  # several trials: the spread across them, not their own se
+    np.testing.assert_allclose(mean, [0.2, 0.3])
+    np.testing.assert_allclose(se, [0.1 / math.sqrt(3), math.sqrt(0.03) / math.sqrt(3)])
+    mean, se = _mean_curve(curves[:1], [[0.01, None]])  # one trial: its own standard error over repeats
+    np.testing.assert_allclose(mean, [0.1, 0.2])
+    assert se[0] == 0.01 and math.isnan(se[1])

@@ -39,11 +39,14 @@ def _pyplot() -> Any:
     return plt
 
 
-def _save(fig: Any, path: Path, dpi: int = DPI) -> Path:
-    """Write ``fig`` as a PNG atomically (an interrupted bench never leaves half an image) and close it."""
+def _save(fig: Any, path: Path, dpi: int = DPI, rect: tuple[float, float, float, float] | None = None) -> Path:
+    """Write ``fig`` as a PNG atomically (an interrupted bench never leaves half an image) and close it.
+
+    ``rect``: the part of the figure the panels fill (the rest holds a figure legend).
+    """
     import matplotlib.pyplot as plt
 
-    fig.tight_layout()
+    fig.tight_layout(rect=rect)
     try:
         atomic_write(path, lambda file: fig.savefig(file, format="png", dpi=dpi))
     finally:
@@ -82,35 +85,66 @@ def _short_labels(runs: list[dict]) -> list[str]:
     return labels
 
 
+def _trial_groups(runs: list[dict]) -> list[tuple[str, list[dict]]]:
+    """Runs grouped by setting (preset, lam, method), in first-seen order, each with a label that names only what
+    differs between the groups and how many trials (seeds) it holds."""
+    groups: dict[tuple, list[dict]] = {}
+    for run in runs:
+        groups.setdefault((run["preset"], run["lam"], run.get("method", "modular")), []).append(run)
+    firsts = [members[0] for members in groups.values()]
+    labels = [label.replace("\n", " ") for label in _short_labels([{**r, "seed": 0} for r in firsts])]
+    return [(f"{label} ({len(members)} seeds)" if len(members) > 1 else label, members)
+            for label, members in zip(labels, groups.values(), strict=True)]
+
+
+def _mean_curve(curves: list[list[float]], ses: list[list[float | None]] | None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean over trials of equally long curves, and its standard error: across the trials when there are several,
+    else the single trial's own (over its repeats; NaN where none)."""
+    values = np.asarray(curves, dtype=float)
+    if len(values) > 1:
+        return values.mean(0), values.std(0, ddof=1) / np.sqrt(len(values))
+    own = [np.nan if s is None else s for s in (ses[0] if ses else [None] * values.shape[1])]
+    return values[0], np.asarray(own, dtype=float)
+
+
 def plot_drop(data: dict, path: str | Path) -> list[Path]:
-    """Test error and NLL vs fraction of members dropped (random per example, and the greedy order), and error vs
-    Bernoulli keep probability; one colour per run, bands of +- 2 standard errors.
+    """Test error and NLL vs members kept (dropped at random per example, and kept in the greedy order), and error
+    vs the Bernoulli keep probability. One colour per setting; trials of a setting (seeds) are averaged, with a band
+    of +- 2 standard errors across trials (for a single trial, over its random repeats). The legend sits below the
+    panels, off the curves.
 
     Raises:
         BackendUnavailableError: no matplotlib.
     """
     plt = _pyplot()
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 5.2))
     colors = plt.get_cmap("tab10").colors
-    for index, run in enumerate(data["runs"]):
+    groups = _trial_groups(data["runs"])
+    for index, (label, runs) in enumerate(groups):
         color = colors[index % len(colors)]
-        curve = run["random_drop"]
-        m = run["n_members"]
-        kept = m - np.asarray(curve["dropped"])  # the interesting part is few members kept: log scale
-        _band(axes[0], kept, curve["error_mean"], curve["error_se"], color, f"{run['label']}: random")
-        if "greedy" in run:
-            axes[0].plot(np.arange(1, m + 1), 100 * np.asarray(run["greedy"]["test_error"]), color=color,
-                         linestyle="--", label=f"{run['label']}: greedy order")
-        axes[1].plot(kept, curve["nll_mean"], color=color, label=run["label"])
-        bern = run["bernoulli"]
-        axes[2].errorbar(bern["keep_prob"], 100 * np.asarray(bern["error_mean"]),
-                         yerr=200 * np.asarray([0 if s is None else s for s in bern["error_se"]]),
-                         color=color, marker="o", markersize=3, capsize=2, label=run["label"])
+        m = runs[0]["n_members"]
+        kept = m - np.asarray(runs[0]["random_drop"]["dropped"])  # few members kept matters most: log scale
+        error, error_se = _mean_curve([r["random_drop"]["error_mean"] for r in runs],
+                                      [r["random_drop"]["error_se"] for r in runs])
+        _band(axes[0], kept, error.tolist(), error_se.tolist(), color, label)
+        if all("greedy" in r for r in runs):
+            greedy, _ = _mean_curve([r["greedy"]["test_error"] for r in runs], None)
+            axes[0].plot(np.arange(1, m + 1), 100 * greedy, color=color, linestyle="--")
+        nll, nll_se = _mean_curve([r["random_drop"]["nll_mean"] for r in runs],
+                                  [r["random_drop"]["nll_se"] for r in runs])
+        axes[1].plot(kept, nll, color=color)
+        if np.isfinite(nll_se).any():
+            axes[1].fill_between(kept, nll - 2 * nll_se, nll + 2 * nll_se, color=color, alpha=0.2, linewidth=0)
+        keep = runs[0]["bernoulli"]["keep_prob"]
+        bern, bern_se = _mean_curve([r["bernoulli"]["error_mean"] for r in runs],
+                                    [r["bernoulli"]["error_se"] for r in runs])
+        axes[2].errorbar(keep, 100 * bern, yerr=200 * np.nan_to_num(bern_se), color=color, marker="o", markersize=3,
+                         capsize=2)
     sizes = sorted({r["n_members"] for r in data["runs"]})
     if len(sizes) == 1 and sizes[0] >= 10:  # mark the "90% dropped" point the targets talk about
         for ax in axes[:2]:
             ax.axvline(sizes[0] - round(0.9 * sizes[0]), color="grey", linestyle=":", linewidth=1)
-        axes[0].text(sizes[0] - round(0.9 * sizes[0]), 1, " 90% dropped", color="grey", fontsize=7)
+        axes[0].text(sizes[0] - round(0.9 * sizes[0]), 1, " 90% dropped", color="grey", fontsize=8)
     kept_label = f"members kept per test example (of {', '.join(map(str, sizes))})"
     axes[0].set(xlabel=kept_label, ylabel="test error (%)", xscale="log",
                 title=f"Members dropped at random per example ({data['repeats']} repeats)")
@@ -122,9 +156,13 @@ def plot_drop(data: dict, path: str | Path) -> list[Path]:
                 title="Each member kept with probability p")
     for ax in axes:
         ax.grid(alpha=0.3)
-    _legend(axes[0], fontsize=7)
-    _legend(axes[2], fontsize=7)
-    return [_save(fig, Path(path))]
+    handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2) for i in range(len(groups))]
+    labels = [label for label, _ in groups]
+    if any("greedy" in r for r in data["runs"]):
+        handles += [plt.Line2D([], [], color="black"), plt.Line2D([], [], color="black", linestyle="--")]
+        labels += ["dropped at random (band: +- 2 s.e.)", "greedy order, first k members"]
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
+    return [_save(fig, Path(path), rect=(0, 0.08, 1, 1))]
 
 
 def plot_lambda(data: dict, path: str | Path) -> list[Path]:
@@ -215,18 +253,22 @@ def plot_dominance(data: dict, path: str | Path) -> list[Path]:
     path = Path(path)
     runs = data["runs"]
     written = []
-    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(runs), figsize=(5.5 * len(runs), 4.6), squeeze=False)
     for ax, run in zip(axes[0], runs):
         epochs = np.asarray(run["epochs"])
         errors = 100 * np.asarray(run["val_member_errors"])
         ax.plot(epochs, errors, color="grey", alpha=max(0.03, min(0.5, 8 / errors.shape[1])), linewidth=0.7)
-        ax.plot(epochs, np.median(errors, axis=1), color="C3", linestyle="--", label="median member")
-        ax.plot(epochs, errors.min(1), color="C2", label="best member")
-        ax.plot(epochs, 100 * np.asarray(run["val_ensemble_error"]), color="C0", linewidth=2, label="ensemble")
+        ax.plot(epochs, np.median(errors, axis=1), color="C3", linestyle="--")
+        ax.plot(epochs, errors.min(1), color="C2")
+        ax.plot(epochs, 100 * np.asarray(run["val_ensemble_error"]), color="C0", linewidth=2)
         ax.set(xlabel="epoch", ylabel="validation error (%)", title=run["label"], ylim=(0, 100))
         ax.grid(alpha=0.3)
-        _legend(ax, fontsize=8)
-    written.append(_save(fig, path))
+    # one legend for all panels, below them: member curves fill any corner of a panel
+    handles = [plt.Line2D([], [], color="grey", linewidth=0.7), plt.Line2D([], [], color="C3", linestyle="--"),
+               plt.Line2D([], [], color="C2"), plt.Line2D([], [], color="C0", linewidth=2)]
+    fig.legend(handles, ["each member", "median member", "best member", "ensemble"], loc="lower center", ncol=4,
+               fontsize=9, frameon=False)
+    written.append(_save(fig, path, rect=(0, 0.07, 1, 1)))
 
     picks = ("ensemble", "best", "median", "worst")
     fig, axes = plt.subplots(len(runs), 4, figsize=(14, 4.0 * len(runs)), squeeze=False)
