@@ -23,7 +23,7 @@ DEFAULT_LR = {"mlp": 0.02, "cnn": 0.05, "densenet": 0.1}
 HIGH_LAM = 0.95          # above this lam the default rate is scaled by HIGH_LAM_LR_FACTOR
 HIGH_LAM_LR_FACTOR = 0.3
 METHODS = ("modular", "bagging")
-FAMILIES = ("categorical", "gaussian", "poisson")
+FAMILIES = ("categorical", "gaussian", "poisson")  # = edgens.ensemble.FAMILIES (numpy-free copy for --help)
 DEVICES = ("auto", "cpu", "cuda")
 
 

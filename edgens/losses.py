@@ -19,9 +19,9 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edgens.ensemble import FAMILIES
 from edgens.errors import ConfigError, InputError, unknown_choice
 
-FAMILIES = ("categorical", "gaussian", "poisson")
 
 
 @dataclass

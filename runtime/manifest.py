@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from edgens.ensemble import FAMILIES
 from edgens.errors import BundleError, DataNotFoundError, unknown_choice
 from edgens.fileio import atomic_write_json, sha256_file
 
@@ -29,7 +30,6 @@ FORMAT = "edgens-bundle"
 FORMAT_VERSION = 1
 SUPPORTED_VERSIONS = (1,)
 MANIFEST_FILE = "manifest.json"
-FAMILIES = ("categorical", "gaussian", "poisson")
 ROLES = ("general", "specialist")
 ORDER_METHODS = ("greedy", "index")
 PRECISIONS = ("fp32", "fp16", "int8")

@@ -67,3 +67,9 @@ def test_unknown_family() -> None:
         ensemble.inverse_link("binomial", np.zeros((1, 1)))
     with pytest.raises(ConfigError, match="unknown target family"):
         ensemble.nll_per_example(np.zeros((1, 1)), np.zeros(1), "binomial")
+
+
+def test_one_list_of_families() -> None:
+    from edgens import config
+
+    assert config.FAMILIES == ensemble.FAMILIES  # config keeps a copy so that `edgens --help` imports no numpy

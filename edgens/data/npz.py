@@ -11,7 +11,6 @@ import numpy as np
 
 from edgens.errors import DataNotFoundError, InputError
 
-FAMILIES = ("categorical", "gaussian", "poisson")
 
 
 def _check_pair(x: np.ndarray, y: np.ndarray, family: str, where: str) -> tuple[np.ndarray, np.ndarray]:
