@@ -11,6 +11,7 @@ from pathlib import Path
 
 from edgens.data import cifar, fashion_mnist, npz
 from edgens.data.dataset import Dataset, make_dataset, split_off
+from edgens.ensemble import FAMILIES
 from edgens.errors import ConfigError, unknown_choice
 
 BUILTIN = ("fashion-mnist", "cifar10", "cifar100")
@@ -61,8 +62,8 @@ def load_dataset(spec: str = "fashion-mnist", data_dir: str | os.PathLike[str] |
         InputError: corrupt files or bad arrays.
     """
     kind, path = parse_spec(spec)
-    if family not in npz.FAMILIES:
-        raise unknown_choice("target family", family, npz.FAMILIES)
+    if family not in FAMILIES:
+        raise unknown_choice("target family", family, FAMILIES)
     if kind != "npz" and family != "categorical":
         raise ConfigError(f"{kind} is a classification data set; family must be categorical, got {family!r}")
     if kind == "fashion-mnist":
