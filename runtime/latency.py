@@ -152,3 +152,53 @@ def save_latency_table(bundle_dir: str | Path, table: LatencyTable) -> Path:
     kept = [t for t in tables if not t.matches(key)]
     data = {"format_version": LATENCY_FORMAT_VERSION, "tables": [t.to_dict() for t in [*kept, table]]}
     return atomic_write_json(Path(bundle_dir) / LATENCY_FILE, data)
+
+
+@dataclass
+class _Observations:
+    times_ms: list[float] = field(default_factory=list)  # the latest, oldest first
+    skips: int = 0  # calls since the last run that left the stack out because of its estimate
+    probe_after: int = 0  # skips after which the estimate is set aside and the stack is measured again
+
+
+class ObservedLatency:
+    """Latencies a predictor observed while running stacks, for deadlines on a bundle without a latency table.
+
+    Per (stack, batch size) it keeps the last ``window`` run times and estimates the lower median of them, so one
+    slow call (a stall on a shared or throttled device) does not change the estimate while the stack keeps running.
+    A stack whose estimate keeps it out of deadline calls is never measured again, so the estimate could not
+    recover: after ``probe_after`` such calls it is set aside (:meth:`estimate` returns None, and the stack runs if
+    the deadline has not passed), and the new measurement enters the window. While those measurements stay slow
+    the wait doubles (up to ``max_probe_after`` calls), so a stack that really is slow costs an overrun rarely.
+    """
+
+    def __init__(self, window: int = 8, probe_after: int = 4, max_probe_after: int = 256) -> None:
+        self.window, self.first_probe, self.max_probe = window, probe_after, max_probe_after
+        self._entries: dict[tuple[str, int], _Observations] = {}
+
+    def estimate(self, stack: str, batch: int) -> float | None:
+        """The expected latency (ms) of ``stack`` at ``batch``; None when unknown or due to be measured again."""
+        entry = self._entries.get((stack, batch))
+        if entry is None or entry.skips >= entry.probe_after:
+            return None
+        return _lower_median(entry.times_ms)
+
+    def observe(self, stack: str, batch: int, ms: float) -> None:
+        """Record that ``stack`` ran ``batch`` examples in ``ms``."""
+        entry = self._entries.setdefault((stack, batch), _Observations(probe_after=self.first_probe))
+        if entry.skips >= entry.probe_after and entry.times_ms:  # a re-measurement: back off while still slow
+            still_slow = ms >= 0.5 * _lower_median(entry.times_ms)
+            entry.probe_after = min(2 * entry.probe_after, self.max_probe) if still_slow else self.first_probe
+        entry.times_ms = [*entry.times_ms[-(self.window - 1):], ms]
+        entry.skips = 0
+
+    def skipped(self, stack: str, batch: int) -> None:
+        """Record that a deadline call left ``stack`` out because its estimate did not fit."""
+        entry = self._entries.get((stack, batch))
+        if entry is not None:
+            entry.skips += 1
+
+
+def _lower_median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[(len(ordered) - 1) // 2]

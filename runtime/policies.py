@@ -7,9 +7,10 @@ One budget per call (none: every member):
 - ``flops=F``: as many whole stacks, in order, as fit F flops per example.
 - ``latency_ms=T``: as many whole stacks as fit T by the profiled latency table of this device (``edgens profile``).
 - ``deadline_ms=T``: anytime. Stacks run in order until the wall-clock deadline, counted from the call's start; a
-  stack is not started when the latency table (or, without one, its last observed time at this batch size) says it
-  cannot finish in time, so the deadline is overrun by at most one stack's latency. The first stack that answers is
-  always waited for: a prediction needs at least one member.
+  stack is not started when the latency table (or, without one, the times this predictor observed at this batch
+  size: :class:`~edgens.runtime.latency.ObservedLatency`, robust to a slow call and re-measured when it keeps a
+  stack out) says it cannot finish in time, so the deadline is overrun by at most one stack's latency. The first
+  stack that answers is always waited for: a prediction needs at least one member.
 - ``confidence=p``: per example, stop adding stacks once the largest class probability of the running ensemble
   reaches p (categorical bundles only); later stacks run only on the examples still below p.
   :func:`edgens.runtime.early_exit.fit_confidence` picks p on validation data for a target mean number of members.

@@ -39,7 +39,7 @@ from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.inputs import InputPreparer
 from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest
 from edgens.runtime.policies import Budget, Step
-from edgens.runtime.latency import LatencyTable, find_table, load_latency_tables
+from edgens.runtime.latency import LatencyTable, ObservedLatency, find_table, load_latency_tables
 
 log = logging.getLogger(__name__)
 
@@ -145,7 +145,7 @@ class Predictor:
         self._health = {stack.name: StackHealth(stack.name) for stack in manifest.stacks}
         self._pools: dict[str, ThreadPoolExecutor] = {}
         self._pending: dict[str, Any] = {}
-        self._observed: dict[tuple[str, int], float] = {}
+        self._observed = ObservedLatency()  # deadlines without a latency table
         self._plans: dict[tuple[Budget, int], list[Step]] = {}
         self.latency_table: LatencyTable | None = None
         self._latency_problem: str | None = None
@@ -432,10 +432,13 @@ class Predictor:
         """Run the call's stacks in order; when eager, yields after each one that answers."""
         for step in call.steps:
             if call.deadline is not None:
-                batch = len(call.x)
-                estimate = (self.latency_table.estimate(step.stack, batch) if self.latency_table is not None
-                            else self._observed.get((step.stack, batch)))
-                if not policies.may_start(time.perf_counter(), call.deadline, estimate, bool(call.stacks_run)):
+                batch, table = len(call.x), self.latency_table
+                estimate = (table.estimate(step.stack, batch) if table is not None
+                            else self._observed.estimate(step.stack, batch))
+                now = time.perf_counter()
+                if not policies.may_start(now, call.deadline, estimate, bool(call.stacks_run)):
+                    if table is None and estimate is not None and now < call.deadline:
+                        self._observed.skipped(step.stack, batch)  # left out for its estimate: counts to a re-measure
                     break
             active = call.active
             x = call.x if active is None or len(active) == len(call.x) else call.x[active]
@@ -481,7 +484,7 @@ class Predictor:
         if failure is not None:
             self._failed(call, failure)
             return None
-        self._observed[(name, len(x))] = ms
+        self._observed.observe(name, len(x), ms)
         return part
 
     def _settle(self, call: _Call) -> bool:

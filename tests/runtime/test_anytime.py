@@ -161,3 +161,54 @@ def test_early_exit_simulation_matches_the_runtime(predictor: Predictor, data) -
         prediction = predictor.predict(x, confidence=p)
         np.testing.assert_array_equal(prediction.members_used, used)
         np.testing.assert_allclose(prediction.eta, eta, atol=1e-6)
+
+
+# --- deadlines without a latency table: estimates from observed times recover after a slow call ------------------
+def test_observed_latency_is_robust_and_measures_again() -> None:
+    from edgens.runtime.latency import ObservedLatency
+
+    observed = ObservedLatency(window=8, probe_after=4, max_probe_after=16)
+    assert observed.estimate("s", 8) is None  # never ran: unknown
+    for ms in (1.0, 1.2, 0.9, 50.0, 1.1):  # one stall among normal runs does not move the estimate
+        observed.observe("s", 8, ms)
+    assert observed.estimate("s", 8) == 1.1 and observed.estimate("s", 16) is None  # lower median of 5
+    observed.observe("t", 8, 50.0)  # only a stall seen: the estimate keeps it out ...
+    for _ in range(4):
+        assert observed.estimate("t", 8) == 50.0
+        observed.skipped("t", 8)
+    assert observed.estimate("t", 8) is None  # ... until it is due to be measured again
+    observed.observe("t", 8, 1.0)
+    assert observed.estimate("t", 8) == 1.0  # lower median of (50, 1)
+    # a stack that stays slow is measured again ever more rarely: after 4, 8, 16, 16 skips
+    observed.observe("u", 8, 50.0)
+    waits = []
+    for _ in range(4):
+        skips = 0
+        while observed.estimate("u", 8) is not None:
+            observed.skipped("u", 8)
+            skips += 1
+        waits.append(skips)
+        observed.observe("u", 8, 50.0)
+    assert waits == [4, 8, 16, 16]
+
+
+def test_deadlines_recover_after_one_slow_call(predictor: Predictor, data) -> None:
+    x, _ = data
+    assert predictor.latency_table is None
+    with inject_faults(predictor, {"general-001": Fault("sleep", sleep_ms=SLEEP_MS)}):
+        stalled = predictor.predict(x, deadline_ms=SLEEP_MS / 2)  # general-001 stalls once (the first stack ran)
+    assert stalled.stacks_run == GENERAL[:2] and stalled.overrun_ms > 0
+    used = [int(predictor.predict(x, deadline_ms=SLEEP_MS / 2).members_used[0]) for _ in range(10)]
+    # kept out while its one observation says 40 ms, then measured again and back for good
+    assert used[:4] == [2, 2, 2, 2] and used[4:] == [6] * 6, used
+
+
+def test_a_stack_that_stays_slow_overruns_rarely(predictor: Predictor, data) -> None:
+    x, _ = data
+    with inject_faults(predictor, {"general-001": Fault("sleep", sleep_ms=SLEEP_MS)}) as runners:
+        predictions = [predictor.predict(x, deadline_ms=SLEEP_MS / 2) for _ in range(40)]
+        slow_runs = runners["general-001"].calls
+    overruns = sum(p.overrun_ms > 0 for p in predictions)
+    # measured on the first call, then again after 4, 8 and 16 skips: calls 1, 6, 15 and 32
+    assert slow_runs == 4 and overruns == 4
+    assert all(p.members_used[0] >= 2 for p in predictions)
