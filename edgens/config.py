@@ -15,6 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from edgens.checks import check_number
 from edgens.errors import ConfigError, unknown_choice
 from edgens.presets import PRESETS, check_preset
 
@@ -84,18 +85,15 @@ class TrainConfig:
                                                 ("val_size", self.val_size), ("train_limit", self.train_limit))
                               if v is not None})
         for name, value in positive_ints.items():
-            if not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
-        if self.lr is not None and not (math.isfinite(self.lr) and self.lr > 0):
-            raise ConfigError(f"lr must be a positive number, got {self.lr}")
-        if not 0.0 <= self.momentum < 1.0:
-            raise ConfigError(f"momentum must be in [0, 1), got {self.momentum}")
-        if self.weight_decay < 0:
-            raise ConfigError(f"weight_decay must be >= 0, got {self.weight_decay}")
-        if not 0.0 < self.lr_gamma <= 1.0:
-            raise ConfigError(f"lr_gamma must be in (0, 1], got {self.lr_gamma}")
-        if any(not 0.0 < f < 1.0 for f in self.lr_milestones):
-            raise ConfigError(f"lr_milestones are fractions of the epochs in (0, 1), got {list(self.lr_milestones)}")
+            check_number(name, value, low=1, integer=True)
+        check_number("seed", self.seed, low=0, integer=True)
+        if self.lr is not None:
+            check_number("lr", self.lr, low=0, low_open=True)
+        check_number("momentum", self.momentum, low=0, high=1, high_open=True)
+        check_number("weight_decay", self.weight_decay, low=0)
+        check_number("lr_gamma", self.lr_gamma, low=0, high=1, low_open=True)
+        for fraction in self.lr_milestones:  # fractions of the epochs
+            check_number("lr_milestones", fraction, low=0, high=1, low_open=True, high_open=True)
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0")
         return self

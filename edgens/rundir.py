@@ -64,8 +64,14 @@ class RunDir:
     def create(self, config: dict) -> None:
         """Start a new run by writing its config.json (see :meth:`check_new`)."""
         self.check_new()
+        made = not self.path.exists()
         self.path.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(self.config_path, config)
+        try:
+            atomic_write_json(self.config_path, config)
+        except BaseException:
+            if made:  # nothing half-made: a run directory without its config.json is no run
+                self.path.rmdir()
+            raise
 
     # --- reading --------------------------------------------------------------------------------------------
     def _read_json(self, path: Path) -> dict:

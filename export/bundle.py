@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from edgens import __version__, selection
+from edgens.checks import check_number
 from edgens.ensemble import error_rate, mean_nll
 from edgens.errors import ConfigError, ExportError
 from edgens.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity, export_stack
@@ -46,7 +47,8 @@ class ExportOptions:
 
     Attributes:
         stack_size: members per general stack; None: ceil(M / 16), i.e. at most 16 general stacks, so one stack is a
-            small step of an anytime budget while per-call overhead stays bounded.
+            small step of an anytime budget while per-call overhead stays bounded. Larger than M: one stack of all
+            M members (with a warning), which is what such a size asks for.
         order: ``greedy`` (forward selection on validation outputs) or ``index``.
         specialist_size: members per specialist; capped at M // 2 (a larger "specialist" is just the ensemble);
             0 disables specialists.
@@ -76,10 +78,12 @@ class ExportOptions:
         """
         if self.order not in ORDERS:
             raise ConfigError(f"unknown order {self.order!r}; expected one of {', '.join(ORDERS)}")
-        if self.stack_size is not None and self.stack_size < 1:
-            raise ConfigError(f"stack size must be >= 1, got {self.stack_size}")
-        if self.specialist_size < 0:
-            raise ConfigError(f"specialist size must be >= 0, got {self.specialist_size}")
+        if self.stack_size is not None:
+            check_number("stack size", self.stack_size, low=1, integer=True)
+        check_number("specialist size", self.specialist_size, low=0, integer=True)
+        check_number("opset", self.opset, low=17, integer=True)
+        check_number("random draws", self.random_draws, low=1, integer=True)
+        check_number("seed", self.seed, low=0, integer=True)
         if self.precision != "fp32" and not self.tensorrt:
             raise ConfigError(f"precision {self.precision} applies to TensorRT engines: add --tensorrt")
         return self
@@ -204,6 +208,10 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     clock = _stage(stages, "specialists", clock)
 
     stack_size = options.stack_size or math.ceil(m / MAX_GENERAL_STACKS)
+    if stack_size > m:  # a larger stack than the ensemble: the one stack of all members, as the user meant
+        log.warning("stack size %d is larger than the run's %d members: exporting one stack of all %d", stack_size,
+                    m, m)
+        stack_size = m
     chunks = [order[i:i + stack_size] for i in range(0, m, stack_size)]
     jobs = [(f"general-{i:03d}", "general", chunk) for i, chunk in enumerate(chunks)]
     jobs += [(f"specialist-{c}", "specialist", members) for c, members, _ in specialist_choices]

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from edgens.checks import check_number
 from edgens.errors import ConfigError, NoMembersAvailableError
 from edgens.ensemble import confidence as max_probability
 from edgens.runtime.policies import still_unsure
@@ -57,6 +58,8 @@ def fit_confidence(predictor: Predictor, x: np.ndarray, target_members: float, b
     """
     if predictor.manifest.family != "categorical":
         raise ConfigError(f"confidence budgets need a categorical bundle, this one is {predictor.manifest.family}")
+    check_number("target_members", target_members, low=0, low_open=True)
+    check_number("batch_size", batch_size, low=1, integer=True)
     outputs = predictor.stack_outputs(x, batch_size=batch_size)
     etas = [outputs[stack.name] for stack in predictor.manifest.general_stacks if stack.name in outputs]
     if not etas:

@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from edgens.checks import check_number
 from edgens.errors import BackendUnavailableError, BundleError, ConfigError, NoMembersAvailableError
 from edgens.runtime import policies
 from edgens.runtime.backends import Backend, StackRunner, create_backend
@@ -174,10 +175,10 @@ class Predictor:
             ConfigError: an unknown backend or option out of range.
             NoMembersAvailableError: no stack at all could be loaded.
         """
-        if stack_timeout_ms is not None and not stack_timeout_ms > 0:
-            raise ConfigError(f"stack_timeout_ms: expected a number > 0 or None, got {stack_timeout_ms}")
-        if quarantine_after is not None and quarantine_after < 1:
-            raise ConfigError(f"quarantine_after: expected an integer >= 1 or None, got {quarantine_after}")
+        if stack_timeout_ms is not None:
+            check_number("stack_timeout_ms", stack_timeout_ms, low=0, low_open=True)
+        if quarantine_after is not None:
+            check_number("quarantine_after", quarantine_after, low=1, integer=True)
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir)
         engine = create_backend(backend, bundle_dir, manifest, **backend_options)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from edgens.checks import check_number
 from edgens.errors import ConfigError, NoMembersAvailableError
 from edgens.runtime.latency import LatencyTable, StackLatency
 from edgens.runtime.predictor import Predictor
@@ -43,9 +44,11 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
         ConfigError: empty or non-positive batch sizes, repeats < 1 or warmup < 0.
         NoMembersAvailableError: no stack is loaded.
     """
-    if not batch_sizes or any(int(b) < 1 for b in batch_sizes) or repeats < 1 or warmup < 0:
-        raise ConfigError(f"profile: expected batch sizes >= 1, repeats >= 1 and warmup >= 0, got batch sizes "
-                          f"{list(batch_sizes)}, repeats {repeats}, warmup {warmup}")
+    if not batch_sizes:
+        raise ConfigError("profile: expected at least one batch size, got none")
+    batch_sizes = [check_number("profile batch size", b, low=1, integer=True) for b in batch_sizes]
+    check_number("profile repeats", repeats, low=1, integer=True)
+    check_number("profile warmup", warmup, low=0, integer=True)
     runners = predictor.runners
     if not runners:
         raise NoMembersAvailableError(f"profile: no stack of {predictor.bundle_dir} is loaded; "

@@ -85,6 +85,9 @@ def test_a_malformed_latency_file_is_ignored_with_a_warning(bundle: SyntheticBun
 
 
 def test_bad_profile_settings(predictor: Predictor) -> None:
-    with pytest.raises(ConfigError, match=r"expected batch sizes >= 1, repeats >= 1 and warmup >= 0, got batch sizes "
-                                          r"\[0\]"):
+    with pytest.raises(ConfigError, match=r"profile batch size: expected an integer >= 1, got 0"):
         profile_stacks(predictor, [0])
+    with pytest.raises(ConfigError, match=r"profile batch size: expected an integer >= 1, got nan"):
+        profile_stacks(predictor, [8, float("nan")])
+    with pytest.raises(ConfigError, match=r"profile repeats: expected an integer >= 1, got 0"):
+        profile_stacks(predictor, [8], repeats=0)
