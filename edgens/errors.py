@@ -41,6 +41,10 @@ class BackendUnavailableError(EdgensError, ImportError):
     """An inference backend (onnxruntime, TensorRT, CUDA) is not installed or cannot run here."""
 
 
+class PredictorClosedError(EdgensError, RuntimeError):
+    """A closed predictor was asked to predict (load the bundle again)."""
+
+
 class NoMembersAvailableError(EdgensError, RuntimeError):
     """No member of the ensemble could answer (all stacks failed or were excluded)."""
 

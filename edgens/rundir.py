@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from edgens.arrays import load_array
 from edgens.config import TrainConfig
 from edgens.errors import ConfigError, DataNotFoundError, RunDirectoryError
 from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text
@@ -166,10 +167,21 @@ class RunDir:
         return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
 
     def outputs(self, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        """Members' natural parameters (M, N, K) and targets (N,) of ``split`` (``val`` or ``test``)."""
+        """Members' natural parameters (M, N, K) and targets (N,) of ``split`` (``val`` or ``test``).
+
+        Raises:
+            DataNotFoundError: a file is missing.
+            RunDirectoryError: a file is truncated, corrupt, or of the wrong shape.
+        """
         mode = "r" if mmap else None
-        return (np.load(self.output_path(split, "eta"), mmap_mode=mode),
-                np.load(self.output_path(split, "y"), mmap_mode=mode))
+        fix = (f"to write the outputs again from the best checkpoint, delete {self.summary_path} and run `edgens train "
+               f"--resume {self.path}`")
+        eta, y = (load_array(self.output_path(split, what), RunDirectoryError, fix, mode) for what in ("eta", "y"))
+        if eta.ndim != 3 or y.ndim != 1 or eta.shape[1] != len(y):
+            raise RunDirectoryError(f"{self.output_path(split, 'eta')}: shape {eta.shape} does not match the "
+                                    f"{y.shape} targets of {self.output_path(split, 'y').name}; expected (M, N, K) and "
+                                    f"(N,); {fix}")
+        return eta, y
 
     def require_finished(self) -> dict:
         """Check that training finished and every file later steps need is there; return the config.

@@ -32,7 +32,8 @@ from typing import Any
 import numpy as np
 
 from edgens.checks import check_number
-from edgens.errors import BackendUnavailableError, BundleError, ConfigError, NoMembersAvailableError
+from edgens.errors import (BackendUnavailableError, BundleError, ConfigError, NoMembersAvailableError,
+                           PredictorClosedError)
 from edgens.runtime import policies
 from edgens.runtime.backends import Backend, StackRunner, create_backend
 from edgens.ensemble import inverse_link
@@ -150,6 +151,7 @@ class Predictor:
         self._plans: dict[tuple[Budget, int], list[Step]] = {}
         self.latency_table: LatencyTable | None = None
         self._latency_problem: str | None = None
+        self._closed = False
 
     # ---------------------------------------------------------------------------------------------------- loading
 
@@ -321,6 +323,7 @@ class Predictor:
             ConfigError: more than one budget, a value out of range, a budget no stack fits, a latency budget
                 without a latency table, an unknown task, or confidence on a non-categorical bundle.
             NoMembersAvailableError: no member answered (every planned stack failed, or none is available).
+            PredictorClosedError: the predictor was closed.
         """
         call = self._begin(x, Budget.parse(members, flops, latency_ms, deadline_ms, confidence, task),
                            eager=on_update is not None)
@@ -367,7 +370,9 @@ class Predictor:
 
         Raises:
             InputError: bad input.
+            PredictorClosedError: the predictor was closed.
         """
+        self._check_open()
         xn = self._prepare(x)
         names = stacks if stacks is not None else [s.name for s in self.manifest.general_stacks
                                                    if self.available(s.name)]
@@ -392,8 +397,14 @@ class Predictor:
 
     # ------------------------------------------------------------------------------------------------- internals
 
+    def _check_open(self) -> None:
+        if self._closed:
+            raise PredictorClosedError(f"this predictor of {self.bundle_dir} was closed; load the bundle again with "
+                                       f"Predictor.load() to predict")
+
     def _begin(self, x: Any, budget: Budget, eager: bool = False) -> _Call:
         start = time.perf_counter()
+        self._check_open()
         if budget.kind == "confidence" and self.manifest.family != "categorical":
             raise ConfigError(f"confidence budgets need a categorical bundle, this one is {self.manifest.family}")
         xn = self._prepare(x)
@@ -582,7 +593,9 @@ class Predictor:
     # --------------------------------------------------------------------------------------------------- cleanup
 
     def close(self) -> None:
-        """Free every stack's resources and stop worker threads (without waiting for late stacks)."""
+        """Free every stack's resources and stop worker threads (without waiting for late stacks). Predicting
+        afterwards raises :class:`~edgens.errors.PredictorClosedError`; closing again does nothing."""
+        self._closed = True
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         self._pools.clear()

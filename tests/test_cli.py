@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -62,3 +66,28 @@ def test_train_and_inspect(tmp_path: Path, fashion_mnist_dir: Path) -> None:
 def test_click_validation(args: list[str]) -> None:
     result = _run(*args, check=False)
     assert result.returncode == 2 and "Traceback" not in result.stderr
+
+
+# Numeric options outside what they accept (NaN and infinities included): one line, exit 2, no run directory.
+_BAD_TRAIN_OPTIONS = {
+    "--lam": [math.nan, math.inf, -0.5, 1.5], "--lr": [math.nan, math.inf, 0.0, -1.0],
+    "--momentum": [math.nan, math.inf, 1.0, -0.1], "--weight-decay": [math.nan, math.inf, -math.inf, -1e-9],
+    "--lr-gamma": [math.nan, math.inf, 0.0, 1.5], "--lr-milestones": ["nan", "inf", "0", "1", "0.5,2"],
+}
+
+
+@settings(max_examples=40, deadline=None)
+@given(data=st.data())
+def test_train_refuses_bad_numbers_before_writing(data: st.DataObject) -> None:
+    from click.testing import CliRunner
+
+    from edgens.cli import cli
+
+    option = data.draw(st.sampled_from(sorted(_BAD_TRAIN_OPTIONS)))
+    value = data.draw(st.sampled_from(_BAD_TRAIN_OPTIONS[option]))
+    with tempfile.TemporaryDirectory() as folder:
+        out = Path(folder) / "run"
+        result = CliRunner().invoke(cli, ["train", option, str(value), "--out", str(out)])
+        assert result.exit_code == 2, (option, value, result.output, result.exception)
+        assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.stderr
+        assert not out.exists() and not any(Path(folder).iterdir())

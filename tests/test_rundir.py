@@ -74,3 +74,24 @@ def test_a_stack_that_is_not_its_preset(tmp_path: Path) -> None:
     run.stack_spec()  # readable as it is
     with pytest.raises(RunDirectoryError, match="is not preset 'mlp-64x16'"):
         run.stack_spec(check_preset=True)
+
+
+def test_damaged_outputs_are_one_error_that_says_how_to_rewrite_them(tmp_path: Path) -> None:
+    import numpy as np
+
+    run, _ = _run(tmp_path)
+    run.write_outputs("val", np.zeros((4, 10, 10), np.float32), np.zeros(10, np.int64))
+    eta, y = run.outputs("val")
+    assert eta.shape == (4, 10, 10) and y.shape == (10,)
+    path = run.output_path("val", "eta")
+    path.write_bytes(path.read_bytes()[:300])  # a crash mid-copy, a full disk
+    for mmap in (False, True):
+        with pytest.raises(RunDirectoryError, match=r"val_eta.npy: not a readable numpy file .* delete .*summary.json "
+                                                    r"and run `edgens train --resume"):
+            run.outputs("val", mmap=mmap)
+    run.write_outputs("val", np.zeros((4, 9, 10), np.float32), np.zeros(10, np.int64))
+    with pytest.raises(RunDirectoryError, match=r"shape \(4, 9, 10\) does not match the \(10,\) targets"):
+        run.outputs("val")
+    run.output_path("val", "y").unlink()
+    with pytest.raises(DataNotFoundError, match="val_y.npy: no such file"):
+        run.outputs("val")

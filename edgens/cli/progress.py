@@ -23,7 +23,8 @@ class EpochProgress:
             return
         from tqdm import tqdm
 
-        self.bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, dynamic_ncols=True)
+        self.bar = tqdm(total=n_batches, desc=f"epoch {epoch + 1}", unit="batch", leave=False, dynamic_ncols=True,
+                        disable=None)  # None: no bar when stderr is not a terminal (logs, pipes)
 
     def _batch_end(self, batch: int, loss: float | None) -> None:
         if self.bar is not None:
@@ -67,7 +68,7 @@ class StageProgress:
             from tqdm import tqdm
 
             self.stage = stage
-            self.bar = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True)
+            self.bar = tqdm(total=total, desc=stage, leave=False, dynamic_ncols=True, disable=None)  # no bar off a tty
         if self.bar is not None:
             self.bar.total = total
             self.bar.n = done

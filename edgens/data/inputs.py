@@ -9,9 +9,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from edgens.errors import ConfigError, DataNotFoundError, InputError
+from edgens.arrays import UNREADABLE, load_array
+from edgens.errors import ConfigError, InputError
 
 SPLITS = ("train", "val", "test")
 
@@ -30,23 +29,28 @@ def load_input(spec: str, data_dir: str | None = None) -> tuple[Any, Any, str]:
     """
     path = Path(spec)
     if spec.endswith((".npy", ".npz")):
-        if not path.is_file():
-            raise DataNotFoundError(f"--input {spec}: no such file")
-        try:
-            data = np.load(path, allow_pickle=False)
-        except (OSError, ValueError) as err:
-            raise InputError(f"--input {spec}: not a readable numpy file ({err})") from None
+        fix = "expected raw inputs saved with numpy.save (.npy) or numpy.savez (.npz, arrays x and optionally y)"
+        data = load_array(path, InputError, fix)
         if spec.endswith(".npy"):
-            return data, None, f"{spec} ({len(data)} examples, no labels)"
-        with data:
-            key = "x" if "x" in data.files else "x_test" if "x_test" in data.files else None
-            if key is None:
-                raise InputError(f"--input {spec}: expected an array x (and optionally y) or x_test (and y_test), "
-                                 f"found {', '.join(data.files) or 'none'}")
-            label_key = "y" if key == "x" else "y_test"
-            x = data[key]
-            y = data[label_key] if label_key in data.files else None
-        return x, y, f"{spec} [{key}] ({len(x)} examples{'' if y is not None else ', no labels'})"
+            x, y, key = data, None, None
+        else:
+            with data:
+                key = "x" if "x" in data.files else "x_test" if "x_test" in data.files else None
+                if key is None:
+                    raise InputError(f"--input {spec}: expected an array x (and optionally y) or x_test (and "
+                                     f"y_test), found {', '.join(data.files) or 'none'}")
+                label_key = "y" if key == "x" else "y_test"
+                try:
+                    x = data[key]
+                    y = data[label_key] if label_key in data.files else None
+                except UNREADABLE as err:
+                    raise InputError(f"--input {spec}: an array in it is unreadable ({type(err).__name__}: "
+                                     f"{err}); {fix}") from None
+        if x.ndim == 0 or len(x) == 0:
+            raise InputError(f"--input {spec}{f' [{key}]' if key else ''}: holds no examples (shape {x.shape}); "
+                             f"expected an array of examples (N, ...) with N >= 1")
+        where = f"{spec} [{key}]" if key else spec
+        return x, y, f"{where} ({len(x)} examples{'' if y is not None else ', no labels'})"
     name, _, split = spec.partition(":")
     if split not in SPLITS:
         raise ConfigError(f"--input {spec!r}: expected FILE.npy, FILE.npz or DATASET:SPLIT with SPLIT one of "
