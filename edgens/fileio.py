@@ -1,19 +1,31 @@
-"""Atomic file writes and checksums (standard library only; the torch-free runtime uses them too).
+"""Atomic file writes, the cleanup of what dead writers left, and checksums (standard library only; the torch-free
+runtime uses them too).
 
 A file written here is either the old version or the complete new one, never half of it: the data goes to a
 temporary file in the same directory, is flushed to disk, and is renamed over the destination (rename is atomic on
 POSIX file systems within one directory).
+
+The one cleanup rule: every temporary file or directory is named after its destination and the id of the process
+writing it (``.NAME.PID.XXXX.tmp``, ``.NAME.partial-PID``, ``.NAME.old-PID``). An interrupted write removes its own;
+a killed process cannot, so whoever next writes NAME in that directory removes the temporaries of NAME whose
+process is gone (:func:`remove_stale_temporaries`), and never those of a live process. (A process id can be reused
+by an unrelated live process; its debris is then kept until that process ends: the safe side.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
+import re
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
+
+log = logging.getLogger(__name__)
 
 
 def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
@@ -24,7 +36,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         os.chmod(tmp_name, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the usual permissions
         with os.fdopen(fd, "wb") as handle:
@@ -40,6 +53,51 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             pass
         raise
     return path
+
+
+def temporary_path(path: str | os.PathLike[str], kind: str) -> Path:
+    """The temporary sibling of ``path`` that this process uses for ``kind`` (``partial``, ``old``) of a directory
+    written whole, e.g. ``.bundle.partial-1234``."""
+    path = Path(path)
+    return path.parent / f".{path.name}.{kind}-{os.getpid()}"
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temporaries of ``path`` (see the module docstring) left by processes that no longer exist.
+
+    Returns:
+        What was removed.
+    """
+    path = Path(path)
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.(?:(\d+)\..*\.tmp|(?:partial|old)-(\d+))$")
+    removed = []
+    try:
+        entries = list(path.parent.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match is None or _pid_alive(int(match.group(1) or match.group(2))):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        log.info("removed %s, left by a process that no longer runs", entry)
+        removed.append(entry)
+    return removed
 
 
 def _umask() -> int:

@@ -25,7 +25,7 @@ import numpy as np
 from edgens.arrays import load_array
 from edgens.config import TrainConfig
 from edgens.errors import ConfigError, DataNotFoundError, RunDirectoryError
-from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text
+from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries
 from edgens.presets import preset_spec
 from edgens.stack_spec import StackSpec
 
@@ -201,6 +201,13 @@ class RunDir:
                     if not self.is_finished() else "")
             raise RunDirectoryError(f"{self.path} is missing {', '.join(missing)}{hint}")
         return config
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Remove what killed writers left in the run (temporary checkpoint, metrics and output files; see
+        :func:`edgens.fileio.remove_stale_temporaries`); a live process's are kept. Resuming does this first."""
+        targets = [self.config_path, self.metrics_path, self.summary_path, self.last_checkpoint,
+                   self.best_checkpoint] + [self.output_path(s, w) for s in SPLITS for w in ("eta", "y")]
+        return [removed for target in targets for removed in remove_stale_temporaries(target)]
 
     # --- writing --------------------------------------------------------------------------------------------
     def write_metrics(self, history: list[dict]) -> None:

@@ -26,6 +26,7 @@ from edgens.config import TrainConfig
 from edgens.data import Dataset, load_dataset
 from edgens.diagnostics import DOMINANCE_RATIO, epoch_diagnostics, is_dominated
 from edgens.errors import ConfigError, TrainingDivergedError
+from edgens.interrupts import raise_if_interrupted
 from edgens.losses import modular_loss
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
@@ -215,6 +216,7 @@ class Trainer:
                         f"training diverged in epoch {epoch + 1} (loss {shown}); lower the learning rate "
                         f"(now {self.lr} per member, --lr)")
             self.callbacks.batch_end(number, shown)
+            raise_if_interrupted()  # a Ctrl-C that a finalizer swallowed stops training here
         means = (sums / seen).tolist()
         return dict(zip(("loss", "ensemble_loss", "member_loss", "ambiguity", "ensemble_error"), means))
 
@@ -293,6 +295,7 @@ class Trainer:
             "train_time_s": round(sum(record["time_s"] for record in self.history), 2), "device": str(self.device),
             "val": results["val"], "test": results["test"],
         }
+        raise_if_interrupted()  # summary.json marks the run finished: never after a Ctrl-C
         self.run.write_summary(summary)
         return self.share(summary)
 
@@ -344,6 +347,7 @@ def resume(run_dir: str | Path, callbacks: Callbacks | None = None, device: str 
     if run.is_finished():
         log.info("%s has already finished", run.path)
         return run.summary()
+    run.remove_stale_temporaries()
     config = run.train_config(stored)
     if device is not None:
         config.device = device

@@ -26,7 +26,8 @@ from edgens.ensemble import error_rate, mean_nll
 from edgens.errors import ConfigError, ExportError
 from edgens.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity, export_stack
 from edgens.export.run_model import LoadedRun, load_run
-from edgens.fileio import sha256_file
+from edgens.fileio import remove_stale_temporaries, sha256_file, temporary_path
+from edgens.interrupts import raise_if_interrupted
 from edgens.runtime.manifest import (CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing,
                                      SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, write_manifest)
 
@@ -219,12 +220,14 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     flops_per_member = loaded.stack.flops_per_member()
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    remove_stale_temporaries(out)  # what an export killed earlier left (a live export's work is kept)
+    partial = temporary_path(out, "partial")
     shutil.rmtree(partial, ignore_errors=True)
     try:
         (partial / "stacks").mkdir(parents=True)
         stacks, reports = [], []
         for number, (name, role, members) in enumerate(jobs):
+            raise_if_interrupted()  # a Ctrl-C that a torch finalizer swallowed stops the export here
             progress("export stacks", number, len(jobs))
             info, report = _write_stack(loaded, members, name, role, partial, options.opset, parity_inputs,
                                         flops_per_member)
@@ -265,6 +268,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             add_engines(partial, manifest, options.precision, progress=progress, loaded=loaded)
             clock = _stage(stages, "tensorrt", clock)
         write_manifest(partial, manifest)
+        raise_if_interrupted()  # never commit a bundle after a Ctrl-C
         _replace(partial, out)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
@@ -290,7 +294,7 @@ def _write_calibration(loaded: LoadedRun, directory: Path) -> CalibrationInfo:
 def _replace(partial: Path, out: Path) -> None:
     """Move the finished bundle into place; an existing one (with --force) is removed only after the rename."""
     if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        old = temporary_path(out, "old")
         os.replace(out, old)
         os.replace(partial, out)
         shutil.rmtree(old, ignore_errors=True)

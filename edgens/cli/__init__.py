@@ -15,6 +15,9 @@ import click
 
 from edgens import __version__
 from edgens.errors import EdgensError
+from edgens.interrupts import sticky_interrupts
+
+INTERRUPT_HINT = "edgens.interrupt_hint"  # ctx.meta key: what a command adds to "interrupted" (how to resume)
 
 # name -> "module:attribute"; loaded only when the command runs or help lists it.
 COMMANDS = {
@@ -68,7 +71,13 @@ class _LazyGroup(click.Group):
 
     def invoke(self, ctx: click.Context):  # type: ignore[no-untyped-def]
         try:
-            return super().invoke(ctx)
+            with sticky_interrupts():
+                return super().invoke(ctx)
+        except KeyboardInterrupt:
+            # Ctrl-C: one line, the shell's status for SIGINT (128 + 2); commands say how to continue in meta
+            hint = ctx.meta.get(INTERRUPT_HINT, "")
+            click.echo(f"Error: interrupted{hint}", err=True)
+            ctx.exit(130)
         except EdgensError as err:
             raise UserError(str(err)) from err
         except ModuleNotFoundError as err:
@@ -97,4 +106,8 @@ def cli(verbose: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``edgens`` script."""
-    cli.main(args=argv, prog_name="edgens")
+    try:
+        cli.main(args=argv, prog_name="edgens")
+    except KeyboardInterrupt:  # before a command started (parsing arguments): nothing to clean up
+        click.echo("Error: interrupted", err=True)
+        sys.exit(130)

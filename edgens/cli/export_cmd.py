@@ -47,8 +47,10 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, order: 
             raise click.UsageError("--add-tensorrt BUNDLE takes no RUN_DIR or --out")
         from edgens.export import add_tensorrt
 
-        manifest = add_tensorrt(add_to, precision, progress)
-        progress.close()
+        try:
+            manifest = add_tensorrt(add_to, precision, progress)
+        finally:  # an error or Ctrl-C must not print after a half-drawn bar
+            progress.close()
         engines = [e.to_dict() for s in manifest.stacks for e in s.engines]
         click.echo(json.dumps({"bundle": add_to, "engines": engines}, indent=2) if as_json else
                    f"{add_to}: {len(engines)} TensorRT engines recorded")
@@ -59,8 +61,10 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, order: 
 
     options = ExportOptions(stack_size=stack_size, order=order, specialist_size=specialist_size, opset=opset,
                             tensorrt=tensorrt, precision=precision, force=force)
-    report = export_bundle(run_dir, out, options, progress)
-    progress.close()
+    try:
+        report = export_bundle(run_dir, out, options, progress)
+    finally:
+        progress.close()
     if as_json:
         click.echo(json.dumps(report.to_dict(), indent=2))
         return

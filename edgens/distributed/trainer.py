@@ -190,6 +190,7 @@ def _read_for_resume(run: RunDir) -> tuple[dict, dict | None, dict | None]:
     stored = run.config()
     if run.is_finished():
         return stored, run.summary(), None
+    run.remove_stale_temporaries()
     if not run.last_checkpoint.is_file():
         return stored, None, None
     return stored, None, run.checkpoint("last", "cpu", stored)
