@@ -29,6 +29,10 @@ class RunDirectoryError(EdgensError, ValueError):
     """A run directory is incomplete, inconsistent or already in use."""
 
 
+class NotWritableError(EdgensError, PermissionError):
+    """A file edgens must write cannot be written there (checked before long work starts)."""
+
+
 class BundleError(EdgensError, ValueError):
     """A deployment bundle is unreadable, incompatible or fails its checks."""
 

@@ -25,6 +25,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import IO, Any
 
+from edgens.errors import DataNotFoundError, NotWritableError
+
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +55,29 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             pass
         raise
     return path
+
+
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Check, before long work, that :func:`atomic_write` will be able to write ``path``: its directory exists and
+    takes a new file (tried, as permissions alone do not tell: root ignores them, a read-only mount does not), and
+    ``path`` is not a directory.
+
+    Raises:
+        DataNotFoundError: the directory does not exist.
+        NotWritableError: it cannot be written, or ``path`` is a directory.
+    """
+    path = Path(path)
+    if not path.parent.is_dir():
+        raise DataNotFoundError(f"{path.parent} does not exist or is not a directory")
+    if path.is_dir():
+        raise NotWritableError(f"cannot write {path}: it is a directory; remove it or choose another place")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise NotWritableError(f"cannot write {path}: {err.strerror or err}; make {path.parent} writable or copy "
+                               f"it somewhere that is") from None
 
 
 def temporary_path(path: str | os.PathLike[str], kind: str) -> Path:

@@ -46,11 +46,14 @@ def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: 
     """
     from tqdm import tqdm
 
+    from edgens.fileio import check_writable
     from edgens.runtime import Predictor, profile_stacks, save_latency_table
+    from edgens.runtime.latency import LATENCY_FILE
 
     sizes = parse_batch_sizes(batch_sizes)
     options = {"threads": threads} if threads else {}
     with Predictor.load(bundle, backend, **options) as predictor:
+        check_writable(bundle / LATENCY_FILE)  # before the measurement, not after it
         total = len(predictor.runners) * len(sizes)
         with tqdm(total=total, desc="profiling", unit="stack", disable=None, leave=False) as bar:
             def advance(stack: str, batch: int) -> None:

@@ -129,3 +129,10 @@ def test_infer_on_fashion_mnist_test(run, bundle: SyntheticBundle, fashion_mnist
     expected = bundle.expected(test.test_x[:200], [0, 1, 2, 3, 4, 5]).argmax(axis=1)
     assert report["examples"] == 200
     assert report["accuracy"] == pytest.approx(float((expected == test.test_y[:200]).mean()))
+
+
+def test_profile_checks_it_can_write_the_table_before_measuring(run, bundle: SyntheticBundle) -> None:
+    (bundle.path / "latency.json").mkdir()  # what root cannot write either (permissions do not stop root)
+    result = run("profile", bundle.path, "--repeats", "100000", code=2)  # would take minutes if it measured
+    assert "cannot write" in result.output and "latency.json: it is a directory" in result.output
+    assert result.output.count("\n") == 1
