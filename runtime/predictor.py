@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -125,7 +126,7 @@ class _Call:
 class Predictor:
     """Runs a bundle's member stacks within a budget and combines the members that answer.
 
-    Build one with :meth:`load`. Not thread-safe: use one predictor per thread.
+    Build one with :meth:`load`. Threads may share one (docs/runtime.md, "Threads").
 
     Attributes:
         bundle_dir: the bundle.
@@ -152,6 +153,9 @@ class Predictor:
         self.latency_table: LatencyTable | None = None
         self._latency_problem: str | None = None
         self._closed = False
+        # Calls may come from several threads at once (docs/runtime.md, "Threads"): each call's state is its own;
+        # what calls share (health, observed latencies, the plan cache, worker pools) changes under this lock.
+        self._lock = threading.Lock()
 
     # ---------------------------------------------------------------------------------------------------- loading
 
@@ -433,11 +437,12 @@ class Predictor:
         """The budget's plan, cached: it changes only with the stacks' availability and, for latency budgets, the
         batch size and the latency table (``_plans`` is cleared when those change)."""
         key = (budget, batch if budget.kind == "latency_ms" else 0)
-        steps = self._plans.get(key)
-        if steps is None:
-            if len(self._plans) > 256:
-                self._plans.clear()
-            steps = self._plans[key] = policies.plan(budget, self.manifest, self.available, estimate)
+        with self._lock:
+            steps = self._plans.get(key)
+            if steps is None:
+                if len(self._plans) > 256:
+                    self._plans.clear()
+                steps = self._plans[key] = policies.plan(budget, self.manifest, self.available, estimate)
         return steps
 
     def _execute(self, call: _Call) -> Iterator[None]:
@@ -450,7 +455,8 @@ class Predictor:
                 now = time.perf_counter()
                 if not policies.may_start(now, call.deadline, estimate, bool(call.stacks_run)):
                     if table is None and estimate is not None and now < call.deadline:
-                        self._observed.skipped(step.stack, batch)  # left out for its estimate: counts to a re-measure
+                        with self._lock:  # left out for its estimate: counts toward measuring it again
+                            self._observed.skipped(step.stack, batch)
                     break
             active = call.active
             x = call.x if active is None or len(active) == len(call.x) else call.x[active]
@@ -496,7 +502,8 @@ class Predictor:
         if failure is not None:
             self._failed(call, failure)
             return None
-        self._observed.observe(name, len(x), ms)
+        with self._lock:
+            self._observed.observe(name, len(x), ms)
         return part
 
     def _settle(self, call: _Call) -> bool:
@@ -526,18 +533,21 @@ class Predictor:
             assert call.counts is not None
             call.eta_sum[call.active] += total
             call.counts[call.active] += members
-        for step, _ in pending:
-            health = self._health[step.stack]
-            health.succeeded()
-            call.stacks_run.append(step.stack)
+        with self._lock:
+            for step, _ in pending:
+                self._health[step.stack].succeeded()
+        call.stacks_run.extend(step.stack for step, _ in pending)
         return True
 
     def _failed(self, call: _Call, failure: StackFailure) -> None:
         call.failures.append(failure)
         log.info("stack %s failed: %s", failure.stack, failure)
         health = self._health[failure.stack]
-        if health.failed(failure, self.quarantine_after):
-            self._plans.clear()
+        with self._lock:
+            quarantined = health.failed(failure, self.quarantine_after)
+            if quarantined:
+                self._plans.clear()
+        if quarantined:
             log.warning("stack %s quarantined: %s; Predictor.retry() tries it again", failure.stack, health.reason)
 
     def _check_output(self, runner: StackRunner, out: Any, batch: int) -> StackFailure | None:
@@ -552,18 +562,20 @@ class Predictor:
 
     def _run_in_worker(self, runner: StackRunner, x: np.ndarray) -> np.ndarray:
         name = runner.name
-        pending = self._pending.get(name)
-        if pending is not None and not pending.done():
-            raise _Timeout("busy", "still running after timing out in an earlier call")
-        pool = self._pools.get(name)
-        if pool is None:
-            pool = self._pools[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edgens-{name}")
-        future = pool.submit(runner.run, x)
+        with self._lock:
+            pending = self._pending.get(name)
+            if pending is not None and not pending.done():
+                raise _Timeout("busy", "still running after timing out in an earlier call")
+            pool = self._pools.get(name)
+            if pool is None:
+                pool = self._pools[name] = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"edgens-{name}")
+            future = pool.submit(runner.run, x)
         try:
             return future.result(timeout=self._timeout_s)
         except FutureTimeout:
             runner.cancel()
-            self._pending[name] = future
+            with self._lock:
+                self._pending[name] = future
             raise _Timeout("timeout", f"took longer than the stack timeout of {self._timeout_s * 1e3:g} ms") from None
 
     def _result(self, call: _Call) -> Prediction:

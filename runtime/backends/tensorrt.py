@@ -19,6 +19,7 @@ Buffers go through cuda-python (``pip install cuda-python``, NVIDIA's official b
 from __future__ import annotations
 
 import logging
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -100,6 +101,7 @@ class TensorRTRunner(StackRunner):
         self._stream: Any = None
         self._buffers: list[Any] = []
         self._dtypes = (np.dtype(np.float32), np.dtype(np.float32))  # engine input and output dtypes
+        self._run_lock = threading.Lock()
 
     @property
     def is_active(self) -> bool:
@@ -154,9 +156,15 @@ class TensorRTRunner(StackRunner):
         self._buffers = []
 
     def run(self, x: np.ndarray) -> np.ndarray:
+        # An execution context, its buffers and stream serve one inference at a time: calls of a predictor shared
+        # by threads take turns on each stack (onnxruntime sessions need no such lock).
+        with self._run_lock:
+            return self._run(x)
+
+    def _run(self, x: np.ndarray) -> np.ndarray:
         low, high = self.engine_info.min_batch, self.engine_info.max_batch
         if len(x) > high:
-            return np.concatenate([self.run(x[i:i + high]) for i in range(0, len(x), high)], axis=1)
+            return np.concatenate([self._run(x[i:i + high]) for i in range(0, len(x), high)], axis=1)
         batch = len(x)
         if batch < low:
             x = np.concatenate([x, np.zeros((low - batch, *x.shape[1:]), dtype=np.float32)])

@@ -1,0 +1,81 @@
+"""A predictor shared by threads: every call's prediction is right, and the bookkeeping the calls share (health
+counts, quarantine, observed latencies) adds up exactly. The switch interval is cut to 1 us so that threads
+interleave inside the runtime's Python code, not only between calls."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pytest
+from bundle_factory import SyntheticBundle
+
+from edgens.runtime import Predictor
+from edgens.runtime.faults import inject_faults
+
+THREADS, CALLS = 4, 150
+
+
+@pytest.fixture()
+def fast_switching() -> Iterator[None]:
+    before = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    yield
+    sys.setswitchinterval(before)
+
+
+def _in_threads(work: Callable[[int], None]) -> list[BaseException]:
+    errors: list[BaseException] = []
+
+    def run(index: int) -> None:
+        try:
+            work(index)
+        except BaseException as err:  # noqa: BLE001  (reported by the test, not lost in a thread)
+            errors.append(err)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(THREADS)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    return errors
+
+
+def test_shared_predictor_answers_every_call_right(bundle: SyntheticBundle, data, fast_switching: None) -> None:
+    x, _ = data
+    survivors = [0, 1, 4, 5]  # general-001 (members 2, 3) raises in every call
+    expected = {"all": bundle.expected(x, survivors), "members": bundle.expected(x, [0, 1]),
+                "deadline": bundle.expected(x, survivors)}
+    with Predictor.load(bundle.path, quarantine_after=None) as predictor, \
+            inject_faults(predictor, {"general-001": "raise"}):
+        def work(index: int) -> None:
+            for call in range(CALLS):
+                kind = ("all", "members", "deadline")[(index + call) % 3]
+                budget = {"all": {}, "members": {"members": 2}, "deadline": {"deadline_ms": 10_000}}[kind]
+                prediction = predictor.predict(x, **budget)
+                np.testing.assert_allclose(prediction.probabilities, expected[kind], atol=2e-5)
+
+        assert _in_threads(work) == []
+        health = predictor.health()
+    calls = THREADS * CALLS
+    members_calls = sum(((i + c) % 3) == 1 for i in range(THREADS) for c in range(CALLS))
+    assert (health["general-000"].calls, health["general-000"].failures) == (calls, 0)
+    assert (health["general-001"].calls, health["general-001"].failures) == (calls - members_calls,) * 2
+    assert health["general-002"].calls == calls - members_calls and health["general-002"].failures == 0
+
+
+def test_a_failing_stack_is_quarantined_once_under_concurrency(bundle: SyntheticBundle, data,
+                                                               fast_switching: None) -> None:
+    x, _ = data
+    with Predictor.load(bundle.path, quarantine_after=3) as predictor, \
+            inject_faults(predictor, {"general-002": "nan"}):
+        def work(index: int) -> None:
+            for _ in range(CALLS):
+                assert predictor.predict(x).members_used.min() >= 4
+
+        assert _in_threads(work) == []
+        health = predictor.health()["general-002"]
+        assert health.status == "quarantined" and 3 <= health.failures <= 3 + THREADS - 1
+        assert predictor.retry() == ["general-002"]
