@@ -37,7 +37,7 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
         The destination path.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     remove_stale_temporaries(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
@@ -55,6 +55,36 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             pass
         raise
     return path
+
+
+def make_directory(path: str | os.PathLike[str]) -> Path:
+    """``mkdir -p path``, with a one-line error.
+
+    Raises:
+        NotWritableError: it cannot be made (a file in the way, no permission, a read-only file system).
+    """
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise NotWritableError(f"cannot create the directory {path}: {err.strerror or err}") from None
+    return path
+
+
+def check_can_create(path: str | os.PathLike[str]) -> None:
+    """Check, before long work, that ``path`` (a file or directory to be made) can be created: its nearest existing
+    ancestor is a directory that takes a new file.
+
+    Raises:
+        NotWritableError: an ancestor is a file, or the directory cannot be written.
+    """
+    path = Path(path)
+    ancestor = path.parent
+    while not ancestor.exists() and ancestor != ancestor.parent:
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise NotWritableError(f"cannot create {path}: {ancestor} is not a directory")
+    check_writable(ancestor / path.name)
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:

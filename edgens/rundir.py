@@ -25,7 +25,8 @@ import numpy as np
 from edgens.arrays import load_array
 from edgens.config import TrainConfig
 from edgens.errors import ConfigError, DataNotFoundError, RunDirectoryError
-from edgens.fileio import atomic_write, atomic_write_json, atomic_write_text, remove_stale_temporaries
+from edgens.fileio import (atomic_write, atomic_write_json, atomic_write_text, check_can_create,
+                           remove_stale_temporaries)
 from edgens.presets import preset_spec
 from edgens.stack_spec import StackSpec
 
@@ -57,10 +58,13 @@ class RunDir:
 
         Raises:
             RunDirectoryError: the path already holds files (resume it with --resume, or pick another).
+            NotWritableError: it cannot be created there.
         """
         if self.path.exists() and (not self.path.is_dir() or any(self.path.iterdir())):
             raise RunDirectoryError(f"{self.path} already exists and is not empty; resume it with "
                                     f"`edgens train --resume {self.path}` or choose another --out")
+        if not self.path.exists():
+            check_can_create(self.path)
 
     def create(self, config: dict) -> None:
         """Start a new run by writing its config.json (see :meth:`check_new`)."""

@@ -26,7 +26,8 @@ from edgens.ensemble import error_rate, mean_nll
 from edgens.errors import ConfigError, ExportError
 from edgens.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity, export_stack
 from edgens.export.run_model import LoadedRun, load_run
-from edgens.fileio import remove_stale_temporaries, sha256_file, temporary_path
+from edgens.fileio import (check_can_create, make_directory, remove_stale_temporaries, sha256_file,
+                           temporary_path)
 from edgens.interrupts import raise_if_interrupted
 from edgens.runtime.manifest import (CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing,
                                      SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, write_manifest)
@@ -180,6 +181,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     out = Path(out)
     if out.exists() and not options.force:
         raise ExportError(f"{out} already exists; pass --force to replace it")
+    check_can_create(out)  # before minutes of work, not after
     started = time.perf_counter()
     stages: dict[str, float] = {}
     clock = started
@@ -219,7 +221,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     parity_inputs = loaded.dataset.normalize(loaded.dataset.val_x[:PARITY_EXAMPLES])
     flops_per_member = loaded.stack.flops_per_member()
 
-    out.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(out.parent)
     remove_stale_temporaries(out)  # what an export killed earlier left (a live export's work is kept)
     partial = temporary_path(out, "partial")
     shutil.rmtree(partial, ignore_errors=True)

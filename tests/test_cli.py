@@ -91,3 +91,14 @@ def test_train_refuses_bad_numbers_before_writing(data: st.DataObject) -> None:
         assert result.exit_code == 2, (option, value, result.output, result.exception)
         assert result.stderr.count("\n") == 1 and "Traceback" not in result.output, result.stderr
         assert not out.exists() and not any(Path(folder).iterdir())
+
+
+@pytest.mark.parametrize("command", [["train", "--epochs", "1"], ["bench", "drop", "some-run"]])
+def test_an_unwritable_destination_is_one_line_before_any_work(tmp_path: Path, command: list[str]) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("in the way")
+    result = _run(*command, "--out", str(blocker / "run"), check=False)
+    assert result.returncode == 2, result.stderr
+    target = blocker / "run" / "drop.json" if "bench" in command else blocker / "run"
+    assert result.stderr.strip() == f"Error: cannot create {target}: {blocker} is not a directory"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file"]

@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from edgens.errors import BackendUnavailableError, ConfigError, RunDirectoryError
-from edgens.fileio import atomic_write_text
+from edgens.fileio import atomic_write_text, check_can_create
 from edgens.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -37,6 +37,18 @@ def check_name(name: str) -> str:
     """
     if not _NAME.match(name):
         raise ConfigError(f"result name must be letters, digits and ._+- (no path); got {name!r}")
+    return name
+
+
+def check_destination(out: str | Path, name: str) -> str:
+    """Check a bench's result name and that ``out`` can take its files, before the bench runs; return the name.
+
+    Raises:
+        ConfigError: a bad name (see :func:`check_name`).
+        NotWritableError: ``out`` cannot be created or written.
+    """
+    check_name(name)
+    check_can_create(Path(out) / f"{name}.json")
     return name
 
 

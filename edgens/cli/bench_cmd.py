@@ -92,11 +92,11 @@ def drop(runs: tuple[str, ...], repeats: int, seed: int, keep_probs: str, greedy
     """
     probs = _floats(keep_probs, "--keep-probs")
     from edgens.bench.drop import drop_bench, drop_markdown
-    from edgens.bench.report import check_name
+    from edgens.bench.report import check_destination
     from edgens.cli.progress import StageProgress
     from edgens.bench.plots import plot_drop
 
-    check_name(name)
+    check_destination(out, name)
     progress = StageProgress(quiet)
     try:
         data = drop_bench(runs, repeats, seed, probs, greedy, progress)
@@ -141,14 +141,14 @@ def lambda_(presets: tuple[str, ...], lams: str, epochs: int, trials: int, metho
     resumes interrupted ones, so an interrupted sweep continues where it stopped. Results: NAME.json, NAME.md,
     NAME.png in --out (NAME defaults to lambda-<presets>).
     """
-    from edgens.bench.report import check_name
+    from edgens.bench.report import check_destination
     from edgens.bench.sweep import parse_lams, parse_methods, plan_runs, run_config
     from edgens.presets import check_preset
 
     for preset in presets:
         check_preset(preset)
     lam_values, method_list = parse_lams(lams), parse_methods(methods)
-    name = check_name(name or "lambda-" + "+".join(presets))
+    name = check_destination(out, name or "lambda-" + "+".join(presets))
     runs_path = Path(runs_dir) if runs_dir else Path(out) / "runs"
     planned = plan_runs(presets, lam_values, method_list, trials)
     settings = {"lr": lr, "train_limit": train_limit, "val_size": val_size, "dataset": dataset, "data_dir": data_dir,
@@ -217,12 +217,12 @@ def specialists(runs: tuple[str, ...], size: int, candidates: int, seed: int, ou
                 quiet: bool) -> None:
     """One-vs-rest specialists of finished RUNS: mean test F1 of single members, random subsets, and subsets
     selected on validation (greedy, best of random), as in the paper's Figure 5."""
-    from edgens.bench.report import check_name
+    from edgens.bench.report import check_destination
     from edgens.bench.specialists import specialists_bench, specialists_markdown
     from edgens.cli.progress import StageProgress
     from edgens.bench.plots import plot_specialists
 
-    check_name(name)
+    check_destination(out, name)
     progress = StageProgress(quiet)
     try:
         data = specialists_bench(runs, size, candidates, seed, progress)
@@ -243,11 +243,11 @@ def dominance(runs: tuple[str, ...], filters: bool, filter_members: int, out: st
     """Module dominance in finished RUNS: per-member validation error over epochs (the paper's Figure 7),
     per-member entropy statistics (Table 6), confusion matrices, first-layer filters."""
     from edgens.bench.dominance import dominance_bench, dominance_markdown
-    from edgens.bench.report import check_name
+    from edgens.bench.report import check_destination
     from edgens.cli.progress import StageProgress
     from edgens.bench.plots import plot_dominance
 
-    check_name(name)
+    check_destination(out, name)
     progress = StageProgress(quiet)
     try:
         data = dominance_bench(runs, filters, filter_members, progress)

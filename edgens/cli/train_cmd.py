@@ -90,6 +90,9 @@ def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, ep
                              seed=seed, device=device, dataset=dataset, family=family, data_dir=data_dir,
                              val_size=val_size, train_limit=train_limit, method=method).validate()
         out = out or f"runs/{preset}-lam{lam:g}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}"
+        from edgens.rundir import RunDir  # torch-free
+
+        RunDir(out).check_new()  # a taken or unwritable --out fails now, before anything is printed or loaded
 
     from edgens.distributed.launch import torchrun_env  # torch-free
 
