@@ -72,8 +72,8 @@ def make_directory(path: str | os.PathLike[str]) -> Path:
 
 
 def check_can_create(path: str | os.PathLike[str]) -> None:
-    """Check, before long work, that ``path`` (a file or directory to be made) can be created: its nearest existing
-    ancestor is a directory that takes a new file.
+    """Check, before long work, that ``path`` (a file or directory to be made, or replaced) can be created: its
+    nearest existing ancestor is a directory that takes a new file.
 
     Raises:
         NotWritableError: an ancestor is a file, or the directory cannot be written.
@@ -84,7 +84,18 @@ def check_can_create(path: str | os.PathLike[str]) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise NotWritableError(f"cannot create {path}: {ancestor} is not a directory")
-    check_writable(ancestor / path.name)
+    _probe(ancestor, path)
+
+
+def _probe(directory: Path, path: Path) -> None:
+    """Create and remove a temporary file in ``directory`` (for a write of ``path``)."""
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as err:
+        raise NotWritableError(f"cannot write {path}: {err.strerror or err}; make {directory} writable or choose "
+                               f"another place") from None
 
 
 def check_writable(path: str | os.PathLike[str]) -> None:
@@ -101,13 +112,7 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         raise DataNotFoundError(f"{path.parent} does not exist or is not a directory")
     if path.is_dir():
         raise NotWritableError(f"cannot write {path}: it is a directory; remove it or choose another place")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as err:
-        raise NotWritableError(f"cannot write {path}: {err.strerror or err}; make {path.parent} writable or copy "
-                               f"it somewhere that is") from None
+    _probe(path.parent, path)
 
 
 def temporary_path(path: str | os.PathLike[str], kind: str) -> Path:
