@@ -144,3 +144,21 @@ def test_ctrl_c_stops_training_and_the_run_resumes(tmp_path: Path, fashion_mnist
     assert _temporaries(run.path) == [] and _temporaries(run.path / "checkpoints") == []
     eta_before = len(run.metrics())
     assert eta_before >= 2 and np.isfinite(run.metrics()[-1]["val"]["ensemble_loss"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.0, 0.07, 0.19])
+def test_sigkill_during_training_then_resume(tmp_path: Path, fashion_mnist_dir: Path, delay: float) -> None:
+    args = ["train", "--preset", "mlp-16x64", "--members", "6", "--epochs", "8", "--train-limit", "3000",
+            "--val-size", "500", "--data-dir", str(fashion_mnist_dir), "--seed", "4", "--out", "run", "--quiet"]
+    process = _start(*args, cwd=tmp_path)
+    run = RunDir(tmp_path / "run")
+    _wait_for(lambda: len(run.metrics()) >= 1, process)
+    time.sleep(delay)  # somewhere in a later epoch or its checkpoint write
+    process.kill()
+    process.communicate()
+    assert not run.is_finished()
+    summary = resume(run.path)
+    assert run.is_finished() and summary["epochs_run"] == 8
+    assert _temporaries(run.path) == [] and _temporaries(run.path / "checkpoints") == []
+    assert [r["epoch"] for r in run.metrics()] == list(range(1, 9))
