@@ -83,9 +83,11 @@ class RunDir:
         if not path.is_file():
             raise DataNotFoundError(f"{path} is missing; is {self.path} an edgens run directory?")
         try:
-            return json.loads(path.read_text())
-        except json.JSONDecodeError as err:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
             raise RunDirectoryError(f"{path} is not valid JSON ({err})") from None
+        except OSError as err:
+            raise RunDirectoryError(f"{path} cannot be read ({err.strerror or err})") from None
 
     def config(self) -> dict:
         """The run's config.json."""
@@ -168,7 +170,15 @@ class RunDir:
         """All epoch records of metrics.jsonl (empty if none yet)."""
         if not self.metrics_path.is_file():
             return []
-        return [json.loads(line) for line in self.metrics_path.read_text().splitlines() if line.strip()]
+        records = []
+        for number, line in enumerate(self.metrics_path.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+            if line.strip():
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError as err:
+                    raise RunDirectoryError(f"{self.metrics_path}, line {number}: not valid JSON ({err}); an "
+                                            f"unfinished run rewrites it when resumed") from None
+        return records
 
     def outputs(self, split: str, mmap: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """Members' natural parameters (M, N, K) and targets (N,) of ``split`` (``val`` or ``test``).

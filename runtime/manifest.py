@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from edgens.ensemble import FAMILIES
+from edgens.arrays import UNREADABLE, load_array
 from edgens.errors import BundleError, DataNotFoundError, unknown_choice
 from edgens.fileio import atomic_write_json, sha256_file
 
@@ -462,10 +463,18 @@ def read_calibration(bundle_dir: str | Path, manifest: Manifest) -> tuple[np.nda
     problem = check_file(bundle_dir, info.file, info.sha256)
     if problem is not None:
         raise BundleError(f"calibration data: {problem}")
-    with np.load(Path(bundle_dir) / info.file, allow_pickle=False) as data:
+    fix = "export the bundle again (or copy its calibration.npz again)"
+    data = load_array(Path(bundle_dir) / info.file, BundleError, fix)
+    if not hasattr(data, "files"):
+        raise BundleError(f"calibration data {info.file}: a single array, expected an .npz archive; {fix}")
+    with data:
         if "x" not in data.files or "y" not in data.files:
             raise BundleError(f"calibration data {info.file}: expected arrays x and y, found {', '.join(data.files)}")
-        return data["x"], data["y"]
+        try:
+            return data["x"], data["y"]
+        except UNREADABLE as err:
+            raise BundleError(f"calibration data {info.file}: unreadable ({type(err).__name__}: {err}); "
+                              f"{fix}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------

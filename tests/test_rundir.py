@@ -95,3 +95,15 @@ def test_damaged_outputs_are_one_error_that_says_how_to_rewrite_them(tmp_path: P
     run.output_path("val", "y").unlink()
     with pytest.raises(DataNotFoundError, match="val_y.npy: no such file"):
         run.outputs("val")
+
+
+def test_a_damaged_metrics_line_names_the_file_and_line(tmp_path: Path) -> None:
+    run, _ = _run(tmp_path)
+    run.write_metrics([{"epoch": 1}, {"epoch": 2}])
+    assert [r["epoch"] for r in run.metrics()] == [1, 2]
+    run.metrics_path.write_text('{"epoch": 1}\n{"epo')
+    with pytest.raises(RunDirectoryError, match=r"metrics.jsonl, line 2: not valid JSON"):
+        run.metrics()
+    run.config_path.write_bytes(b"\xff\xfe not utf-8")
+    with pytest.raises(RunDirectoryError, match="config.json is not valid JSON"):
+        run.config()

@@ -4,11 +4,11 @@
 from __future__ import annotations
 
 import os
-import zipfile
 from pathlib import Path
 
 import numpy as np
 
+from edgens.arrays import UNREADABLE, load_array
 from edgens.errors import DataNotFoundError, InputError
 
 
@@ -61,11 +61,15 @@ def load(path: str | os.PathLike[str], family: str = "categorical"
     path = Path(path)
     if not path.is_file():
         raise DataNotFoundError(f"npz file {path} does not exist")
+    fix = "expected an archive written by numpy.savez with arrays x and y"
+    data = load_array(path, InputError, fix)
+    if not hasattr(data, "files"):  # a .npy (one array), not an archive
+        raise InputError(f"{path}: holds a single array, not an .npz archive; {fix}")
     try:
-        with np.load(path, allow_pickle=False) as data:
+        with data:
             arrays = {key: data[key] for key in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile) as err:
-        raise InputError(f"{path}: not a readable .npz file ({err})") from None
+    except UNREADABLE as err:  # a damaged member of the archive
+        raise InputError(f"{path}: not a readable .npz file ({type(err).__name__}: {err}); {fix}") from None
     missing = [k for k in ("x", "y") if k not in arrays]
     if missing:
         raise InputError(f"{path}: missing array(s) {', '.join(missing)}; expected keys x and y "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 # What the runtime may import from the rest of edgens: modules that import nothing but the standard library.
-RUNTIME_MAY_IMPORT = {"edgens.checks", "edgens.ensemble", "edgens.errors", "edgens.fileio"}
+RUNTIME_MAY_IMPORT = {"edgens.arrays", "edgens.checks", "edgens.ensemble", "edgens.errors", "edgens.fileio"}
 
 
 def _module_name(path: Path, package_dir: Path, package: str) -> str:
