@@ -12,6 +12,7 @@ combining members) is not in it (tens of microseconds; see ``benchmarks/runtime_
 from __future__ import annotations
 
 import json
+from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,11 +155,20 @@ def save_latency_table(bundle_dir: str | Path, table: LatencyTable) -> Path:
     return atomic_write_json(Path(bundle_dir) / LATENCY_FILE, data)
 
 
-@dataclass
 class _Observations:
-    times_ms: list[float] = field(default_factory=list)  # the latest, oldest first
-    skips: int = 0  # calls since the last run that left the stack out because of its estimate
-    probe_after: int = 0  # skips after which the estimate is set aside and the stack is measured again
+    __slots__ = ("times_ms", "skips", "probe_after", "typical_ms")
+
+    def __init__(self, window: int, probe_after: int) -> None:
+        self.times_ms: deque[float] = deque(maxlen=window)  # the latest run times, oldest first
+        self.skips = 0  # calls since the last run that left the stack out because of its estimate
+        self.probe_after = probe_after  # skips after which the estimate is set aside and the stack measured again
+        self.typical_ms: float | None = None  # lower median of times_ms; None: to compute (kept off the hot path)
+
+    def typical(self) -> float:
+        if self.typical_ms is None:
+            ordered = sorted(self.times_ms)
+            self.typical_ms = ordered[(len(ordered) - 1) // 2]
+        return self.typical_ms
 
 
 class ObservedLatency:
@@ -170,6 +180,8 @@ class ObservedLatency:
     recover: after ``probe_after`` such calls it is set aside (:meth:`estimate` returns None, and the stack runs if
     the deadline has not passed), and the new measurement enters the window. While those measurements stay slow
     the wait doubles (up to ``max_probe_after`` calls), so a stack that really is slow costs an overrun rarely.
+
+    Recording a run costs an append (every call does it); the median is computed when a deadline call asks.
     """
 
     def __init__(self, window: int = 8, probe_after: int = 4, max_probe_after: int = 256) -> None:
@@ -181,24 +193,23 @@ class ObservedLatency:
         entry = self._entries.get((stack, batch))
         if entry is None or entry.skips >= entry.probe_after:
             return None
-        return _lower_median(entry.times_ms)
+        return entry.typical()
 
     def observe(self, stack: str, batch: int, ms: float) -> None:
         """Record that ``stack`` ran ``batch`` examples in ``ms``."""
-        entry = self._entries.setdefault((stack, batch), _Observations(probe_after=self.first_probe))
-        if entry.skips >= entry.probe_after and entry.times_ms:  # a re-measurement: back off while still slow
-            still_slow = ms >= 0.5 * _lower_median(entry.times_ms)
-            entry.probe_after = min(2 * entry.probe_after, self.max_probe) if still_slow else self.first_probe
-        entry.times_ms = [*entry.times_ms[-(self.window - 1):], ms]
-        entry.skips = 0
+        entry = self._entries.get((stack, batch))
+        if entry is None:
+            entry = self._entries[(stack, batch)] = _Observations(self.window, self.first_probe)
+        elif entry.skips:
+            if entry.skips >= entry.probe_after:  # a re-measurement: back off while the stack stays slow
+                still_slow = ms >= 0.5 * entry.typical()
+                entry.probe_after = min(2 * entry.probe_after, self.max_probe) if still_slow else self.first_probe
+            entry.skips = 0
+        entry.times_ms.append(ms)
+        entry.typical_ms = None
 
     def skipped(self, stack: str, batch: int) -> None:
         """Record that a deadline call left ``stack`` out because its estimate did not fit."""
         entry = self._entries.get((stack, batch))
         if entry is not None:
             entry.skips += 1
-
-
-def _lower_median(values: list[float]) -> float:
-    ordered = sorted(values)
-    return ordered[(len(ordered) - 1) // 2]
