@@ -450,8 +450,11 @@ class Predictor:
         for step in call.steps:
             if call.deadline is not None:
                 batch, table = len(call.x), self.latency_table
-                estimate = (table.estimate(step.stack, batch) if table is not None
-                            else self._observed.estimate(step.stack, batch))
+                if table is not None:
+                    estimate = table.estimate(step.stack, batch)
+                else:
+                    with self._lock:
+                        estimate = self._observed.estimate(step.stack, batch)
                 now = time.perf_counter()
                 if not policies.may_start(now, call.deadline, estimate, bool(call.stacks_run)):
                     if table is None and estimate is not None and now < call.deadline:
