@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -237,3 +238,12 @@ def test_cli_export_then_infer_matches_the_runs_own_outputs(tiny_run: Path, tmp_
         expected = 1 - _softmax_error(test_eta[manifest.order[:k], :2000].mean(0), test_y[:2000])
         assert result["members_used"]["mean"] == k
         assert result["accuracy"] == pytest.approx(expected, abs=1e-3)  # float32 ties may flip an example or two
+
+
+def test_a_stack_size_above_the_member_count_exports_one_stack(tiny_run: Path, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="edgens.export.bundle"):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(stack_size=100, specialist_size=0, order="index"))
+    general = load_manifest(tmp_path / "b").general_stacks
+    assert len(general) == 1 and general[0].members == list(range(12))
+    assert "stack size 100 is larger than the run's 12 members: exporting one stack of all 12" in caplog.text
