@@ -117,11 +117,16 @@ def test_ctrl_c_stops_export_and_leaves_nothing(small_run: Path, tmp_path: Path,
         assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
         assert load_manifest(tmp_path / "bundle").stacks
         return
-    if process.returncode == -signal.SIGINT:  # still starting Python (importing edgens): its default, status 130
+    last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
+    if process.returncode == -signal.SIGINT and last != "Error: interrupted":
+        # still starting Python (importing edgens): Python's own KeyboardInterrupt, which a shell reports as 130
         assert "Traceback" in stderr and "edgens/cli/__init__.py" not in stderr, stderr[-2000:]
     else:
-        assert process.returncode == 130, stderr[-2000:]
-        assert stderr.strip().splitlines()[-1] == "Error: interrupted", stderr[-2000:]
+        # 130 from the CLI; or, when the interrupt cut into an extension's import that runs Python code from C
+        # (torch's), CPython remembers it as unhandled and ends the process by SIGINT after our line and cleanup
+        # (seen about once in 25 tries at ~0.4 s)
+        assert process.returncode in (130, -signal.SIGINT), stderr[-2000:]
+        assert last == "Error: interrupted", stderr[-2000:]
     assert list(tmp_path.iterdir()) == []
 
 
