@@ -209,6 +209,7 @@ def test_a_stack_that_stays_slow_overruns_rarely(predictor: Predictor, data) -> 
         predictions = [predictor.predict(x, deadline_ms=SLEEP_MS / 2) for _ in range(40)]
         slow_runs = runners["general-001"].calls
     overruns = sum(p.overrun_ms > 0 for p in predictions)
-    # measured on the first call, then again after 4, 8 and 16 skips: calls 1, 6, 15 and 32
-    assert slow_runs == 4 and overruns == 4
+    # measured on the first call, then again after 4, 8 and 16 skips: calls 1, 6, 15 and 32 (one more overrun is
+    # allowed for a stall of this machine itself)
+    assert slow_runs == 4 and 4 <= overruns <= 5
     assert all(p.members_used[0] >= 2 for p in predictions)
