@@ -17,8 +17,6 @@ from edgens import __version__
 from edgens.errors import EdgensError
 from edgens.interrupts import sticky_interrupts
 
-INTERRUPT_HINT = "edgens.interrupt_hint"  # ctx.meta key: what a command adds to "interrupted" (how to resume)
-
 # name -> "module:attribute"; loaded only when the command runs or help lists it.
 COMMANDS = {
     "train": "edgens.cli.train_cmd:train",
@@ -74,9 +72,9 @@ class _LazyGroup(click.Group):
             with sticky_interrupts():
                 return super().invoke(ctx)
         except KeyboardInterrupt:
-            # Ctrl-C: one line, the shell's status for SIGINT (128 + 2); commands say how to continue in meta
-            hint = ctx.meta.get(INTERRUPT_HINT, "")
-            click.echo(f"Error: interrupted{hint}", err=True)
+            # Ctrl-C: one line and the shell's status for SIGINT (128 + 2), not click's "Aborted!" and 1. (train
+            # catches it itself, to say how to resume.)
+            click.echo("Error: interrupted", err=True)
             ctx.exit(130)
         except EdgensError as err:
             raise UserError(str(err)) from err
@@ -106,8 +104,4 @@ def cli(verbose: int) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the ``edgens`` script."""
-    try:
-        cli.main(args=argv, prog_name="edgens")
-    except KeyboardInterrupt:  # before a command started (parsing arguments): nothing to clean up
-        click.echo("Error: interrupted", err=True)
-        sys.exit(130)
+    cli.main(args=argv, prog_name="edgens")
