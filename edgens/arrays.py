@@ -1,7 +1,8 @@
 """Reading numpy files with errors that name the file and say what to do (numpy and the standard library only).
 
-Run directories (``outputs/*.npy``) and ``edgens infer --input`` files both read through :func:`load_array`, so a
-truncated, corrupt or foreign file is a one-line error of the caller's choosing, never a numpy traceback.
+Every numpy file the project reads goes through :func:`load_array`: run outputs (``outputs/*.npy``), ``edgens infer
+--input`` files, ``npz:`` data sets and a bundle's calibration data. A truncated, corrupt or foreign file is a
+one-line error of the caller's choosing, never a numpy traceback.
 """
 
 from __future__ import annotations
