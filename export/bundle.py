@@ -9,6 +9,7 @@ end, so a crash or Ctrl-C never leaves a half bundle.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -24,17 +25,24 @@ from edgens import __version__, selection
 from edgens.checks import check_number
 from edgens.ensemble import error_rate, mean_nll
 from edgens.errors import ConfigError, ExportError
-from edgens.export.onnx_export import DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity, export_stack
+from edgens.export.onnx_export import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity,
+                                       export_stack)
 from edgens.export.run_model import LoadedRun, load_run
 from edgens.fileio import (check_can_create, make_directory, remove_stale_temporaries, sha256_file,
                            temporary_path)
 from edgens.interrupts import raise_if_interrupted
-from edgens.runtime.manifest import (CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing,
+from edgens.stacks import MemberStack
+from edgens.runtime.manifest import (PRECISIONS, CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics,
+                                     Preprocessing,
                                      SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, write_manifest)
 
 log = logging.getLogger(__name__)
 
-MAX_GENERAL_STACKS = 16  # default stack size: ceil(M / 16) members, so at most 16 general stacks
+# The default schedule of general stacks: where they end, as fractions of the members. Small steps over the first
+# quarter (a tight deadline can stop at 5% of the members, and 10% and 25% are one prefix stack each), larger ones
+# after it, where the anytime curve is flat and fewer calls cost less.
+DEFAULT_SCHEDULE = (0.05, 0.1, 0.15, 0.2, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+DEFAULT_PREFIX_STACKS = (0.1, 0.25, 0.5, 1.0)
 PARITY_EXAMPLES = 512
 CALIBRATION_EXAMPLES = 1000
 CALIBRATION_FILE = "calibration.npz"
@@ -48,26 +56,36 @@ class ExportOptions:
     """Settings of ``edgens export``.
 
     Attributes:
-        stack_size: members per general stack; None: ceil(M / 16), i.e. at most 16 general stacks, so one stack is a
-            small step of an anytime budget while per-call overhead stays bounded. Larger than M: one stack of all
-            M members (with a warning), which is what such a size asks for.
+        stack_size: members per general stack (all stacks equal but the last). None: the schedule
+            :data:`DEFAULT_SCHEDULE` (11 stacks ending at 5%, 10%, 15%, 20%, 25%, 37.5%, ... of the members).
+            Larger than M: one stack of all M members (with a warning), which is what such a size asks for.
+        prefix_stacks: fractions of the members for which to add a prefix stack (one graph of the first members,
+            run as one call by budgets that cover them); each is rounded up to the end of a general stack, and one
+            that is a single general stack is not added. Default :data:`DEFAULT_PREFIX_STACKS`: 10%, 25%, 50% and
+            all members, so that those budgets cost one graph's call (the bundle holds about twice the weights).
+            Empty: none.
         order: ``greedy`` (forward selection on validation outputs) or ``index``.
         specialist_size: members per specialist; capped at M // 2 (a larger "specialist" is just the ensemble);
             0 disables specialists.
         opset: ONNX opset (>= 17).
         tensorrt: also build TensorRT engines (needs tensorrt and a GPU).
-        precision: engine precision: ``fp32``, ``fp16`` or ``int8``.
+        precision: ``fp32``, ``fp16`` (float16 graphs, for GPUs) or ``int8`` (static QDQ quantization calibrated on
+            validation inputs) for the ONNX stacks, and the TensorRT engines' precision.
+        precision_tolerance: a quantized stack whose own validation error rises by more than this (a fraction:
+            0.005 = 0.5 points) over its fp32 graph's is refused and kept in fp32.
         force: replace an existing destination.
         random_draws: random orders averaged for the random-drop curve.
         seed: seed of random choices (random curve, best-of-random specialists).
     """
 
     stack_size: int | None = None
+    prefix_stacks: tuple[float, ...] = DEFAULT_PREFIX_STACKS
     order: str = "greedy"
     specialist_size: int = 20
     opset: int = DEFAULT_OPSET
     tensorrt: bool = False
     precision: str = "fp32"
+    precision_tolerance: float = 0.005
     force: bool = False
     random_draws: int = 20
     seed: int = 0
@@ -86,8 +104,11 @@ class ExportOptions:
         check_number("opset", self.opset, low=17, integer=True)
         check_number("random draws", self.random_draws, low=1, integer=True)
         check_number("seed", self.seed, low=0, integer=True)
-        if self.precision != "fp32" and not self.tensorrt:
-            raise ConfigError(f"precision {self.precision} applies to TensorRT engines: add --tensorrt")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"unknown precision {self.precision!r}; expected one of {', '.join(PRECISIONS)}")
+        check_number("precision tolerance", self.precision_tolerance, low=0, high=1)
+        self.prefix_stacks = tuple(sorted({check_number("prefix stack fraction", f, low=0, low_open=True, high=1)
+                                           for f in self.prefix_stacks}))
         return self
 
 
@@ -210,13 +231,9 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         log.info("no specialists: they need a categorical ensemble of at least 2 members")
     clock = _stage(stages, "specialists", clock)
 
-    stack_size = options.stack_size or math.ceil(m / MAX_GENERAL_STACKS)
-    if stack_size > m:  # a larger stack than the ensemble: the one stack of all members, as the user meant
-        log.warning("stack size %d is larger than the run's %d members: exporting one stack of all %d", stack_size,
-                    m, m)
-        stack_size = m
-    chunks = [order[i:i + stack_size] for i in range(0, m, stack_size)]
+    chunks = [order[start:end] for start, end in general_schedule(m, options.stack_size)]
     jobs = [(f"general-{i:03d}", "general", chunk) for i, chunk in enumerate(chunks)]
+    jobs += [(f"prefix-{n:04d}", "prefix", order[:n]) for n in prefix_sizes(chunks, options.prefix_stacks)]
     jobs += [(f"specialist-{c}", "specialist", members) for c, members, _ in specialist_choices]
     parity_inputs = loaded.dataset.normalize(loaded.dataset.val_x[:PARITY_EXAMPLES])
     flops_per_member = loaded.stack.flops_per_member()
@@ -244,6 +261,9 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             raise ExportError(f"{len(failed)} of {len(reports)} exported stacks do not match torch; nothing was "
                               f"written. Per stack: {table}")
         clock = _stage(stages, "export", clock)
+        if options.precision != "fp32":
+            _convert_stacks(loaded, stacks, partial, options, progress)
+            clock = _stage(stages, "precision", clock)
 
         calibration = _write_calibration(loaded, partial)
         specialists = [SpecialistInfo(task=f"class-{c}", class_index=c, members=members, stack=f"specialist-{c}",
@@ -277,6 +297,77 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         raise
     size = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
     return ExportReport(out, manifest, reports, time.perf_counter() - started, size, stages)
+
+
+def _convert_stacks(loaded: LoadedRun, stacks: list[StackInfo], directory: Path, options: ExportOptions,
+                    progress: Progress) -> None:
+    """Replace each stack's fp32 graph by one of ``options.precision`` unless that loses more validation accuracy
+    than the tolerance (then the fp32 graph stays, with the reason); updates ``stacks`` in place."""
+    from edgens.export.precision import check_converted, quantize_int8
+
+    precision, family = options.precision, loaded.train_config.family
+    val_x = loaded.dataset.normalize(loaded.dataset.val_x)
+    for number, stack in enumerate(stacks):
+        raise_if_interrupted()
+        progress(f"{precision} stacks", number, len(stacks))
+        fp32_path = directory / stack.file
+        relative = f"stacks/{stack.name}.{precision}.onnx"
+        path = directory / relative
+        torch_eta = None
+        if precision == "int8":
+            quantize_int8(fp32_path, path, val_x[:PARITY_EXAMPLES], stack.input_name)
+        else:
+            substack = loaded.stack.subset(stack.members)
+            export_stack(substack, path, options.opset, float16=True)
+            torch_eta = _torch_float16_outputs(substack, val_x)
+        check = check_converted(fp32_path, path, val_x, loaded.dataset.val_y, family, torch_eta)
+        stack.val_error_change = check.change
+        how = "" if check.cpu_checked else " (checked in torch float16: onnxruntime has no float16 kernels here)"
+        if check.change > options.precision_tolerance:
+            stack.precision_note = (f"{precision} refused: its validation error rose {100 * check.change:.2f} points "
+                                    f"(> {100 * options.precision_tolerance:g}){how}")
+            log.warning("%s: %s; kept fp32", stack.name, stack.precision_note)
+            path.unlink()
+            continue
+        fp32_path.unlink()
+        stack.file, stack.sha256, stack.bytes = relative, sha256_file(path), path.stat().st_size
+        stack.precision = precision
+        stack.precision_note = None if check.cpu_checked else how.strip(" ()")
+        log.info("%s: %s, validation error %+.2f points%s", stack.name, precision, 100 * check.change, how)
+    progress(f"{precision} stacks", len(stacks), len(stacks))
+
+
+def _torch_float16_outputs(substack: MemberStack, x: np.ndarray) -> np.ndarray:
+    """The stack's outputs computed in float16 by torch on this CPU (where onnxruntime cannot run a float16 graph)."""
+    import torch
+
+    model = copy.deepcopy(substack).cpu().half().eval()
+    with torch.no_grad():
+        return np.concatenate([model(torch.from_numpy(x[i:i + 512]).half()).float().numpy()
+                               for i in range(0, len(x), 512)], axis=1)
+
+
+def general_schedule(m: int, stack_size: int | None) -> list[tuple[int, int]]:
+    """``(start, end)`` positions in the order of each general stack: equal stacks of ``stack_size`` members, or
+    without one the default schedule."""
+    if stack_size is None:
+        ends = sorted({max(1, round(f * m)) for f in DEFAULT_SCHEDULE})
+    else:
+        if stack_size > m:  # a larger stack than the ensemble: the one stack of all members, as the user meant
+            log.warning("stack size %d is larger than the run's %d members: exporting one stack of all %d",
+                        stack_size, m, m)
+            stack_size = m
+        ends = list(range(stack_size, m, stack_size)) + [m]
+    return list(zip([0, *ends[:-1]], ends, strict=True))
+
+
+def prefix_sizes(chunks: list[list[int]], fractions: tuple[float, ...]) -> list[int]:
+    """Member counts of the prefix stacks: each fraction of all members rounded up to the end of a general stack,
+    without duplicates and without a prefix that is just the first general stack."""
+    ends = [int(end) for end in np.cumsum([len(chunk) for chunk in chunks])]
+    total = ends[-1]
+    sizes = {next(end for end in ends if end >= math.ceil(f * total - 1e-9)) for f in fractions}
+    return sorted(size for size in sizes if size > ends[0])
 
 
 def _split_metrics(eta: np.ndarray, y: np.ndarray, family: str) -> SplitMetrics:

@@ -1,4 +1,5 @@
-"""The bundle manifest (format version 1): dataclasses, reading with clear errors, atomic writing, file checks.
+"""The bundle manifest (format version 2; version 1 bundles still load): dataclasses, reading with clear errors,
+atomic writing, file checks.
 
 The format is described in ``docs/bundle-format.md``; this module is its reference reader and writer, and the
 exporter builds a :class:`Manifest` and calls :func:`write_manifest`. Reading checks every key against the format
@@ -28,10 +29,12 @@ from edgens.errors import BundleError, DataNotFoundError, unknown_choice
 from edgens.fileio import atomic_write_json, sha256_file
 
 FORMAT = "edgens-bundle"
-FORMAT_VERSION = 1
-SUPPORTED_VERSIONS = (1,)
+FORMAT_VERSION = 2
+# Version 2 added prefix stacks and each stack's precision; a version-1 manifest reads as fp32 stacks without
+# prefix stacks, which is what it describes.
+SUPPORTED_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
-ROLES = ("general", "specialist")
+ROLES = ("general", "prefix", "specialist")
 ORDER_METHODS = ("greedy", "index")
 PRECISIONS = ("fp32", "fp16", "int8")
 CURVE_KEYS = ("order_val_error", "index_val_error", "random_val_error")
@@ -162,7 +165,9 @@ class StackInfo:
 
     Attributes:
         name: unique, e.g. ``general-000`` or ``specialist-3``.
-        role: ``general`` (the general stacks cut ``order`` into consecutive chunks) or ``specialist``.
+        role: ``general`` (the general stacks cut ``order`` into consecutive chunks), ``prefix`` (one graph holding
+            the members of the first general stacks, so that a budget covering them runs one call) or
+            ``specialist``.
         file: path of the ONNX file relative to the bundle, e.g. ``stacks/general-000.onnx``.
         sha256: hex digest of the file.
         bytes: size of the file.
@@ -171,6 +176,12 @@ class StackInfo:
         input_name: graph input name.
         output_name: graph output name.
         engines: TensorRT engines built from this stack (may be empty).
+        precision: what the ONNX graph computes in: ``fp32``, ``fp16`` (float32 input and output) or ``int8``
+            (static QDQ quantization).
+        val_error_change: the stack's own validation error (its members' mean) minus the fp32 graph's, measured
+            at export on the calibration examples; None for fp32 graphs.
+        precision_note: why the stack is not in the precision the export asked for (refused by the accuracy
+            guard, or the precision cannot run here), else None.
     """
 
     name: str
@@ -183,11 +194,16 @@ class StackInfo:
     input_name: str = "x"
     output_name: str = "eta"
     engines: list[EngineInfo] = field(default_factory=list)
+    precision: str = "fp32"
+    val_error_change: float | None = None
+    precision_note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "role": self.role, "file": self.file, "sha256": self.sha256, "bytes": self.bytes,
                 "members": list(self.members), "flops": self.flops, "input_name": self.input_name,
-                "output_name": self.output_name, "engines": [engine.to_dict() for engine in self.engines]}
+                "output_name": self.output_name, "engines": [engine.to_dict() for engine in self.engines],
+                "precision": self.precision, "val_error_change": self.val_error_change,
+                "precision_note": self.precision_note}
 
 
 @dataclass(kw_only=True)
@@ -271,7 +287,7 @@ class CalibrationInfo:
 
 @dataclass(kw_only=True)
 class Manifest:
-    """Everything ``manifest.json`` says about a bundle (format version 1).
+    """Everything ``manifest.json`` says about a bundle (format version 2).
 
     Build one with keyword arguments and write it with :func:`write_manifest`, which checks it first. ``format``
     and ``format_version`` are not fields: this class always writes the current format.
@@ -283,7 +299,7 @@ class Manifest:
         preprocessing: normalisation the runtime applies to raw input.
         members: one entry per member.
         order: the anytime order, every member id once.
-        stacks: general stacks first (in order), then specialist stacks.
+        stacks: general stacks first (in order), then prefix stacks (smallest first), then specialist stacks.
         edgens_version: version of edgens that wrote the bundle.
         training: how the ensemble was trained.
         curves: validation curves over the number of members.
@@ -319,6 +335,11 @@ class Manifest:
     def general_stacks(self) -> list[StackInfo]:
         """The general stacks, in anytime order."""
         return [stack for stack in self.stacks if stack.role == "general"]
+
+    @property
+    def prefix_stacks(self) -> list[StackInfo]:
+        """The prefix stacks, smallest first: each holds the members of the first few general stacks."""
+        return [stack for stack in self.stacks if stack.role == "prefix"]
 
     def stack(self, name: str) -> StackInfo:
         """The stack called ``name``.
@@ -506,6 +527,7 @@ class _Reader:
 
     def __init__(self, source: str):
         self.source = source
+        self.version = FORMAT_VERSION  # the manifest's format_version, once read
 
     def error(self, path: str, message: str) -> BundleError:
         return BundleError(f"{self.source}: {path}: {message}")
@@ -547,6 +569,12 @@ class _Reader:
 
     def float_(self, obj: dict[str, Any], key: str, path: str) -> float:
         return self.float_value(self.get(obj, key, path, "a finite number"), f"{path}.{key}" if path else key)
+
+    def optional_str(self, obj: dict[str, Any], key: str, path: str) -> str | None:
+        value = self.get(obj, key, path, "a string or null")
+        if value is not None and not isinstance(value, str):
+            raise self.fail(f"{path}.{key}" if path else key, "a string or null", value)
+        return value
 
     def optional_float(self, obj: dict[str, Any], key: str, path: str) -> float | None:
         value = self.get(obj, key, path, "a finite number or null")
@@ -609,6 +637,7 @@ def _parse_manifest(r: _Reader, data: Any) -> Manifest:
         by = f" (written by edgens {writer})" if isinstance(writer, str) else ""
         raise r.error("format_version", f"this edgens reads bundle format version(s) {supported}, got "
                                         f"{_show(version)}{by}{hint}")
+    r.version = version
     family = r.str_(data, "family", "", FAMILIES)
     n_outputs = r.int_(data, "n_outputs", "", minimum=1)
     class_names = r.get(data, "class_names", "", "a list of strings or null")
@@ -695,7 +724,11 @@ def _parse_engine(r: _Reader, obj: dict[str, Any], path: str) -> EngineInfo:
 
 def _parse_stack(r: _Reader, obj: dict[str, Any], path: str) -> StackInfo:
     engines = r.list_(obj, "engines", path, "a list of engine objects")
-    return StackInfo(name=r.str_(obj, "name", path), role=r.str_(obj, "role", path, ROLES),
+    precision = r.str_(obj, "precision", path, PRECISIONS) if r.version >= 2 else "fp32"
+    return StackInfo(precision=precision,
+                     val_error_change=r.optional_float(obj, "val_error_change", path) if r.version >= 2 else None,
+                     precision_note=r.optional_str(obj, "precision_note", path) if r.version >= 2 else None,
+                     name=r.str_(obj, "name", path), role=r.str_(obj, "role", path, ROLES),
                      file=r.relative_file(obj, "file", path), sha256=r.sha256(obj, "sha256", path),
                      bytes=r.int_(obj, "bytes", path, minimum=0),
                      members=r.ints(obj, "members", path, minimum=0, non_empty=True),
@@ -755,6 +788,9 @@ def _check_consistency(r: _Reader, m: Manifest) -> None:
     flops = {member.id: member.flops for member in m.members}
     names: dict[str, int] = {}
     general: list[int] = []
+    boundaries: set[int] = set()  # member counts at which a general stack ends
+    prefixes: list[tuple[str, StackInfo]] = []
+    previous_prefix = 0
     for i, stack in enumerate(m.stacks):
         path = f"stacks[{i}]"
         if stack.name in names:
@@ -770,12 +806,27 @@ def _check_consistency(r: _Reader, m: Manifest) -> None:
         if stack.flops != expected:
             raise r.fail(f"{path}.flops", f"{expected}, the sum of its members' flops", stack.flops)
         if stack.role == "general":
-            if any(s.role == "specialist" for s in m.stacks[:i]):
-                raise r.error(f"{path}.role", "general stacks must come before specialist stacks")
+            if any(s.role != "general" for s in m.stacks[:i]):
+                raise r.error(f"{path}.role", "general stacks must come before prefix and specialist stacks")
             general.extend(stack.members)
+            boundaries.add(len(general))
+        elif stack.role == "prefix":
+            if any(s.role == "specialist" for s in m.stacks[:i]):
+                raise r.error(f"{path}.role", "prefix stacks must come before specialist stacks")
+            if len(stack.members) <= previous_prefix:
+                raise r.error(f"{path}.members", "prefix stacks must be listed smallest first, each larger than the "
+                                                 "one before")
+            previous_prefix = len(stack.members)
+            prefixes.append((path, stack))
     if general != m.order:
         raise r.error("stacks", f"the general stacks' members, in order, must be exactly `order` (consecutive "
                                 f"chunks); got {general[:12]}, order is {m.order[:12]}")
+    for path, stack in prefixes:
+        n = len(stack.members)
+        if stack.members != m.order[:n] or n not in boundaries:
+            raise r.error(f"{path}.members", f"a prefix stack must hold exactly the members of the first general "
+                                             f"stacks, in order (order[:n] with n one of {sorted(boundaries)}); got "
+                                             f"{len(stack.members)} members starting {stack.members[:6]}")
     tasks: set[str] = set()
     for i, specialist in enumerate(m.specialists):
         path = f"specialists[{i}]"

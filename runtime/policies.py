@@ -18,7 +18,13 @@ One budget per call (none: every member):
 
 Planning uses the stacks that are available when the call starts (not excluded, not quarantined): a budget counts
 members, flops and latency over those, so a stack lost at load is replaced by the next ones. A stack that fails
-during the call is dropped without replacement (retrying would break the latency a budget promises).
+during the call is dropped without replacement (retrying would break the latency a budget promises), except a
+prefix stack: its general stacks run instead (for ``latency_ms``, only those that still fit the budget).
+
+Prefix stacks (a bundle may hold some, docs/bundle-format.md) serve the budgets known before the call: when the
+general stacks a plan starts with are exactly a prefix stack's members, the prefix stack runs instead, as one call
+(``members``, ``flops``, all members; ``latency_ms`` takes the plan with more members). Deadline and confidence
+budgets run the general stacks one at a time, since they may stop after any of them.
 """
 
 from __future__ import annotations
@@ -53,6 +59,9 @@ class Budget:
         Raises:
             ConfigError: more than one budget, or a value out of range (the message says the valid range).
         """
+        if members is None and flops is None and latency_ms is None and deadline_ms is None and confidence is None \
+                and task is None:
+            return _ALL_MEMBERS  # the common call: no budget, no work
         given = {key: value for key, value in (("members", members), ("flops", flops), ("latency_ms", latency_ms),
                                                ("deadline_ms", deadline_ms), ("confidence", confidence),
                                                ("task", task)) if value is not None}
@@ -87,6 +96,9 @@ class Budget:
         return "all members" if self.kind is None else f"{self.kind}={self.value}"
 
 
+_ALL_MEMBERS = Budget()
+
+
 @dataclass(frozen=True)
 class Step:
     """Run one stack and use some of its output rows.
@@ -100,10 +112,37 @@ class Step:
     stack: str
     rows: tuple[int, ...] | None
     members: tuple[int, ...]
+    fallback: tuple[Step, ...] = ()
+    """What runs instead when this stack fails in a call: the general stacks a prefix stack stands for."""
 
 
 def _whole(stack: StackInfo) -> Step:
     return Step(stack.name, None, tuple(stack.members))
+
+
+def _with_prefix(steps: list[Step], manifest: Manifest, available: Callable[[str], bool]) -> list[Step]:
+    """Replace the plan's leading general steps by the largest available prefix stack that holds exactly their
+    members: one call instead of several, with the same members. The replaced steps become its fallback."""
+    if not steps:
+        return steps
+    for prefix in reversed(manifest.prefix_stacks):
+        if not available(prefix.name):
+            continue
+        covered: list[int] = []
+        count = 0
+        for step in steps:
+            if len(covered) >= len(prefix.members):
+                break
+            covered.extend(manifest.stack(step.stack).members)
+            count += 1
+        if covered != prefix.members:
+            continue  # a general stack inside the prefix is unavailable, or the plan ends inside a general stack
+        used = {member for step in steps[:count] for member in step.members}
+        rows = tuple(i for i, member in enumerate(prefix.members) if member in used)
+        step = Step(prefix.name, None if len(rows) == len(prefix.members) else rows,
+                    tuple(prefix.members[i] for i in rows), fallback=tuple(steps[:count]))
+        return [step, *steps[count:]]
+    return steps
 
 
 def plan(budget: Budget, manifest: Manifest, available: Callable[[str], bool],
@@ -124,17 +163,21 @@ def plan(budget: Budget, manifest: Manifest, available: Callable[[str], bool],
             unknown.
     """
     general = [stack for stack in manifest.general_stacks if available(stack.name)]
-    if budget.kind in (None, "deadline_ms", "confidence"):
+    if budget.kind in ("deadline_ms", "confidence"):
         return [_whole(stack) for stack in general]
+    if budget.kind is None:
+        return _with_prefix([_whole(stack) for stack in general], manifest, available)
     if budget.kind == "members":
-        return _plan_members(budget.value, manifest, general)
+        return _with_prefix(_plan_members(budget.value, manifest, general), manifest, available)
     if budget.kind == "flops":
-        return _plan_cost(general, budget.value, lambda stack: float(stack.flops), "flops", "flops per example")
+        steps = _plan_cost(general, budget.value, lambda stack: float(stack.flops), "flops", "flops per example")
+        return _with_prefix(steps, manifest, available)
     if budget.kind == "latency_ms":
         if estimate is None:
             raise ConfigError("latency_ms budgets need this device's latency table, and the bundle has none for this "
                               "backend and device; run `edgens profile BUNDLE` first (or use deadline_ms)")
-        return _plan_cost(general, budget.value, lambda stack: _required(estimate, stack.name), "latency_ms", "ms")
+        steps = _plan_cost(general, budget.value, lambda stack: _required(estimate, stack.name), "latency_ms", "ms")
+        return _latency_with_prefix(steps, general, budget.value, manifest, available, estimate)
     if budget.kind == "task":
         return _plan_task(resolve_task(manifest, budget.value), manifest, available)
     raise ConfigError(f"unknown budget {budget.kind!r}; expected one of {', '.join(BUDGETS)}")
@@ -179,6 +222,35 @@ def _plan_cost(general: list[StackInfo], limit: float, cost: Callable[[StackInfo
         raise ConfigError(f"{kind}={limit:g} fits no stack: the first available stack, {general[0].name}, needs "
                           f"{cost(general[0]):.4g} {unit}")
     return steps
+
+
+def _latency_with_prefix(steps: list[Step], general: list[StackInfo], limit: float, manifest: Manifest,
+                         available: Callable[[str], bool], estimate: Callable[[str], float | None]) -> list[Step]:
+    """The latency plan with the most members: the general stacks alone (``steps``), or an available prefix stack
+    that fits, followed by the general stacks after it while they fit (a prefix runs with more threads, so it can
+    fit more members in the same time). Ties go to the cheaper plan."""
+    def cost(plan: list[Step]) -> float:
+        return sum(estimate(step.stack) or 0.0 for step in plan)
+
+    best, best_key = steps, (sum(len(step.members) for step in steps), -cost(steps))
+    for prefix in manifest.prefix_stacks:
+        spent = estimate(prefix.name)
+        if not available(prefix.name) or spent is None or spent > limit:
+            continue  # an old table may lack the prefix stacks: then they are not planned
+        covered = set(prefix.members)
+        plan = [Step(prefix.name, None, tuple(prefix.members), fallback=tuple(
+            _whole(stack) for stack in general if covered.issuperset(stack.members)))]
+        for stack in general:
+            if covered.issuperset(stack.members):
+                continue
+            spent += _required(estimate, stack.name)
+            if spent > limit:
+                break
+            plan.append(_whole(stack))
+        key = (sum(len(step.members) for step in plan), -cost(plan))
+        if key > best_key:
+            best, best_key = plan, key
+    return best
 
 
 def resolve_task(manifest: Manifest, task: str | int) -> SpecialistInfo:

@@ -5,23 +5,28 @@
     prediction.probabilities, prediction.labels, prediction.members_used, prediction.failures
 
 A call checks and normalises the input once, plans the stacks its budget allows (:mod:`edgens.runtime.policies`),
-runs them one after another in the calling thread and averages the natural parameters of the members that answered
-(:mod:`edgens.ensemble`). A stack that raises, returns NaN/Inf or the wrong shape, or (with
-``stack_timeout_ms``) is too slow, is dropped for that call and reported in ``Prediction.failures``; after
-``quarantine_after`` failed calls in a row it is quarantined until :meth:`Predictor.retry`. Only when no member at
-all answers does a call raise :class:`NoMembersAvailableError`.
+runs them and averages the natural parameters of the members that answered (:mod:`edgens.ensemble`). A plan of one
+stack (a prefix stack holding every member the budget wants, a specialist) runs in the calling thread; a plan of
+several runs on the predictor's parallel lanes (:mod:`edgens.runtime.lanes`), except confidence budgets, whose
+later stacks depend on the earlier ones' answers, and predictors loaded with ``lanes=1``.
 
-Stacks run in the calling thread (no thread handoff on the hot path). Only with ``stack_timeout_ms`` does each stack
-run in a worker thread of its own, so that the call can stop waiting for it; the late stack is asked to cancel and
-is reported as ``busy`` until it has finished.
+A stack that raises, returns NaN/Inf or the wrong shape, or (with ``stack_timeout_ms``) is too slow, is dropped for
+that call and reported in ``Prediction.failures``; after ``quarantine_after`` failed calls in a row it is
+quarantined until :meth:`Predictor.retry`. Only when no member at all answers does a call raise
+:class:`NoMembersAvailableError`.
+
+With ``stack_timeout_ms``, each stack runs in a worker thread of its own, so that the call can stop waiting for it;
+the late stack is asked to cancel and is reported as ``busy`` until it has finished.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
@@ -40,6 +45,7 @@ from edgens.runtime.backends import Backend, StackRunner, create_backend
 from edgens.ensemble import inverse_link
 from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.inputs import InputPreparer
+from edgens.runtime.lanes import LANE_MIN_MS, Lanes, LaneWork, StackResult, default_lanes
 from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest
 from edgens.runtime.policies import Budget, Step
 from edgens.runtime.latency import LatencyTable, ObservedLatency, find_table, load_latency_tables
@@ -113,6 +119,8 @@ class _Call:
     eager: bool = False  # settle after every stack
     members: int = 0  # members that answered for every example (all budgets but confidence)
     deadline: float | None = None
+    # latency_ms budgets: fallback stacks (a failed prefix stack's general stacks) start only while they fit this
+    fallback_deadline: float | None = None
     # Confidence budgets only: indices of the examples still running, and members answered per example.
     active: np.ndarray | None = None
     counts: np.ndarray | None = None
@@ -136,7 +144,7 @@ class Predictor:
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, strict: bool = False,
-                 stack_timeout_ms: float | None = None, quarantine_after: int | None = 3):
+                 stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -153,6 +161,8 @@ class Predictor:
         self.latency_table: LatencyTable | None = None
         self._latency_problem: str | None = None
         self._closed = False
+        self.lanes = lanes or default_lanes()
+        self._lanes = Lanes(self.lanes) if self.lanes > 1 else None
         # Calls may come from several threads at once (docs/runtime.md, "Threads"): each call's state is its own;
         # what calls share (health, observed latencies, the plan cache, worker pools) changes under this lock.
         self._lock = threading.Lock()
@@ -161,8 +171,8 @@ class Predictor:
 
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "auto", *, strict: bool = False,
-             stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, **backend_options: Any
-             ) -> Predictor:
+             stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None,
+             **backend_options: Any) -> Predictor:
         """Load a bundle and start its stacks.
 
         Args:
@@ -172,6 +182,8 @@ class Predictor:
             stack_timeout_ms: drop a stack from a call when it takes longer than this (runs each stack in a worker
                 thread; None: no timeout, no threads).
             quarantine_after: consecutive failed calls after which a stack is quarantined (None: never).
+            lanes: stacks a call may run at once (default: one per core, at most 4; 1: one after another in the
+                calling thread). See :mod:`edgens.runtime.lanes`.
             **backend_options: e.g. ``providers`` and ``threads`` (onnxruntime), ``precision`` (tensorrt).
 
         Raises:
@@ -185,10 +197,12 @@ class Predictor:
             check_number("stack_timeout_ms", stack_timeout_ms, low=0, low_open=True)
         if quarantine_after is not None:
             check_number("quarantine_after", quarantine_after, low=1, integer=True)
+        if lanes is not None:
+            check_number("lanes", lanes, low=1, integer=True)
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir)
         engine = create_backend(backend, bundle_dir, manifest, **backend_options)
-        predictor = cls(bundle_dir, manifest, engine, strict, stack_timeout_ms, quarantine_after)
+        predictor = cls(bundle_dir, manifest, engine, strict, stack_timeout_ms, quarantine_after, lanes)
         problems = check_stack_files(bundle_dir, manifest)
         for stack in manifest.stacks:
             problem = problems.get(stack.name)
@@ -427,6 +441,8 @@ class Predictor:
         call = _Call(x=xn, budget=budget, steps=steps, start=start, eta_sum=np.zeros((batch, k)), eager=eager)
         if budget.kind == "deadline_ms":
             call.deadline, call.eager = start + budget.value / 1e3, True
+        elif budget.kind == "latency_ms":
+            call.fallback_deadline = start + budget.value / 1e3
         elif budget.kind == "confidence":
             call.active, call.counts, call.eager = np.arange(batch), np.zeros(batch, dtype=np.int64), True
         elif budget.kind == "task":
@@ -446,25 +462,48 @@ class Predictor:
         return steps
 
     def _execute(self, call: _Call) -> Iterator[None]:
-        """Run the call's stacks in order; when eager, yields after each one that answers."""
-        for step in call.steps:
-            if call.deadline is not None:
-                batch, table = len(call.x), self.latency_table
-                if table is not None:
-                    estimate = table.estimate(step.stack, batch)
-                else:
-                    with self._lock:
-                        estimate = self._observed.estimate(step.stack, batch)
-                now = time.perf_counter()
-                if not policies.may_start(now, call.deadline, estimate, bool(call.stacks_run)):
-                    if table is None and estimate is not None and now < call.deadline:
-                        with self._lock:  # left out for its estimate: counts toward measuring it again
-                            self._observed.skipped(step.stack, batch)
-                    break
+        """Run the call's stacks; when eager, yields after each one that answers."""
+        if self._lanes is not None and len(call.steps) > 1 and call.active is None:
+            first = self._estimate(call.steps[0].stack, len(call.x))
+            if first is not None and first >= LANE_MIN_MS:  # unknown until the stack ran once here: in order
+                return self._execute_in_lanes(call, self._lanes)
+        return self._execute_in_order(call)
+
+    def _estimate(self, name: str, batch: int) -> float | None:
+        """A stack's expected latency at this batch size: the latency table's, else what this predictor observed."""
+        table = self.latency_table
+        if table is not None:
+            return table.estimate(name, batch)
+        with self._lock:
+            return self._observed.estimate(name, batch)
+
+    def _may_start(self, call: _Call, step: Step, is_fallback: bool, answered: bool) -> bool:
+        """Whether the call still wants ``step`` started: deadlines (and, for fallbacks, latency budgets) allow it."""
+        deadline = call.deadline if call.deadline is not None else call.fallback_deadline if is_fallback else None
+        if deadline is None:
+            return True
+        batch = len(call.x)
+        estimate = self._estimate(step.stack, batch)
+        now = time.perf_counter()
+        if policies.may_start(now, deadline, estimate, answered):
+            return True
+        if self.latency_table is None and estimate is not None and now < deadline:
+            with self._lock:  # left out for its estimate: counts toward measuring it again
+                self._observed.skipped(step.stack, batch)
+        return False
+
+    def _execute_in_order(self, call: _Call) -> Iterator[None]:
+        """Run the stacks one after another in the calling thread."""
+        todo = deque((step, False) for step in call.steps)
+        while todo:
+            step, is_fallback = todo.popleft()
+            if not self._may_start(call, step, is_fallback, bool(call.stacks_run or call.pending)):
+                break
             active = call.active
             x = call.x if active is None or len(active) == len(call.x) else call.x[active]
-            part = self._run_step(step, x, call)
+            part = self._record(call, self._run_stack(step, x))
             if part is None:
+                todo.extendleft((fallback, True) for fallback in reversed(step.fallback))
                 continue
             call.pending.append((step, part))
             if not call.eager:
@@ -479,12 +518,47 @@ class Predictor:
             if call.active is not None and not len(call.active):
                 break
 
-    def _run_step(self, step: Step, x: np.ndarray, call: _Call) -> np.ndarray | None:
-        """Run one stack: the sum (B, K) of the natural parameters of the step's rows, or None after recording why
-        the stack failed. The hot path: one shape check and one sum (NaN/Inf are caught when settling)."""
+    def _execute_in_lanes(self, call: _Call, lanes: Lanes) -> Iterator[None]:
+        """Run the stacks on the lanes; this thread collects their results and keeps the deadline. Members that
+        finish after the deadline are left out (unless none finished before it: a prediction needs one)."""
+        work = LaneWork(call.steps, lambda step: self._run_stack(step, call.x),
+                        lambda step, is_fallback, answered: self._may_start(call, step, is_fallback, answered))
+        serving = min(lanes.count, len(call.steps))
+        lanes.submit(work, serving)
+        try:
+            while serving:
+                timeout = None
+                if call.deadline is not None and (call.stacks_run or call.pending):
+                    timeout = call.deadline - time.perf_counter()
+                    if timeout <= 0:
+                        break
+                try:
+                    result = work.results.get(timeout=timeout)
+                except queue.Empty:
+                    break  # the deadline: what still runs is late
+                if result is None:
+                    serving -= 1
+                    continue
+                if call.deadline is not None and result.finished > call.deadline and (call.stacks_run or
+                                                                                      call.pending):
+                    continue
+                part = self._record(call, result)
+                if part is None:
+                    continue
+                call.pending.append((result.step, part))
+                if call.eager and self._settle(call):
+                    yield
+        finally:
+            work.stop()
+
+    def _run_stack(self, step: Step, x: np.ndarray) -> StackResult:
+        """Run one stack on ``x``: the sum (B, K) of the natural parameters of the step's rows, or why it failed.
+        Touches no call state (lanes run it in their threads). The hot path: one shape check and one sum (NaN/Inf
+        are caught when settling)."""
         name = step.stack
         runner = self._runners[name]
         start = time.perf_counter()
+        part = None
         try:
             out = runner.run(x) if self._timeout_s is None else self._run_in_worker(runner, x)
             expected = (len(runner.stack.members), len(x), self.manifest.n_outputs)
@@ -500,14 +574,20 @@ class Predictor:
             failure = StackFailure(name, err.kind, str(err))
         except Exception as err:  # noqa: BLE001  (a backend may raise anything; KeyboardInterrupt still propagates)
             failure = StackFailure(name, "error", f"{type(err).__name__}: {err}")
-        ms = (time.perf_counter() - start) * 1e3
-        call.stack_ms[name] = ms
-        if failure is not None:
-            self._failed(call, failure)
+        finished = time.perf_counter()
+        ms = (finished - start) * 1e3
+        if failure is None:
+            with self._lock:
+                self._observed.observe(name, len(x), ms)
+        return StackResult(step, part, failure, ms, finished)
+
+    def _record(self, call: _Call, result: StackResult) -> np.ndarray | None:
+        """Note a stack's run in the call; returns its sum, or None after recording the failure."""
+        call.stack_ms[result.step.stack] = result.ms
+        if result.failure is not None:
+            self._failed(call, result.failure)
             return None
-        with self._lock:
-            self._observed.observe(name, len(x), ms)
-        return part
+        return result.part
 
     def _settle(self, call: _Call) -> bool:
         """Check the pending stacks' sums for NaN/Inf, add the good ones to the call's sums and record each stack's
@@ -611,6 +691,8 @@ class Predictor:
         """Free every stack's resources and stop worker threads (without waiting for late stacks). Predicting
         afterwards raises :class:`~edgens.errors.PredictorClosedError`; closing again does nothing."""
         self._closed = True
+        if self._lanes is not None:
+            self._lanes.close()
         for pool in self._pools.values():
             pool.shutdown(wait=False, cancel_futures=True)
         self._pools.clear()
@@ -626,9 +708,10 @@ class Predictor:
 
 
 def _total(pending: list[tuple[Step, np.ndarray]]) -> np.ndarray:
-    """The float64 sum of the pending stacks' sums."""
+    """The sum of the pending stacks' sums: float64 for several; one stack's float32 sum as it is (adding it to the
+    call's float64 sums converts it on the way, without a copy)."""
     if len(pending) == 1:
-        return pending[0][1].astype(np.float64)
+        return pending[0][1]
     return np.sum([part for _, part in pending], axis=0, dtype=np.float64)
 
 

@@ -94,6 +94,11 @@ def test_bundle_layout_and_schema(bundle: Path) -> None:
     assert sorted(manifest.order) == list(range(12))
     general = manifest.general_stacks
     assert [len(s.members) for s in general] == [5, 5, 2]
+    # Default prefix fractions 0.1, 0.25, 0.5, 1 rounded up to general-stack ends (5, 10, 12): 5 is the first
+    # general stack itself, so only 10 and 12 get a prefix stack.
+    assert [(s.name, s.members) for s in manifest.prefix_stacks] == [("prefix-0010", manifest.order[:10]),
+                                                                     ("prefix-0012", manifest.order)]
+    assert {s.precision for s in manifest.stacks} == {"fp32"}
     assert [m for s in general for m in s.members] == manifest.order  # consecutive chunks of the order
     assert len(manifest.specialists) == 10 and all(len(s.members) == 4 for s in manifest.specialists)
     assert not list(bundle.parent.glob(".bundle.*"))  # no leftovers of the temporary directory
@@ -202,8 +207,10 @@ def test_incomplete_or_inconsistent_runs(tiny_run: Path, tmp_path: Path) -> None
 
 
 def test_bad_options(tiny_run: Path, tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="add --tensorrt"):
-        export_bundle(tiny_run, tmp_path / "b", ExportOptions(precision="fp16"))
+    with pytest.raises(ConfigError, match="unknown precision 'fp8'; expected one of fp32, fp16, int8"):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(precision="fp8"))
+    with pytest.raises(ConfigError, match="prefix stack fraction"):
+        export_bundle(tiny_run, tmp_path / "b", ExportOptions(prefix_stacks=(0.5, 1.5)))
     with pytest.raises(ConfigError, match="unknown order"):
         export_bundle(tiny_run, tmp_path / "b", ExportOptions(order="random"))
 
@@ -247,3 +254,92 @@ def test_a_stack_size_above_the_member_count_exports_one_stack(tiny_run: Path, t
     general = load_manifest(tmp_path / "b").general_stacks
     assert len(general) == 1 and general[0].members == list(range(12))
     assert "stack size 100 is larger than the run's 12 members: exporting one stack of all 12" in caplog.text
+
+
+def test_default_schedule_is_fine_early_and_coarse_late() -> None:
+    from edgens.export.bundle import general_schedule, prefix_sizes
+
+    sizes = [end - start for start, end in general_schedule(256, None)]
+    assert sizes == [13, 13, 12, 13, 13, 32, 32, 32, 32, 32, 32] and sum(sizes) == 256
+    chunks = [list(range(start, end)) for start, end in general_schedule(256, None)]
+    assert prefix_sizes(chunks, (0.1, 0.25, 0.5, 1.0)) == [26, 64, 128, 256]
+    assert [end - start for start, end in general_schedule(3, None)] == [1, 1, 1]
+    assert general_schedule(10, 4) == [(0, 4), (4, 8), (8, 10)]
+
+
+def _int8_stacks_negated(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Make int8 quantization produce graphs that lose accuracy: every int8 weight negated."""
+    from onnx import numpy_helper
+
+    from edgens.export import precision
+
+    real = precision.quantize_int8
+
+    def damaged(source: Path, destination: Path, *args: object, **kwargs: object) -> None:
+        real(source, destination, *args, **kwargs)
+        model = onnx.load(str(destination))
+        for i, tensor in enumerate(model.graph.initializer):
+            values = numpy_helper.to_array(tensor)
+            if values.dtype == np.int8 and values.size > 1:
+                model.graph.initializer[i].CopyFrom(numpy_helper.from_array(-values, tensor.name))
+        onnx.save(model, str(destination))
+
+    monkeypatch.setattr(precision, "quantize_int8", damaged)
+
+
+def _stack_error_on_val(bundle: Path, name: str, tiny_run: Path) -> float:
+    """A stack's own error (mean of its members' logits) on the run's validation split, computed from its file."""
+    from edgens.data import load_dataset
+
+    manifest = load_manifest(bundle)
+    stack = manifest.stack(name)
+    data = load_dataset("fashion-mnist", val_size=2000)
+    x = ((data.val_x.astype(np.float32) - manifest.preprocessing.mean[0]) / manifest.preprocessing.std[0])
+    session = ort.InferenceSession(str(bundle / stack.file), providers=["CPUExecutionProvider"])
+    eta = session.run(None, {"x": x.reshape(-1, 1, 28, 28).astype(np.float32)})[0]
+    return _softmax_error(eta.astype(np.float64).mean(0), data.val_y)
+
+
+def test_int8_export_quantizes_stacks_and_records_the_accuracy_change(tiny_run: Path, bundle: Path,
+                                                                       tmp_path: Path) -> None:
+    out = tmp_path / "int8"
+    export_bundle(tiny_run, out, ExportOptions(stack_size=5, specialist_size=0, precision="int8",
+                                               precision_tolerance=1.0))
+    manifest = load_manifest(out)
+    fp32 = load_manifest(bundle)
+    for stack in manifest.stacks:
+        assert stack.precision == "int8" and stack.file == f"stacks/{stack.name}.int8.onnx"
+        assert not (out / f"stacks/{stack.name}.onnx").exists()  # only what runs is shipped
+        ops = {node.op_type for node in onnx.load(str(out / stack.file)).graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+        # The recorded change, recomputed from both files on the whole validation split.
+        change = _stack_error_on_val(out, stack.name, tiny_run) - _stack_error_on_val(bundle, stack.name, tiny_run)
+        assert stack.val_error_change == pytest.approx(change, abs=1e-9)
+        assert abs(change) < 0.05  # int8 stays close to fp32 on these small MLPs
+    assert [s.name for s in manifest.stacks] == [s.name for s in fp32.stacks if s.role != "specialist"]
+
+
+def test_int8_guard_keeps_fp32_for_a_stack_that_loses_accuracy(tiny_run: Path, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    _int8_stacks_negated(monkeypatch)
+    out = tmp_path / "int8"
+    export_bundle(tiny_run, out, ExportOptions(stack_size=5, specialist_size=0, precision="int8"))
+    manifest = load_manifest(out)
+    for stack in manifest.stacks:
+        assert stack.precision == "fp32" and stack.file == f"stacks/{stack.name}.onnx"
+        assert stack.val_error_change is not None and stack.val_error_change > 0.005
+        assert stack.precision_note is not None and stack.precision_note.startswith("int8 refused")
+        assert not (out / f"stacks/{stack.name}.int8.onnx").exists()
+
+
+def test_fp16_export_writes_float16_graphs_with_float32_io(tiny_run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "fp16"
+    export_bundle(tiny_run, out, ExportOptions(stack_size=5, specialist_size=0, precision="fp16",
+                                               prefix_stacks=()))
+    manifest = load_manifest(out)
+    for stack in manifest.stacks:
+        assert stack.precision == "fp16", stack.precision_note
+        model = onnx.load(str(out / stack.file))
+        assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+        assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
+        assert abs(stack.val_error_change) < 0.01

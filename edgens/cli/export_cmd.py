@@ -11,21 +11,33 @@ import click
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Bundle directory to create.")
 @click.option("--stack-size", type=click.IntRange(min=1), default=None,
-              help="Members per general stack [ceil(M / 16): at most 16 stacks].")
+              help="Members per general stack [a schedule of 11 stacks: small over the first 25% of the members, "
+                   "larger after]. M (all members) gives one stack.")
+@click.option("--prefix-stacks", default="0.1,0.25,0.5,1", show_default=True, metavar="FRACTIONS",
+              help="Comma-separated fractions of the members that also get one graph of the first members (rounded "
+                   "up to a general stack's end), so budgets covering them run one call; 'none' for none.")
 @click.option("--order", type=click.Choice(["greedy", "index"]), default="greedy", show_default=True,
               help="Member order: greedy forward selection on validation outputs, or by index.")
 @click.option("--specialist-size", type=click.IntRange(min=0), default=20, show_default=True,
               help="Members per one-vs-rest specialist (capped at M / 2; 0: none).")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
 @click.option("--tensorrt", is_flag=True, help="Also build TensorRT engines (needs tensorrt and a GPU).")
-@click.option("--fp16", "precision", flag_value="fp16", help="TensorRT engines in FP16.")
-@click.option("--int8", "precision", flag_value="int8", help="TensorRT engines in INT8 (TensorRT 10, calibrated).")
+@click.option("--precision", type=click.Choice(["fp32", "fp16", "int8"]), default=None,
+              help="Stacks' precision [fp32]: fp16 graphs (for GPUs) or int8 (static QDQ quantization calibrated on "
+                   "validation inputs; a stack losing more than --precision-tolerance stays fp32); TensorRT engines "
+                   "are built in the same precision.")
+@click.option("--precision-tolerance", type=click.FloatRange(min=0, max=1), default=0.005, show_default=True,
+              help="Largest rise of a quantized stack's own validation error (0.005 = 0.5 points).")
+@click.option("--fp16", "engine_precision", flag_value="fp16", help="With --add-tensorrt: FP16 engines.")
+@click.option("--int8", "engine_precision", flag_value="int8",
+              help="With --add-tensorrt: INT8 engines (TensorRT 10, calibrated).")
 @click.option("--add-tensorrt", "add_to", type=click.Path(file_okay=False), default=None,
               help="Instead of exporting: build engines for this existing bundle on this device.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
-def export(run_dir: str | None, out: str | None, stack_size: int | None, order: str, specialist_size: int, opset: int,
-           tensorrt: bool, precision: str | None, add_to: str | None, force: bool, as_json: bool) -> None:
+def export(run_dir: str | None, out: str | None, stack_size: int | None, prefix_stacks: str, order: str,
+           specialist_size: int, opset: int, tensorrt: bool, precision: str | None, precision_tolerance: float,
+           engine_precision: str | None, add_to: str | None, force: bool, as_json: bool) -> None:
     """Export RUN_DIR as a deployment bundle of member stacks (ONNX, optionally TensorRT) plus a manifest.
 
     Members are ordered for anytime use, cut into stacks, and each class gets a specialist sub-ensemble. Every
@@ -35,12 +47,15 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, order: 
     \b
     Examples:
       edgens export runs/default -o bundle
-      edgens export runs/default -o bundle --tensorrt --fp16
+      edgens export runs/default -o bundle --precision int8
+      edgens export runs/default -o bundle --tensorrt --precision fp16
       edgens export --add-tensorrt bundle --fp16      # on the target device
     """
     from edgens.cli.progress import StageProgress
 
-    precision = precision or "fp32"
+    if precision is not None and engine_precision is not None and precision != engine_precision:
+        raise click.UsageError(f"--precision {precision} and --{engine_precision} disagree; give one")
+    precision = precision or engine_precision or "fp32"
     progress = StageProgress(quiet=as_json)
     if add_to is not None:
         if run_dir is not None or out is not None:
@@ -59,8 +74,9 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, order: 
         raise click.UsageError("give RUN_DIR and -o/--out BUNDLE (or --add-tensorrt BUNDLE)")
     from edgens.export import ExportOptions, export_bundle
 
-    options = ExportOptions(stack_size=stack_size, order=order, specialist_size=specialist_size, opset=opset,
-                            tensorrt=tensorrt, precision=precision, force=force)
+    options = ExportOptions(stack_size=stack_size, prefix_stacks=_fractions(prefix_stacks), order=order,
+                            specialist_size=specialist_size, opset=opset, tensorrt=tensorrt, precision=precision,
+                            precision_tolerance=precision_tolerance, force=force)
     try:
         report = export_bundle(run_dir, out, options, progress)
     finally:
@@ -70,9 +86,16 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, order: 
         return
     manifest = report.manifest
     worst = max(report.parity, key=lambda r: r.max_abs_diff)
-    click.echo(f"{out}: {len(manifest.general_stacks)} general stacks of {len(manifest.stacks[0].members)} "
-               f"members, {len(manifest.specialists)} specialists, {report.bytes / 1e6:.1f} MB, "
-               f"{report.seconds:.0f} s")
+    prefixes = ", ".join(str(len(stack.members)) for stack in manifest.prefix_stacks) or "none"
+    sizes = sorted({len(stack.members) for stack in manifest.general_stacks})
+    size = str(sizes[0]) if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
+    click.echo(f"{out}: {len(manifest.general_stacks)} general stacks of {size} "
+               f"members, prefix stacks of {prefixes} members, {len(manifest.specialists)} specialists, "
+               f"{report.bytes / 1e6:.1f} MB, {report.seconds:.0f} s")
+    kept = [stack for stack in manifest.stacks if stack.precision_note]
+    if precision != "fp32":
+        click.echo(f"precision: {len(manifest.stacks) - len(kept)} of {len(manifest.stacks)} stacks in {precision}"
+                   + (f"; kept fp32: {'; '.join(f'{s.name} ({s.precision_note})' for s in kept)}" if kept else ""))
     click.echo(f"parity: every stack matches torch on validation inputs (largest difference {worst.max_abs_diff:.1e}"
                f" in {worst.name})")
     curve = manifest.curves
@@ -80,3 +103,17 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, order: 
     click.echo(f"validation error: all members {100 * manifest.metrics.val.error:.2f}%, first {tenth} in "
                f"{manifest.order_method} order {100 * curve.order_val_error[tenth - 1]:.2f}% (random "
                f"{100 * curve.random_val_error[tenth - 1]:.2f}%)")
+
+
+def _fractions(text: str) -> tuple[float, ...]:
+    """``--prefix-stacks``: comma-separated fractions in (0, 1], or ``none``."""
+    if text.strip().lower() in ("none", ""):
+        return ()
+    try:
+        values = tuple(float(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated fractions in (0, 1] or 'none', got {text!r}",
+                                 param_hint="--prefix-stacks") from None
+    if not all(0 < value <= 1 for value in values):
+        raise click.BadParameter(f"expected fractions in (0, 1], got {text!r}", param_hint="--prefix-stacks")
+    return values

@@ -193,7 +193,8 @@ def _write_stack(bundle: Path, name: str, role: str, ids: list[int], members: di
 def make_bundle(path: str | Path, *, n_members: int = 6, per_stack: int | list[int] = 2, hidden: int = 8,
                 family: str = "categorical", n_outputs: int | None = None,
                 input_shape: tuple[int, ...] = (1, 28, 28), order: list[int] | None = None,
-                specialists: dict[int, list[int]] | None = None, seed: int = 0) -> SyntheticBundle:
+                specialists: dict[int, list[int]] | None = None, prefixes: list[int] | None = None,
+                seed: int = 0) -> SyntheticBundle:
     """Write a bundle with real ONNX stacks to ``path``.
 
     Args:
@@ -201,6 +202,7 @@ def make_bundle(path: str | Path, *, n_members: int = 6, per_stack: int | list[i
         hidden: hidden units per member (0: linear members).
         order: the anytime order (default: by id).
         specialists: ``{class index: member ids}`` (categorical only; default: class 3 with the last two members).
+        prefixes: member counts of prefix stacks (each the end of a general stack; default: none).
     """
     path = Path(path)
     n_outputs = n_outputs or (10 if family == "categorical" else 1)
@@ -221,6 +223,9 @@ def make_bundle(path: str | Path, *, n_members: int = 6, per_stack: int | list[i
             stacks.append(_write_stack(path, f"general-{i:03d}", "general", ids, members, input_shape, n_outputs,
                                        flops))
         start += size
+    for n in prefixes or []:
+        stacks.append(_write_stack(path, f"prefix-{n:04d}", "prefix", order[:n], members, input_shape, n_outputs,
+                                   flops))
     if specialists is None:
         specialists = {3: order[-2:]} if family == "categorical" and n_members >= 2 else {}
     infos = []

@@ -51,7 +51,7 @@ def bundle(_template: SyntheticBundle, tmp_path: Path) -> SyntheticBundle:
 
 @pytest.fixture()
 def predictor(bundle: SyntheticBundle) -> Iterator[Predictor]:
-    with Predictor.load(bundle.path, "onnxruntime") as loaded:
+    with Predictor.load(bundle.path, "onnxruntime", lanes=1) as loaded:  # lanes: test_lanes.py
         yield loaded
 
 

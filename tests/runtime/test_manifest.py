@@ -29,7 +29,7 @@ def _raw(bundle: SyntheticBundle) -> dict[str, Any]:
 def test_written_manifest_matches_schema_and_round_trips(bundle: SyntheticBundle) -> None:
     data = _raw(bundle)
     jsonschema.validate(data, SCHEMA)
-    assert data["format"] == "edgens-bundle" and data["format_version"] == 1
+    assert data["format"] == "edgens-bundle" and data["format_version"] == 2
     loaded = load_manifest(bundle.path)
     assert loaded.to_dict() == data
     assert Manifest.from_dict(loaded.to_dict()) == loaded
@@ -86,7 +86,7 @@ BAD = [
     ("preprocessing.applied_by", "graph", "preprocessing.applied_by: expected one of 'runtime'"),
     ("members[1].flops", -5, "members[1].flops: expected an integer >= 0, got -5"),
     ("members[0].val_error", "low", "members[0].val_error: expected a finite number, got 'low'"),
-    ("stacks[1].role", "backup", "stacks[1].role: expected one of 'general', 'specialist', got 'backup'"),
+    ("stacks[1].role", "backup", "stacks[1].role: expected one of 'general', 'prefix', 'specialist', got 'backup'"),
     ("stacks[1].file", "../outside.onnx", "stacks[1].file: expected a relative path inside the bundle"),
     ("stacks[1].file", "/etc/passwd", "stacks[1].file: expected a relative path inside the bundle"),
     ("stacks[0].bytes", _DELETE, "stacks[0].bytes: missing; expected an integer >= 0"),
@@ -95,6 +95,10 @@ BAD = [
     ("metrics.test", {"error": 0.1}, "metrics.test.nll: missing; expected a finite number"),
     ("format", "something-else", "format: expected 'edgens-bundle'"),
     ("class_names", ["a", "b"], "class_names: expected null or a list of 10 strings (n_outputs)"),
+    ("stacks[0].precision", "int4", "stacks[0].precision: expected one of 'fp32', 'fp16', 'int8', got 'int4'"),
+    ("stacks[0].precision", _DELETE, "stacks[0].precision: missing; expected one of 'fp32', 'fp16', 'int8'"),
+    ("stacks[1].val_error_change", "small", "stacks[1].val_error_change: expected a finite number or null"),
+    ("stacks[2].precision_note", 3, "stacks[2].precision_note: expected a string or null, got 3"),
 ]
 
 
@@ -133,15 +137,15 @@ def test_cross_references_are_checked(bundle: SyntheticBundle, path: str, value:
         Manifest.from_dict(copy.deepcopy(data))
 
 
-@pytest.mark.parametrize("version", [2, 0, "1", 1.0, True])
+@pytest.mark.parametrize("version", [3, 0, "1", 1.0, True])
 def test_unknown_format_version_says_which_are_supported(bundle: SyntheticBundle, version: Any) -> None:
     data = _raw(bundle)
     data["format_version"] = version
     (bundle.path / "manifest.json").write_text(json.dumps(data))
-    expected = r"format_version: this edgens reads bundle format version\(s\) 1, got"
+    expected = r"format_version: this edgens reads bundle format version\(s\) 1, 2, got"
     with pytest.raises(BundleError, match=expected) as info:
         load_manifest(bundle.path)
-    assert ("upgrade edgens" in str(info.value)) == (version == 2)
+    assert ("upgrade edgens" in str(info.value)) == (version == 3)
     assert "written by edgens 0.1.0" in str(info.value)
 
 
@@ -218,3 +222,47 @@ def test_schema_file_is_a_valid_json_schema() -> None:
     assert set(SCHEMA["required"]) == set(mf.KNOWN_KEYS) - {"calibration"}
     fields = set(Manifest.__dataclass_fields__) - {"extra"}
     assert fields | {"format", "format_version"} == set(mf.KNOWN_KEYS)
+
+
+def _with_prefix(bundle: SyntheticBundle, members: list[int]) -> dict[str, Any]:
+    """The bundle's manifest with a prefix stack (reusing general-000's file) inserted before the specialists."""
+    data = _raw(bundle)
+    prefix = dict(data["stacks"][0], name="prefix", role="prefix", members=members,
+                  flops=data["stacks"][0]["flops"] // 2 * len(members))
+    data["stacks"].insert(3, prefix)
+    return data
+
+
+def test_a_prefix_stack_must_hold_the_first_general_stacks(bundle: SyntheticBundle) -> None:
+    # The template: general stacks of members [0, 1], [2, 3], [4, 5]; ends at 2, 4 and 6 members.
+    assert [len(s.members) for s in Manifest.from_dict(_with_prefix(bundle, [0, 1, 2, 3])).prefix_stacks] == [4]
+    for members in ([0, 1, 2], [2, 3, 0, 1], [0, 1, 4, 5]):
+        with pytest.raises(BundleError, match=r"stacks\[3\]\.members: a prefix stack must hold exactly the members "
+                                              r"of the first general stacks"):
+            Manifest.from_dict(_with_prefix(bundle, members))
+    data = _with_prefix(bundle, [0, 1, 2, 3])
+    data["stacks"].insert(0, data["stacks"].pop(3))
+    with pytest.raises(BundleError, match=r"stacks\[1\]\.role: general stacks must come before prefix"):
+        Manifest.from_dict(data)
+    data = _with_prefix(bundle, [0, 1, 2, 3])
+    data["stacks"].insert(3, dict(data["stacks"][3], name="prefix-all", members=list(range(6)),
+                                  flops=data["stacks"][3]["flops"] // 4 * 6))
+    with pytest.raises(BundleError, match=r"prefix stacks must be listed smallest first"):
+        Manifest.from_dict(data)
+    jsonschema.validate(_with_prefix(bundle, [0, 1, 2, 3]), SCHEMA)
+
+
+def test_format_version_1_loads_as_fp32_stacks_without_prefixes(bundle: SyntheticBundle) -> None:
+    data = _raw(bundle)
+    data["format_version"] = 1
+    for stack in data["stacks"]:
+        for key in ("precision", "val_error_change", "precision_note"):
+            del stack[key]
+    jsonschema.validate(data, SCHEMA)
+    (bundle.path / "manifest.json").write_text(json.dumps(data))
+    manifest = load_manifest(bundle.path)
+    assert {stack.precision for stack in manifest.stacks} == {"fp32"} and not manifest.prefix_stacks
+    assert manifest.to_dict()["format_version"] == 2  # rewriting upgrades it
+    data["stacks"][0]["role"] = "prefix"  # version 1 had no prefix stacks
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(data, SCHEMA)
