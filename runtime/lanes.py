@@ -66,11 +66,12 @@ class LaneWork:
         run: runs one step (in a lane's thread).
         may_start: ``(step, is_fallback, answered) -> bool``: whether the call still wants this step started;
             False ends the call's work (nothing later is started either).
+        fallback: the steps stand in for a stack that failed (for ``may_start``).
     """
 
     def __init__(self, steps: list[Step], run: Callable[[Step], StackResult],
-                 may_start: Callable[[Step, bool, bool], bool]):
-        self._queue: deque[tuple[Step, bool]] = deque((step, False) for step in steps)
+                 may_start: Callable[[Step, bool, bool], bool], fallback: bool = False):
+        self._queue: deque[tuple[Step, bool]] = deque((step, fallback) for step in steps)
         self._run = run
         self._may_start = may_start
         self._cond = threading.Condition()

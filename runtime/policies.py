@@ -166,7 +166,13 @@ def plan(budget: Budget, manifest: Manifest, available: Callable[[str], bool],
     if budget.kind in ("deadline_ms", "confidence"):
         return [_whole(stack) for stack in general]
     if budget.kind is None:
-        return _with_prefix([_whole(stack) for stack in general], manifest, available)
+        steps = _with_prefix([_whole(stack) for stack in general], manifest, available)
+        every = manifest.prefix_stacks[-1] if manifest.prefix_stacks else None
+        if every is not None and len(every.members) == len(manifest.members) and available(every.name) \
+                and (not steps or steps[0].stack != every.name):
+            # a general stack is lost, but the prefix stack of every member still holds all of them
+            return [Step(every.name, None, tuple(every.members), fallback=tuple(_whole(s) for s in general))]
+        return steps
     if budget.kind == "members":
         return _with_prefix(_plan_members(budget.value, manifest, general), manifest, available)
     if budget.kind == "flops":

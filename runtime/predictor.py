@@ -463,11 +463,18 @@ class Predictor:
 
     def _execute(self, call: _Call) -> Iterator[None]:
         """Run the call's stacks; when eager, yields after each one that answers."""
-        if self._lanes is not None and len(call.steps) > 1 and call.active is None:
-            first = self._estimate(call.steps[0].stack, len(call.x))
-            if first is not None and first >= LANE_MIN_MS:  # unknown until the stack ran once here: in order
-                return self._execute_in_lanes(call, self._lanes)
+        if self._use_lanes(call, call.steps):
+            assert self._lanes is not None
+            return self._execute_in_lanes(call, self._lanes, call.steps)
         return self._execute_in_order(call)
+
+    def _use_lanes(self, call: _Call, steps: list[Step] | tuple[Step, ...]) -> bool:
+        """Whether ``steps`` run on the lanes: more than one, not early exit, and heavy enough to repay the
+        handoff (:data:`~edgens.runtime.lanes.LANE_MIN_MS`; unknown until a stack ran once here: in order)."""
+        if self._lanes is None or len(steps) < 2 or call.active is not None:
+            return False
+        first = self._estimate(steps[0].stack, len(call.x))
+        return first is not None and first >= LANE_MIN_MS
 
     def _estimate(self, name: str, batch: int) -> float | None:
         """A stack's expected latency at this batch size: the latency table's, else what this predictor observed."""
@@ -503,7 +510,11 @@ class Predictor:
             x = call.x if active is None or len(active) == len(call.x) else call.x[active]
             part = self._record(call, self._run_stack(step, x))
             if part is None:
-                todo.extendleft((fallback, True) for fallback in reversed(step.fallback))
+                if self._use_lanes(call, step.fallback):  # a failed prefix stack's general stacks, side by side
+                    assert self._lanes is not None
+                    yield from self._execute_in_lanes(call, self._lanes, step.fallback, fallback=True)
+                else:
+                    todo.extendleft((fallback, True) for fallback in reversed(step.fallback))
                 continue
             call.pending.append((step, part))
             if not call.eager:
@@ -518,12 +529,15 @@ class Predictor:
             if call.active is not None and not len(call.active):
                 break
 
-    def _execute_in_lanes(self, call: _Call, lanes: Lanes) -> Iterator[None]:
-        """Run the stacks on the lanes; this thread collects their results and keeps the deadline. Members that
-        finish after the deadline are left out (unless none finished before it: a prediction needs one)."""
-        work = LaneWork(call.steps, lambda step: self._run_stack(step, call.x),
-                        lambda step, is_fallback, answered: self._may_start(call, step, is_fallback, answered))
-        serving = min(lanes.count, len(call.steps))
+    def _execute_in_lanes(self, call: _Call, lanes: Lanes, steps: list[Step] | tuple[Step, ...],
+                          fallback: bool = False) -> Iterator[None]:
+        """Run ``steps`` on the lanes (``fallback``: in place of a failed stack); this thread collects their results
+        and keeps the deadline. Members that finish after the deadline are left out (unless none finished before
+        it: a prediction needs one)."""
+        work = LaneWork(list(steps), lambda step: self._run_stack(step, call.x),
+                        lambda step, is_fallback, answered: self._may_start(call, step, is_fallback, answered),
+                        fallback=fallback)
+        serving = min(lanes.count, len(steps))
         lanes.submit(work, serving)
         try:
             while serving:
@@ -567,6 +581,9 @@ class Predictor:
                 # are then reported as non-finite.
                 part = (out if step.rows is None else out[list(step.rows)]).sum(axis=0)
                 failure = None
+                if step.fallback and not math.isfinite(part.sum()):
+                    # settling would find it too, but then too late for the fallback to run in this call
+                    part, failure = None, StackFailure(name, "non-finite", "returned NaN or infinite values")
             else:
                 failure = StackFailure(name, "shape", f"returned shape {getattr(out, 'shape', type(out))}, expected "
                                                       f"{expected}")
