@@ -9,7 +9,8 @@ is still running finishes in its lane and is thrown away (it cannot be preempted
 late). onnxruntime and TensorRT release the GIL while they compute, so lanes run in parallel in one process.
 
 A stack that fails and has a fallback (a prefix stack's general stacks) has the fallback put at the front of the
-queue by the lane that saw it fail, before the lane reports, so no lane leaves while work may still appear.
+queue by the lane that saw it fail, which then takes it up itself: a lane that found the queue empty has left, so
+no lane ever waits for another.
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ MAX_DEFAULT_LANES = 4
 # batches do not repay (2 cores: 16 stacks of 16 members at batch 1, ~0.02 ms each, took 1.6 ms on 2 lanes and 0.8 ms
 # in order; at batch 64, ~0.1 ms each, 2.0 ms on 2 lanes and 2.5-3.0 ms in order).
 LANE_MIN_MS = 0.1
+# Where `edgens profile` measured the lanes (LatencyTable.lanes), that decides instead: lanes are used at a batch size
+# only if they ran the general stacks at least this much faster there. On a shared 2-vCPU VM they often do not (the
+# second core is not always there); on a dedicated device they should.
+LANE_MIN_SPEEDUP = 1.1
 
 
 def default_lanes() -> int:
@@ -74,8 +79,7 @@ class LaneWork:
         self._queue: deque[tuple[Step, bool]] = deque((step, fallback) for step in steps)
         self._run = run
         self._may_start = may_start
-        self._cond = threading.Condition()
-        self._running = 0
+        self._lock = threading.Lock()
         self._stopped = False
         self._answered = False
         self.results: queue.SimpleQueue[StackResult | None] = queue.SimpleQueue()
@@ -83,24 +87,17 @@ class LaneWork:
 
     def stop(self) -> None:
         """Start no more stacks (the call has returned or has enough)."""
-        with self._cond:
+        with self._lock:
             self._stopped = True
             self._queue.clear()
-            self._cond.notify_all()
 
     def _take(self) -> tuple[Step, bool] | None:
-        with self._cond:
-            while not self._stopped:
-                if self._queue:
-                    step, is_fallback = self._queue.popleft()
-                    if not self._may_start(step, is_fallback, self._answered):
-                        self._queue.clear()  # what comes later would not fit either
-                        continue
-                    self._running += 1
+        with self._lock:
+            while self._queue and not self._stopped:
+                step, is_fallback = self._queue.popleft()
+                if self._may_start(step, is_fallback, self._answered):
                     return step, is_fallback
-                if not self._running:
-                    return None
-                self._cond.wait()  # a running stack may still fail and add its fallback
+                self._queue.clear()  # what comes later would not fit either
             return None
 
     def serve(self) -> None:
@@ -109,13 +106,11 @@ class LaneWork:
             while (taken := self._take()) is not None:
                 step, _ = taken
                 result = self._run(step)
-                with self._cond:
-                    self._running -= 1
+                with self._lock:
                     if result.part is not None:
                         self._answered = True
                     elif step.fallback and not self._stopped:
                         self._queue.extendleft((fallback, True) for fallback in reversed(step.fallback))
-                    self._cond.notify_all()
                 self.results.put(result)
         finally:
             self.results.put(None)

@@ -33,6 +33,19 @@ class StackLatency:
     p90_ms: float
 
 
+@dataclass(frozen=True)
+class ChainLatency:
+    """Median time (ms) to run every general stack once: one after another, and on ``lanes`` parallel lanes."""
+
+    lanes: int
+    in_order_ms: float
+    lanes_ms: float
+
+    @property
+    def speedup(self) -> float:
+        return self.in_order_ms / self.lanes_ms if self.lanes_ms > 0 else float("nan")
+
+
 @dataclass
 class LatencyTable:
     """Latencies of a bundle's stacks measured with one backend and provider list on one device.
@@ -45,6 +58,8 @@ class LatencyTable:
         created: ISO-8601 UTC time of measurement.
         warmup: untimed runs before measuring.
         repeats: timed runs per stack and batch size.
+        lanes: ``{batch size: ChainLatency}``: every general stack run in order and on the predictor's lanes, as
+            measured by ``edgens profile`` (what the lanes achieve on this device; empty in older tables).
     """
 
     backend: str
@@ -54,6 +69,7 @@ class LatencyTable:
     created: str = field(default_factory=utc_now)
     warmup: int = 0
     repeats: int = 0
+    lanes: dict[int, ChainLatency] = field(default_factory=dict)
 
     def matches(self, description: dict[str, Any]) -> bool:
         """Whether this table was measured with the backend, providers and device in ``description``."""
@@ -81,12 +97,24 @@ class LatencyTable:
         weight = (batch - lower) / (upper - lower)
         return (1 - weight) * sizes[lower].median_ms + weight * sizes[upper].median_ms
 
+    def lanes_pay(self, batch: int, lanes: int, min_speedup: float) -> bool | None:
+        """Whether running the general stacks on ``lanes`` lanes measured at least ``min_speedup`` times faster
+        than in order, at the largest measured batch size not above ``batch``; None when the table did not measure
+        that lane count (or any batch size that small)."""
+        sizes = [b for b, chain in self.lanes.items() if chain.lanes == lanes and b <= batch]
+        if not sizes:
+            return None
+        return self.lanes[max(sizes)].speedup >= min_speedup
+
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "providers": list(self.providers), "device": self.device,
                 "created": self.created, "warmup": self.warmup, "repeats": self.repeats,
                 "stacks": {name: {str(batch): {"median_ms": round(v.median_ms, 6), "p90_ms": round(v.p90_ms, 6)}
                                   for batch, v in sorted(sizes.items())}
-                           for name, sizes in self.stacks.items()}}
+                           for name, sizes in self.stacks.items()},
+                **({"lanes": {str(batch): {"lanes": c.lanes, "in_order_ms": round(c.in_order_ms, 6),
+                                           "lanes_ms": round(c.lanes_ms, 6)}
+                              for batch, c in sorted(self.lanes.items())}} if self.lanes else {})}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "latency table") -> LatencyTable:
@@ -99,9 +127,11 @@ class LatencyTable:
             stacks = {str(name): {int(batch): StackLatency(float(v["median_ms"]), float(v["p90_ms"]))
                                   for batch, v in sizes.items()}
                       for name, sizes in data["stacks"].items()}
+            lanes = {int(batch): ChainLatency(int(v["lanes"]), float(v["in_order_ms"]), float(v["lanes_ms"]))
+                     for batch, v in data.get("lanes", {}).items()}
             return cls(backend=str(data["backend"]), providers=[str(p) for p in data["providers"]],
                        device=str(data["device"]), stacks=stacks, created=str(data.get("created", "")),
-                       warmup=int(data.get("warmup", 0)), repeats=int(data.get("repeats", 0)))
+                       warmup=int(data.get("warmup", 0)), repeats=int(data.get("repeats", 0)), lanes=lanes)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise BundleError(f"{where}: malformed ({type(err).__name__}: {err}); expected backend, providers, "
                               f"device and stacks {{name: {{batch: {{median_ms, p90_ms}}}}}}; run `edgens profile` "

@@ -45,7 +45,7 @@ from edgens.runtime.backends import Backend, StackRunner, create_backend
 from edgens.ensemble import inverse_link
 from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.inputs import InputPreparer
-from edgens.runtime.lanes import LANE_MIN_MS, Lanes, LaneWork, StackResult, default_lanes
+from edgens.runtime.lanes import LANE_MIN_MS, LANE_MIN_SPEEDUP, Lanes, LaneWork, StackResult, default_lanes
 from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest
 from edgens.runtime.policies import Budget, Step
 from edgens.runtime.latency import LatencyTable, ObservedLatency, find_table, load_latency_tables
@@ -63,7 +63,7 @@ class Prediction:
         eta: ``(B, K)`` the mean natural parameters of the members used.
         labels: ``(B,)`` the most probable class (categorical), else None.
         members_used: ``(B,)`` members averaged for each example.
-        stacks_run: stacks that answered, in the order they ran.
+        stacks_run: stacks that answered, in the order they finished.
         failures: stacks that failed in this call.
         elapsed_ms: wall time of the call, input checks included.
         stack_ms: wall time of each stack that ran (failed ones included).
@@ -117,6 +117,7 @@ class _Call:
     start: float
     eta_sum: np.ndarray
     eager: bool = False  # settle after every stack
+    streaming: bool = False  # the caller sees each partial prediction (anytime iterator, on_update)
     members: int = 0  # members that answered for every example (all budgets but confidence)
     deadline: float | None = None
     # latency_ms budgets: fallback stacks (a failed prefix stack's general stacks) start only while they fit this
@@ -438,7 +439,8 @@ class Predictor:
             raise NoMembersAvailableError(f"no stack is available for {budget}: {self.describe_health()}; "
                                           f"Predictor.retry() tries them again")
         k = self.manifest.n_outputs
-        call = _Call(x=xn, budget=budget, steps=steps, start=start, eta_sum=np.zeros((batch, k)), eager=eager)
+        call = _Call(x=xn, budget=budget, steps=steps, start=start, eta_sum=np.zeros((batch, k)), eager=eager,
+                     streaming=eager)
         if budget.kind == "deadline_ms":
             call.deadline, call.eager = start + budget.value / 1e3, True
         elif budget.kind == "latency_ms":
@@ -469,11 +471,17 @@ class Predictor:
         return self._execute_in_order(call)
 
     def _use_lanes(self, call: _Call, steps: list[Step] | tuple[Step, ...]) -> bool:
-        """Whether ``steps`` run on the lanes: more than one, not early exit, and heavy enough to repay the
-        handoff (:data:`~edgens.runtime.lanes.LANE_MIN_MS`; unknown until a stack ran once here: in order)."""
+        """Whether ``steps`` run on the lanes: more than one, not early exit, and lanes measured faster at this batch
+        size by ``edgens profile`` or, without that measurement, stacks heavy enough to repay the handoff
+        (:data:`~edgens.runtime.lanes.LANE_MIN_MS`; unknown until a stack ran once here: in order)."""
         if self._lanes is None or len(steps) < 2 or call.active is not None:
             return False
-        first = self._estimate(steps[0].stack, len(call.x))
+        batch = len(call.x)
+        table = self.latency_table
+        measured = None if table is None else table.lanes_pay(batch, self.lanes, LANE_MIN_SPEEDUP)
+        if measured is not None:
+            return measured
+        first = self._estimate(steps[0].stack, batch)
         return first is not None and first >= LANE_MIN_MS
 
     def _estimate(self, name: str, batch: int) -> float | None:
@@ -537,19 +545,29 @@ class Predictor:
         work = LaneWork(list(steps), lambda step: self._run_stack(step, call.x),
                         lambda step, is_fallback, answered: self._may_start(call, step, is_fallback, answered),
                         fallback=fallback)
-        serving = min(lanes.count, len(steps))
+        # Unless the caller wants each partial prediction as it comes, this thread is one of the lanes: a thread
+        # that sleeps while others compute costs a wake-up per result (tens of microseconds on a small VM).
+        inline = not call.streaming
+        serving = min(lanes.count - inline, len(steps) - inline)
         lanes.submit(work, serving)
         try:
+            if inline:
+                work.serve()
+                serving += 1
+            past_deadline = False
             while serving:
                 timeout = None
                 if call.deadline is not None and (call.stacks_run or call.pending):
                     timeout = call.deadline - time.perf_counter()
-                    if timeout <= 0:
-                        break
+                    past_deadline = timeout <= 0
                 try:
-                    result = work.results.get(timeout=timeout)
+                    # past the deadline, only what already finished is collected; what still runs is late
+                    result = work.results.get_nowait() if past_deadline else work.results.get(timeout=timeout)
                 except queue.Empty:
-                    break  # the deadline: what still runs is late
+                    if past_deadline:
+                        break
+                    past_deadline = True
+                    continue
                 if result is None:
                     serving -= 1
                     continue

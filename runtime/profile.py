@@ -13,7 +13,9 @@ import numpy as np
 
 from edgens.checks import check_number
 from edgens.errors import ConfigError, NoMembersAvailableError
-from edgens.runtime.latency import LatencyTable, StackLatency
+from edgens.runtime.lanes import Lanes, LaneWork, StackResult
+from edgens.runtime.latency import ChainLatency, LatencyTable, StackLatency
+from edgens.runtime.policies import Step
 from edgens.runtime.predictor import Predictor
 
 DEFAULT_BATCH_SIZES = (1, 8, 64)
@@ -31,7 +33,8 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
     Stacks are timed the way calls run them: one after another in rounds (each round runs every stack once), so
     each stack starts with the caches the previous stack left, as in a real call. Timing one stack in a tight loop
     instead keeps its weights in cache and underestimated a 4-stack call by 10-20% on a small CPU. Input is random
-    normalised data of the bundle's shape (latency does not depend on the values for these graphs).
+    normalised data of the bundle's shape (latency does not depend on the values for these graphs). With two or more
+    lanes, each batch size also times every general stack run in order and on the lanes (``LatencyTable.lanes``).
 
     Args:
         predictor: a loaded predictor; its backend and sessions are what gets measured.
@@ -72,4 +75,48 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
             table.stacks.setdefault(name, {})[batch] = _summary(times[j])
             if on_progress is not None:
                 on_progress(name, batch)
+        chain = _chain_latency(predictor, x, warmup, repeats)
+        if chain is not None:
+            table.lanes[batch] = chain
     return table
+
+
+def _chain_latency(predictor: Predictor, x: np.ndarray, warmup: int, repeats: int) -> ChainLatency | None:
+    """Every available general stack run once, in order and on the predictor's lanes (None: fewer than 2 stacks
+    or lanes). Rounds alternate the two, so machine noise hits both alike."""
+    runners = predictor.runners
+    steps = [Step(s.name, None, tuple(s.members)) for s in predictor.manifest.general_stacks
+             if predictor.available(s.name)]
+    if len(steps) < 2 or predictor.lanes < 2:
+        return None
+
+    def run(step: Step) -> StackResult:
+        runners[step.stack].run(x)
+        return StackResult(step, None, None, 0.0, time.perf_counter())
+
+    def in_order() -> None:
+        for step in steps:
+            runners[step.stack].run(x)
+
+    def on_lanes() -> None:  # as a call runs them: the calling thread is one of the lanes
+        work = LaneWork(steps, run, lambda step, is_fallback, answered: True)
+        helpers = min(lanes.count, len(steps) - 1)
+        lanes.submit(work, helpers)
+        work.serve()
+        done = 0
+        while done < helpers + 1:
+            done += work.results.get() is None
+
+    lanes = Lanes(predictor.lanes - 1, name="edgens-profile-lane")
+    try:
+        times: dict[str, list[float]] = {"in_order": [], "lanes": []}
+        for i in range(warmup + repeats):
+            for name, fn in (("in_order", in_order), ("lanes", on_lanes))[::1 if i % 2 else -1]:
+                start = time.perf_counter()
+                fn()
+                if i >= warmup:
+                    times[name].append(time.perf_counter() - start)
+    finally:
+        lanes.close()
+    return ChainLatency(predictor.lanes, float(np.median(times["in_order"]) * 1e3),
+                        float(np.median(times["lanes"]) * 1e3))

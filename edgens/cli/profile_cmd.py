@@ -35,14 +35,18 @@ def parse_batch_sizes(text: str) -> list[int]:
 @click.option("--batch-sizes", default="1,8,64", show_default=True, help="Comma-separated batch sizes to measure.")
 @click.option("--repeats", type=click.IntRange(min=1), default=50, show_default=True, help="Timed runs each.")
 @click.option("--warmup", type=click.IntRange(min=0), default=5, show_default=True, help="Untimed runs first.")
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per stack (default: half the cores).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="onnxruntime threads per general stack's session (default: the cores per lane).")
+@click.option("--lanes", type=click.IntRange(min=1),
+              help="Parallel lanes to measure (default: one per core, at most 4).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of text.")
 def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: int, threads: int | None,
-            as_json: bool) -> None:
+            lanes: int | None, as_json: bool) -> None:
     """Measure each stack of BUNDLE on this device (median and p90 latency) and save BUNDLE/latency.json.
 
     The table is kept per backend, providers and device; profiling again replaces the matching table. Budgets
-    given in milliseconds (`edgens infer --latency-ms`) use it.
+    given in milliseconds (`edgens infer --latency-ms`) use it. With two or more lanes it also times every general
+    stack run one after another and on the lanes, which shows what parallel lanes achieve on this device.
     """
     from tqdm import tqdm
 
@@ -52,7 +56,7 @@ def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: 
 
     sizes = parse_batch_sizes(batch_sizes)
     options = {"threads": threads} if threads else {}
-    with Predictor.load(bundle, backend, **options) as predictor:
+    with Predictor.load(bundle, backend, lanes=lanes, **options) as predictor:
         check_writable(bundle / LATENCY_FILE)  # before the measurement, not after it
         total = len(predictor.runners) * len(sizes)
         with tqdm(total=total, desc="profiling", unit="stack", disable=None, leave=False) as bar:
@@ -71,4 +75,7 @@ def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: 
     for name, rows in table.stacks.items():
         for batch, latency in sorted(rows.items()):
             click.echo(f"{name:<20} {batch:>6} {latency.median_ms:>10.4f} {latency.p90_ms:>10.4f}")
+    for batch, chain in sorted(table.lanes.items()):
+        click.echo(f"all general stacks at batch {batch}: {chain.in_order_ms:.4f} ms in order, {chain.lanes_ms:.4f} "
+                   f"ms on {chain.lanes} lanes ({chain.speedup:.2f}x)")
     click.echo(f"wrote {path}")

@@ -99,7 +99,7 @@ def test_a_deadline_on_lanes_leaves_out_members_that_finish_late(lanes: Predicto
     x, _ = data
     lanes.replace_runners({name: FaultyRunner(lanes.runners[name], Fault("raise")) for name in ("prefix-0004",
                                                                                                  "prefix-0008")})
-    # Lane 1 runs general-000 (10 ms) then general-002 (10 ms); lane 2 is stuck in general-001 (800 ms).
+    # One lane runs general-000 (10 ms) then general-002 (10 ms); the other is stuck in general-001 (800 ms).
     log = _timed(lanes, {"general-000": 10.0, "general-001": 800.0, "general-002": 10.0})
     table = LatencyTable(**lanes.backend.describe())
     table.stacks = {name: {len(x): StackLatency(10.0, 10.0)} for name in GENERAL}  # lanes from the first call
@@ -111,8 +111,11 @@ def test_a_deadline_on_lanes_leaves_out_members_that_finish_late(lanes: Predicto
         (lane_bundle.path / "latency.json").unlink()
     assert sorted(prediction.stacks_run) == ["general-000", "general-002"]
     np.testing.assert_allclose(prediction.mean, lane_bundle.expected(x, [0, 1, 4, 5, 6, 7]), atol=2e-5)
-    assert prediction.elapsed_ms < 700  # returned at the deadline, not when the late stack finished
-    assert all(name != "general-001" for name, *_ in log)  # it had not finished when the call returned
+    # The calling thread is a lane too. If a helper lane was stuck, the call returned at the deadline without
+    # waiting for it; if the caller itself was, it returned when that stack ended (one stack late, as in order).
+    late_in_caller = [(name, thread) for name, thread, *_ in log if name == "general-001"]
+    assert late_in_caller in ([], [("general-001", threading.current_thread().name)])
+    assert prediction.elapsed_ms < 700 or late_in_caller
 
 
 def test_a_failed_prefix_stack_is_replaced_by_its_general_stacks(lanes: Predictor, lane_bundle: SyntheticBundle,
@@ -121,10 +124,11 @@ def test_a_failed_prefix_stack_is_replaced_by_its_general_stacks(lanes: Predicto
     with inject_faults(lanes, {"prefix-0008": "raise", "prefix-0004": "nan"}):
         every = lanes.predict(x)
         first3 = lanes.predict(x, members=3)
-    assert [f.stack for f in every.failures] == ["prefix-0008"] and every.stacks_run == GENERAL
+    # (on lanes, stacks_run lists the stacks in the order they finished)
+    assert [f.stack for f in every.failures] == ["prefix-0008"] and sorted(every.stacks_run) == GENERAL
     np.testing.assert_allclose(every.mean, lane_bundle.expected(x, list(range(8))), atol=2e-5)
     assert [(f.stack, f.kind) for f in first3.failures] == [("prefix-0004", "non-finite")]
-    assert first3.stacks_run == ["general-000", "general-001"] and (first3.members_used == 3).all()
+    assert sorted(first3.stacks_run) == ["general-000", "general-001"] and (first3.members_used == 3).all()
     np.testing.assert_allclose(first3.mean, lane_bundle.expected(x, [0, 1, 2]), atol=2e-5)
 
 
@@ -166,3 +170,27 @@ def test_threads_sharing_a_predictor_with_lanes_each_get_their_own_answer(lanes:
     for thread in threads:
         thread.join(timeout=60)
     assert not errors, errors[0]
+
+
+def test_a_profile_that_found_lanes_slower_keeps_calls_in_order(lanes: Predictor, lane_bundle: SyntheticBundle,
+                                                                 data) -> None:
+    from edgens.runtime.latency import ChainLatency, LatencyTable
+
+    x, _ = data
+    lanes.replace_runners({name: FaultyRunner(lanes.runners[name], Fault("raise")) for name in ("prefix-0004",
+                                                                                                 "prefix-0008")})
+    log = _timed(lanes, {name: 5.0 for name in GENERAL})
+    table = LatencyTable(**lanes.backend.describe())
+    table.stacks = {name: {1: StackLatency(5.0, 5.0)} for name in GENERAL}
+    table.lanes = {1: ChainLatency(2, in_order_ms=15.0, lanes_ms=16.0), 16: ChainLatency(2, 15.0, 9.0)}
+    assert LatencyTable.from_dict(table.to_dict()).lanes == table.lanes
+    save_latency_table(lane_bundle.path, table)
+    try:
+        lanes.reload_latency()
+        lanes.predict(x[:8], deadline_ms=60_000)  # batch 8: the table's batch 1 applies, where lanes were slower
+        assert {thread for _, thread, _, _ in log} == {threading.current_thread().name}
+        log.clear()
+        lanes.predict(x[:16], deadline_ms=60_000)  # batch 16: lanes measured 1.67x faster
+        assert len({thread for _, thread, _, _ in log}) == 2
+    finally:
+        (lane_bundle.path / "latency.json").unlink()

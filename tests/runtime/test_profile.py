@@ -91,3 +91,18 @@ def test_bad_profile_settings(predictor: Predictor) -> None:
         profile_stacks(predictor, [8, float("nan")])
     with pytest.raises(ConfigError, match=r"profile repeats: expected an integer >= 1, got 0"):
         profile_stacks(predictor, [8], repeats=0)
+
+
+def test_profile_times_the_general_stacks_in_order_and_on_lanes(bundle: SyntheticBundle) -> None:
+    from edgens.runtime.faults import Fault, inject_faults
+
+    with Predictor.load(bundle.path, "onnxruntime", lanes=2) as predictor:
+        slow = {name: Fault("sleep", sleep_ms=5.0) for name in ("general-000", "general-001", "general-002")}
+        with inject_faults(predictor, slow):
+            table = profile_stacks(predictor, [2], warmup=0, repeats=3)
+    chain = table.lanes[2]
+    assert chain.lanes == 2
+    # In order: three 5 ms stacks one after another. On 2 lanes: two rounds (sleeping overlaps on any machine).
+    assert 15.0 <= chain.in_order_ms < 45.0 and 10.0 <= chain.lanes_ms < chain.in_order_ms
+    with Predictor.load(bundle.path, "onnxruntime", lanes=1) as predictor:
+        assert not profile_stacks(predictor, [2], warmup=0, repeats=1).lanes  # nothing to compare with one lane
