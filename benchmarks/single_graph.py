@@ -5,8 +5,12 @@
 DEFAULT_BUNDLE is ``edgens export RUN -o DEFAULT_BUNDLE`` (general stacks plus a prefix stack of all members);
 SINGLE_BUNDLE is ``edgens export RUN -o SINGLE_BUNDLE --stack-size M --prefix-stacks none`` (one general stack of
 every member). The baseline is what a user who does not need anytime would write: one ``onnxruntime``
-``InferenceSession`` on SINGLE_BUNDLE's graph, with the runtime's session options and the faster of 1 and all
-intra-op threads, on already normalised input, plus a numpy mean and softmax.
+``InferenceSession`` on SINGLE_BUNDLE's graph, with the runtime's session options, the fastest of 1 thread and all
+intra-op threads with and without spinning (onnxruntime's default is to spin), on already normalised input, plus a
+numpy mean and softmax.
+
+Also timed: the fastest bare variant fed raw input that it normalises first (what a caller's own code has to do,
+and what the runtime does), to show how much of the runtime's extra time is that.
 
 Variants, interleaved in every round (each round's median of ``--calls`` back-to-back calls; the result is the
 median over rounds):
@@ -49,14 +53,14 @@ def log(message: str) -> None:
 class BareSingleGraph:
     """The baseline: one onnxruntime session on the single graph, pre-normalised input, numpy mean and softmax."""
 
-    def __init__(self, bundle: Path, threads: int):
+    def __init__(self, bundle: Path, threads: int, spin: bool):
         import onnxruntime as ort
 
         from edgens.runtime.backends.onnxruntime import session_options
 
         manifest = load_manifest(bundle)
         (stack,) = manifest.general_stacks
-        self.session = ort.InferenceSession(str(bundle / stack.file), session_options(threads),
+        self.session = ort.InferenceSession(str(bundle / stack.file), session_options(threads, spin),
                                             providers=["CPUExecutionProvider"])
         self.names = ([stack.output_name], stack.input_name)
 
@@ -97,7 +101,8 @@ def main(argv: list[str] | None = None) -> dict:
     default = Predictor.load(args.default_bundle, backend="onnxruntime")
     one_lane = Predictor.load(args.default_bundle, backend="onnxruntime", lanes=1)
     single = Predictor.load(args.single_bundle, backend="onnxruntime")
-    bare = {threads: BareSingleGraph(args.single_bundle, threads) for threads in sorted({1, cores})}
+    bare = {(threads, spin): BareSingleGraph(args.single_bundle, threads, spin)
+            for threads in sorted({1, cores}) for spin in ((False, True) if threads > 1 else (False,))}
     raw = read_calibration(args.default_bundle, default.manifest)
     assert raw is not None, "the bundle has no calibration examples to time with"
     x_raw = raw[0]
@@ -108,8 +113,12 @@ def main(argv: list[str] | None = None) -> dict:
     for batch in [int(b) for b in args.batches.split(",")]:
         xb = np.ascontiguousarray(x_raw[:batch])
         xn = default._prepare(xb)  # the same normalisation, done once: the baseline gets it for free
+        fastest_bare = bare[(cores, True)] if cores > 1 else bare[(1, False)]
         variants: dict[str, Callable[[], object]] = {
-            **{f"bare single graph, {t} thread{'s' if t > 1 else ''}": (lambda b=b: b(xn)) for t, b in bare.items()},
+            # what a caller's own code must also do with raw data: normalise it (as the runtime does)
+            "bare single graph + normalising raw input": lambda: fastest_bare(default._prepare(xb)),
+            **{f"bare single graph, {t} thread{'s' if t > 1 else ''}{', spinning' if spin else ''}": (lambda b=b: b(xn))
+               for (t, spin), b in bare.items()},
             "Predictor, default bundle (all members)": lambda: default.predict(xb),
             "Predictor, single-graph bundle": lambda: single.predict(xb),
             f"Predictor, deadline_ms=1000, {default.lanes} lanes": lambda: default.predict(xb, deadline_ms=1000),
@@ -118,7 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
             "Predictor, members=0.25": lambda: default.predict(xb, members=0.25),
         }
         # Same answers before timing: the runtime's all-members prediction is the single graph's.
-        want = bare[1](xn)
+        want = bare[(1, False)](xn)
         for name in ("Predictor, default bundle (all members)", f"Predictor, deadline_ms=1000, {default.lanes} lanes"):
             got = variants[name]().probabilities  # type: ignore[attr-defined]
             gap = np.abs(got - want).max()
@@ -126,7 +135,8 @@ def main(argv: list[str] | None = None) -> dict:
         log(f"batch {batch}: timing {len(variants)} variants x {args.rounds} rounds x {args.calls} calls")
         medians = interleaved(variants, args.rounds, args.calls)
         summary = {name: statistics.median(values) for name, values in medians.items()}
-        baseline = min(value for name, value in summary.items() if name.startswith("bare"))
+        baseline = min(value for name, value in summary.items()
+                       if name.startswith("bare") and "normalising" not in name)
         rows = {name: {"median_ms": value, "vs_baseline": value / baseline, "round_medians_ms": medians[name]}
                 for name, value in summary.items()}
         full = summary["Predictor, default bundle (all members)"]

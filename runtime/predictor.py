@@ -346,6 +346,10 @@ class Predictor:
         """
         call = self._begin(x, Budget.parse(members, flops, latency_ms, deadline_ms, confidence, task),
                            eager=on_update is not None)
+        if len(call.steps) == 1 and not call.eager:
+            prediction = self._predict_one(call)
+            if prediction is not None:
+                return prediction
         for _ in self._execute(call):
             if on_update is not None and on_update(self._result(call)):
                 break
@@ -462,6 +466,24 @@ class Predictor:
                     self._plans.clear()
                 steps = self._plans[key] = policies.plan(budget, self.manifest, self.available, estimate)
         return steps
+
+    def _predict_one(self, call: _Call) -> Prediction | None:
+        """The hot path of a plan of one stack (a prefix stack, a specialist): run it and combine its rows without
+        the bookkeeping of several. None if it failed: then ``call.steps`` holds what runs instead (its fallback)."""
+        step = call.steps[0]
+        part = self._record(call, self._run_stack(step, call.x))
+        if part is not None and not math.isfinite(part.sum()):
+            self._failed(call, StackFailure(step.stack, "non-finite", "returned NaN or infinite values"))
+            part = None
+        if part is None:
+            call.steps = list(step.fallback)
+            return None
+        with self._lock:
+            self._health[step.stack].succeeded()
+        call.stacks_run.append(step.stack)
+        call.members = len(step.members)
+        call.eta_sum = np.divide(part, call.members, dtype=np.float64)
+        return self._result(call, divided=True)
 
     def _execute(self, call: _Call) -> Iterator[None]:
         """Run the call's stacks; when eager, yields after each one that answers."""
@@ -696,11 +718,12 @@ class Predictor:
                 self._pending[name] = future
             raise _Timeout("timeout", f"took longer than the stack timeout of {self._timeout_s * 1e3:g} ms") from None
 
-    def _result(self, call: _Call) -> Prediction:
+    def _result(self, call: _Call, divided: bool = False) -> Prediction:
+        """The prediction so far (``divided``: ``call.eta_sum`` already holds the mean)."""
         if call.counts is None:  # every example has the same members
             if not call.members:
                 self._raise_no_members(call)
-            eta = call.eta_sum / call.members
+            eta = call.eta_sum if divided else call.eta_sum / call.members
             members_used = np.full(len(call.x), call.members)
         else:
             if not call.counts.all():

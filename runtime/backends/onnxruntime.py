@@ -10,9 +10,14 @@ of their sessions gets the cores left per lane (``threads``, at least 1, at most
 the only stack of its call, and is large enough for more threads to pay off at larger batches: on the CPU it gets a
 second session with every core (``solo_threads``, at most 8), used from batch :data:`WIDE_BATCH` on. Measured on 2
 cores (AMD EPYC), a 256-member prefix graph takes 0.120 / 0.147 ms at batch 1 with 1 / 2 threads, 0.27 / 0.26 ms at
-batch 8 and 1.72 / 1.11 ms at batch 64; a 16-member stack is faster with 1 thread at every batch size. Threads
-never spin while idle: spinning threads of one session steal the cores the next session needs (measured on 2
-cores: p90 latency of 4 stacks at batch 64 went from 1.1 ms to 17 ms with 2 spinning threads per session).
+batch 8 and 1.72 / 1.11 ms at batch 64; a 16-member stack is faster with 1 thread at every batch size.
+
+Spinning: the sessions of general and specialist stacks never spin while idle: spinning threads of one session
+steal the cores the next session needs (measured on 2 cores: p90 latency of 4 stacks at batch 64 went from 1.1 ms
+to 17 ms with 2 spinning threads per session). A prefix stack's wide session is the one stack of its call, so its
+threads may spin (onnxruntime's default): waking parked threads for every run cost it 0.3 ms at batch 64 on 2
+cores (1.35 ms without spinning, 1.06 ms with, through ``Predictor.predict``). They spin only briefly after a run,
+but that is CPU time (and power) spent waiting; ``solo_threads=1`` turns the wide session off.
 """
 
 from __future__ import annotations
@@ -47,16 +52,17 @@ def _ort() -> Any:
     return onnxruntime
 
 
-def session_options(threads: int) -> Any:
+def session_options(threads: int, spin: bool = False) -> Any:
     """The session options every stack runs with (the benchmarks' bare sessions reuse them, to compare like with
-    like): ``threads`` intra-op threads that do not spin, sequential execution, all graph optimisations."""
+    like): ``threads`` intra-op threads, which spin while idle only with ``spin``, sequential execution, all graph
+    optimisations."""
     ort = _ort()
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's to act on
     return options
 
@@ -124,7 +130,8 @@ class OnnxRuntimeRunner(StackRunner):
         requested = [p if isinstance(p, str) else p[0] for p in self.requested_providers]
         if self.wide_threads is not None and not set(session.get_providers()) & set(GPU_PROVIDERS):
             # threads only matter on the CPU; a GPU session is not worth loading twice
-            self._wide = ort.InferenceSession(str(self.path), session_options(self.wide_threads),
+            # It runs alone, so its threads may spin between runs (module docstring).
+            self._wide = ort.InferenceSession(str(self.path), session_options(self.wide_threads, spin=True),
                                               providers=self.requested_providers)
         self._session = session
         self._run_options = ort.RunOptions()
