@@ -68,6 +68,23 @@ def test_click_validation(args: list[str]) -> None:
     assert result.returncode == 2 and "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(("args", "message"), [
+    (["--prefix-stacks", "0.5,2"], "expected fractions in (0, 1], got '0.5,2'"),
+    (["--prefix-stacks", "half"], "expected comma-separated fractions in (0, 1] or 'none', got 'half'"),
+    (["--precision", "int4"], "'int4' is not one of 'fp32', 'fp16', 'int8'"),
+    (["--precision", "int8", "--fp16"], "--precision int8 and --fp16 disagree; give one"),
+    (["--precision-tolerance", "2"], "2.0 is not in the range 0<=x<=1"),
+])
+def test_export_refuses_bad_layout_and_precision_options(tmp_path: Path, args: list[str], message: str) -> None:
+    from click.testing import CliRunner
+
+    from edgens.cli import cli
+
+    result = CliRunner().invoke(cli, ["export", str(tmp_path / "run"), "-o", str(tmp_path / "b"), *args])
+    assert result.exit_code == 2 and message in result.output, result.output
+    assert not (tmp_path / "b").exists()
+
+
 # Numeric options outside what they accept (NaN and infinities included): one line, exit 2, no run directory.
 _BAD_TRAIN_OPTIONS = {
     "--lam": [math.nan, math.inf, -0.5, 1.5], "--lr": [math.nan, math.inf, 0.0, -1.0],

@@ -175,6 +175,14 @@ def test_diagnostics_against_independent_maths() -> None:
     entropy = -(p * np.log(p)).sum(-1).mean(1)
     assert d["entropy_std"] == pytest.approx(entropy.std(), rel=1e-5)
     assert d["entropy_min"] == pytest.approx(entropy.min(), rel=1e-5)
+    log_p = np.log(p)
+    assert d["member_loss"] == pytest.approx(-log_p[:, np.arange(300), y].mean(), rel=1e-5)
+    eta_bar = eta.mean(0)
+    q_bar = np.exp(eta_bar - eta_bar.max(-1, keepdims=True))
+    q_bar /= q_bar.sum(-1, keepdims=True)
+    assert d["ensemble_loss"] == pytest.approx(-np.log(q_bar[np.arange(300), y]).mean(), rel=1e-5)
+    kl = (q_bar * (np.log(q_bar) - log_p)).sum(-1)  # KL(q_bar || q_j), (members, examples)
+    assert d["ambiguity"] == pytest.approx(kl.mean(), rel=1e-5)
     assert is_dominated(d, 5)
     healthy = epoch_diagnostics(torch.tensor(eta[1:]), torch.tensor(y), "categorical")
     assert not is_dominated(healthy, 4)
@@ -191,3 +199,21 @@ def test_module_dominance_warning_is_recorded(tmp_path: Path, fashion_mnist_dir:
         assert record["dominance"] == (record["val"]["dominance_ratio"] <= 0.5)
     assert any("module dominance" in m for m in caplog.messages) == any(r["dominance"] for r in records)
     json.dumps(records)  # metrics are plain JSON
+
+
+def test_diagnostics_of_more_members_than_one_chunk() -> None:
+    from edgens.diagnostics import MEMBER_CHUNK
+
+    rng = np.random.default_rng(1)
+    m, n, k = 2 * MEMBER_CHUNK + 5, 200, 10
+    y = rng.integers(0, k, n)
+    eta = rng.normal(scale=3.0, size=(m, n, k))
+    d = epoch_diagnostics(torch.tensor(eta), torch.tensor(y), "categorical")
+    p = np.exp(eta - eta.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    q_bar = np.exp(eta.mean(0) - eta.mean(0).max(-1, keepdims=True))
+    q_bar /= q_bar.sum(-1, keepdims=True)
+    np.testing.assert_allclose(d["member_errors"], (eta.argmax(-1) != y).mean(1), atol=1e-6)
+    assert d["member_loss"] == pytest.approx(-np.log(p[:, np.arange(n), y]).mean(), rel=1e-6)
+    assert d["ambiguity"] == pytest.approx((q_bar * (np.log(q_bar) - np.log(p))).sum(-1).mean(), rel=1e-6)
+    assert d["entropy_mean"] == pytest.approx(-(p * np.log(p)).sum(-1).mean(), rel=1e-6)
