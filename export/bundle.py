@@ -1,10 +1,12 @@
 """``export_bundle``: turn a finished run into a deployment bundle (docs/bundle-format.md).
 
 Steps: load and cross-check the run; order the members for anytime use (greedy forward selection on validation
-outputs, or by index); cut the order into general stacks; select a specialist sub-ensemble per class; export every
-stack to ONNX and check it against torch on real validation inputs; optionally build TensorRT engines; write the
-manifest. Everything is written into a temporary directory next to the destination and renamed into place at the
-end, so a crash or Ctrl-C never leaves a half bundle.
+outputs, or by index); cut the order into general stacks (a schedule, or equal stacks) and add prefix stacks of the
+first members; select a specialist sub-ensemble per class; export every stack to ONNX and check it against torch on
+real validation inputs; optionally convert the stacks to int8 or fp16, each checked against its fp32 graph
+(:mod:`edgens.export.precision`); optionally build TensorRT engines; write the manifest. Everything is written into
+a temporary directory next to the destination and renamed into place at the end, so a crash or Ctrl-C never leaves
+a half bundle.
 """
 
 from __future__ import annotations
@@ -127,6 +129,10 @@ class ExportReport:
         """JSON-able summary (for ``--json``)."""
         return {"bundle": str(self.bundle), "seconds": round(self.seconds, 2), "bytes": self.bytes,
                 "stacks": len(self.manifest.stacks), "general_stacks": len(self.manifest.general_stacks),
+                "general_stack_sizes": [len(s.members) for s in self.manifest.general_stacks],
+                "prefix_stacks": [len(s.members) for s in self.manifest.prefix_stacks],
+                "precision": {s.name: {"precision": s.precision, "val_error_change": s.val_error_change,
+                                       "note": s.precision_note} for s in self.manifest.stacks},
                 "specialists": len(self.manifest.specialists),
                 "parity": [{"stack": r.name, "max_abs_diff": r.max_abs_diff, "ok": r.ok} for r in self.parity],
                 "stage_seconds": {k: round(v, 2) for k, v in self.stages.items()},
