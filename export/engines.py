@@ -84,8 +84,11 @@ def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
     progress = progress or (lambda stage, done, total: None)
     trt = import_tensorrt("building TensorRT engines")
     device = target_device(trt)
-    check_precision(precision, device.tensorrt_version)
-    float16_graph = needs_float16_graph(precision, device.tensorrt_version)
+    for stack in manifest.stacks:
+        check_precision(precision, device.tensorrt_version, quantized_graph=stack.precision == "int8")
+    # A stack exported in fp16 already is a float16 graph; only fp32 ones need one made from the run.
+    float16_graph = needs_float16_graph(precision, device.tensorrt_version) and any(
+        stack.precision != "fp16" for stack in manifest.stacks)
     if float16_graph and loaded is None:
         raise ConfigError(f"TensorRT {device.tensorrt_version} builds FP16 engines from a float16 graph, which needs "
                           f"the training run: use `edgens export RUN -o BUNDLE --tensorrt --fp16` on a machine with "
@@ -95,13 +98,14 @@ def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
         progress("tensorrt engines", number, len(manifest.stacks))
         source = bundle_dir / stack.file
         with tempfile.TemporaryDirectory() as scratch:
-            if float16_graph:
+            if float16_graph and stack.precision != "fp16":
                 from edgens.export.onnx_export import export_stack
 
                 assert loaded is not None
                 source = export_stack(loaded.stack.subset(stack.members), Path(scratch) / "fp16.onnx", float16=True)
             blob = build_engine(source, stack.input_name, tuple(manifest.input.shape), precision, MIN_BATCH,
-                                OPT_BATCH, MAX_BATCH, calibration=None if data is None else data[0])
+                                OPT_BATCH, MAX_BATCH, calibration=None if data is None else data[0],
+                                quantized_graph=stack.precision == "int8")
         relative = device.engine_file(stack.name, precision)
         atomic_write_bytes(bundle_dir / relative, blob)
         engine = EngineInfo(file=relative, sha256=sha256_file(bundle_dir / relative), precision=precision,

@@ -63,17 +63,20 @@ def target_device(tensorrt: Any) -> TargetDevice:
     return TargetDevice(torch.cuda.get_device_name(0), f"{major}.{minor}", str(tensorrt.__version__))
 
 
-def check_precision(precision: str, tensorrt_version: str) -> None:
+def check_precision(precision: str, tensorrt_version: str, quantized_graph: bool = False) -> None:
     """Refuse precisions this TensorRT cannot build from our graphs.
 
+    Args:
+        quantized_graph: the ONNX graph already holds quantize/dequantize nodes (an int8 stack of the bundle).
+
     Raises:
-        ConfigError: unknown precision, or INT8 with TensorRT >= 11.
+        ConfigError: unknown precision, or INT8 from a float graph with TensorRT >= 11.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
-    if precision == "int8" and major_version(tensorrt_version) >= 11:
+    if precision == "int8" and major_version(tensorrt_version) >= 11 and not quantized_graph:
         raise ConfigError(f"TensorRT {tensorrt_version} takes INT8 only from quantize/dequantize nodes in the ONNX "
-                          f"graph, which edgens does not write yet; use --fp16, or TensorRT 10 (JetPack 6) for INT8")
+                          f"graph: export the bundle with --precision int8, which writes them")
 
 
 def needs_float16_graph(precision: str, tensorrt_version: str) -> bool:
@@ -122,7 +125,7 @@ class _EntropyCalibrator:
 
 def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...], precision: str,
                  min_batch: int = 1, opt_batch: int = 8, max_batch: int = 64,
-                 calibration: np.ndarray | None = None) -> bytes:
+                 calibration: np.ndarray | None = None, quantized_graph: bool = False) -> bytes:
     """Build a serialized engine from an ONNX stack with an optimisation profile over ``min..max_batch``.
 
     Args:
@@ -130,7 +133,9 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
         input_name: its input.
         input_shape: one example's shape.
         precision: ``fp32``, ``fp16`` or ``int8``.
-        calibration: normalised float32 inputs for INT8 calibration (TensorRT 10).
+        calibration: normalised float32 inputs for INT8 calibration (TensorRT 10, float graphs only).
+        quantized_graph: the graph holds quantize/dequantize nodes (``--precision int8`` stacks): TensorRT takes the
+            scales from them (explicit quantization) and needs no calibration.
 
     Raises:
         BackendUnavailableError: no TensorRT or no GPU.
@@ -139,7 +144,7 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
     """
     trt = import_tensorrt("building TensorRT engines")
     version = str(trt.__version__)
-    check_precision(precision, version)
+    check_precision(precision, version, quantized_graph)
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -159,7 +164,9 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
     if major_version(version) < 11:
         if precision in ("fp16", "int8"):
             config.set_flag(trt.BuilderFlag.FP16)  # INT8 layers that do not quantise fall back to FP16, not FP32
-        if precision == "int8":
+        if precision == "int8" and quantized_graph:
+            config.set_flag(trt.BuilderFlag.INT8)  # the scales come from the graph's Q/DQ nodes
+        elif precision == "int8":
             if calibration is None or len(calibration) < opt_batch:
                 raise ExportError(f"INT8 needs at least {opt_batch} calibration inputs; the bundle has "
                                   f"{0 if calibration is None else len(calibration)}")
