@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--calls", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "precision")
     args = parser.parse_args(argv)
-    x, y = load_input(args.data)
+    x, y, _ = load_input(args.data)
     assert y is not None, f"{args.data} has no labels"
     predictors = {str(path): Predictor.load(path, backend="onnxruntime") for path in args.bundles}
     precisions = {name: sorted({s.precision for s in p.manifest.stacks}) for name, p in predictors.items()}

@@ -6,18 +6,15 @@ the runner reads ``session.get_providers()`` after loading, reports those as the
 requested GPU provider is not among them.
 
 Threads: general and specialist stacks run side by side on the predictor's lanes (one per core, at most 4), so each
-of their sessions gets the cores left per lane (``threads``, at least 1, at most 4). A prefix stack runs alone, as
-the only stack of its call, and is large enough for more threads to pay off at larger batches: on the CPU it gets a
-second session with every core (``solo_threads``, at most 8), used from batch :data:`WIDE_BATCH` on. Measured on 2
-cores (AMD EPYC), a 256-member prefix graph takes 0.120 / 0.147 ms at batch 1 with 1 / 2 threads, 0.27 / 0.26 ms at
-batch 8 and 1.72 / 1.11 ms at batch 64; a 16-member stack is faster with 1 thread at every batch size.
-
-Spinning: the sessions of general and specialist stacks never spin while idle: spinning threads of one session
-steal the cores the next session needs (measured on 2 cores: p90 latency of 4 stacks at batch 64 went from 1.1 ms
-to 17 ms with 2 spinning threads per session). A prefix stack's wide session is the one stack of its call, so its
-threads may spin (onnxruntime's default): waking parked threads for every run cost it 0.3 ms at batch 64 on 2
-cores (1.35 ms without spinning, 1.06 ms with, through ``Predictor.predict``). They spin only briefly after a run,
-but that is CPU time (and power) spent waiting; ``solo_threads=1`` turns the wide session off.
+of their sessions gets the cores left per lane (``threads``, at least 1, at most 4), and their threads never spin
+while idle: spinning threads of one session steal the cores the next session needs (measured on 2 cores: p90
+latency of 4 stacks at batch 64 went from 1.1 ms to 17 ms with 2 spinning threads per session); a 16-member stack
+is faster with 1 thread than with 2 at every batch size. A prefix stack is the one stack of its call and large
+enough for more threads to pay off, so its session gets every core (``solo_threads``, at most 8) and its threads
+may spin between runs (onnxruntime's default). Measured on 2 cores (AMD EPYC), a 256-member prefix graph at batch
+64: 1.72 ms with 1 thread, 1.1-1.4 ms with 2 parked threads (waking them every run), 0.9-1.0 ms with 2 spinning
+ones; at batch 1: 0.12 ms, 0.15 ms and 0.07 ms. Spinning is CPU time (and power) spent waiting, briefly after each
+run; ``solo_threads=1`` gives prefix stacks one thread and no spinning.
 """
 
 from __future__ import annotations
@@ -39,7 +36,6 @@ log = logging.getLogger(__name__)
 
 PRIORITY = ("TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider")
 GPU_PROVIDERS = ("TensorrtExecutionProvider", "CUDAExecutionProvider")
-WIDE_BATCH = 8  # from this batch size on, a prefix stack runs in its session with every core (module docstring)
 
 
 def _ort() -> Any:
@@ -73,7 +69,7 @@ def default_threads() -> int:
 
 
 def default_solo_threads() -> int:
-    """Intra-op threads of a prefix stack's wide session, which runs alone: every core, at most 8."""
+    """Intra-op threads of a prefix stack's session, which runs alone: every core, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
 
 
@@ -94,14 +90,13 @@ class OnnxRuntimeRunner(StackRunner):
     """One onnxruntime session for one stack file."""
 
     def __init__(self, stack: StackInfo, path: Path, input_shape: tuple[int, ...], n_outputs: int,
-                 providers: list[Any], threads: int, wide_threads: int | None = None):
+                 providers: list[Any], threads: int, spin: bool = False):
         super().__init__(stack, input_shape, n_outputs)
         self.path = path
         self.requested_providers = providers
         self.threads = threads
-        self.wide_threads = wide_threads if wide_threads is not None and wide_threads > threads else None
+        self.spin = spin
         self._session: Any = None
-        self._wide: Any = None  # the session with wide_threads, for batches >= WIDE_BATCH
         self._run_options: Any = None
         self._outputs = [stack.output_name]
 
@@ -117,7 +112,7 @@ class OnnxRuntimeRunner(StackRunner):
         if self._session is not None:
             return
         ort = _ort()
-        options = session_options(self.threads)
+        options = session_options(self.threads, self.spin)
         try:
             # onnxruntime warns (warnings.warn) about requested providers it does not have; the check below reports
             # what really runs, through logging, so its warnings are not passed on.
@@ -128,11 +123,6 @@ class OnnxRuntimeRunner(StackRunner):
             raise BundleError(f"stack {self.name}: onnxruntime cannot load {self.path} ({err})") from None
         self._check_io(session)
         requested = [p if isinstance(p, str) else p[0] for p in self.requested_providers]
-        if self.wide_threads is not None and not set(session.get_providers()) & set(GPU_PROVIDERS):
-            # threads only matter on the CPU; a GPU session is not worth loading twice
-            # It runs alone, so its threads may spin between runs (module docstring).
-            self._wide = ort.InferenceSession(str(self.path), session_options(self.wide_threads, spin=True),
-                                              providers=self.requested_providers)
         self._session = session
         self._run_options = ort.RunOptions()
         missing = [p for p in requested if p in GPU_PROVIDERS and p not in session.get_providers()]
@@ -163,13 +153,11 @@ class OnnxRuntimeRunner(StackRunner):
 
     def deactivate(self) -> None:
         self._session = None
-        self._wide = None
         self._run_options = None
 
     def run(self, x: np.ndarray) -> np.ndarray:
         self._run_options.terminate = False
-        session = self._wide if self._wide is not None and len(x) >= WIDE_BATCH else self._session
-        return session.run(self._outputs, {self.stack.input_name: x}, self._run_options)[0]
+        return self._session.run(self._outputs, {self.stack.input_name: x}, self._run_options)[0]
 
     def cancel(self) -> None:
         # onnxruntime checks this flag between graph nodes and then raises from run().
@@ -186,8 +174,8 @@ class OnnxRuntimeBackend(Backend):
         providers: onnxruntime providers in priority order (names or ``(name, options)`` pairs); default: those of
             TensorRT EP, CUDA EP and CPU that this onnxruntime build offers.
         threads: intra-op threads per general stack's session (default: :func:`default_threads`).
-        solo_threads: intra-op threads of prefix stacks' second session, for batches from :data:`WIDE_BATCH` on
-            (default: :func:`default_solo_threads`; CPU only).
+        solo_threads: intra-op threads of prefix stacks' sessions, which may spin (default:
+            :func:`default_solo_threads`).
 
     Raises:
         BackendUnavailableError: onnxruntime is not installed.
@@ -226,9 +214,10 @@ class OnnxRuntimeBackend(Backend):
         return provider
 
     def runner(self, stack: StackInfo) -> OnnxRuntimeRunner:
+        solo = stack.role == "prefix"
         runner = OnnxRuntimeRunner(stack, self.bundle_dir / stack.file, self.manifest.input.shape,
-                                   self.manifest.n_outputs, self.providers, self.threads,
-                                   self.solo_threads if stack.role == "prefix" else None)
+                                   self.manifest.n_outputs, self.providers,
+                                   self.solo_threads if solo else self.threads, spin=solo and self.solo_threads > 1)
         self._runners.append(runner)
         return runner
 
