@@ -97,6 +97,15 @@ class LatencyTable:
         weight = (batch - lower) / (upper - lower)
         return (1 - weight) * sizes[lower].median_ms + weight * sizes[upper].median_ms
 
+    def lane_slowdown(self, batch: int, lanes: int) -> float:
+        """How much longer one stack takes while ``lanes`` lanes run side by side (``lanes / speedup``, at least 1)
+        at the largest measured batch size not above ``batch``: the stacks share the memory bandwidth and caches.
+        1 when not measured."""
+        sizes = [b for b, chain in self.lanes.items() if chain.lanes == lanes and b <= batch]
+        if not sizes:
+            return 1.0
+        return max(1.0, lanes / self.lanes[max(sizes)].speedup)
+
     def lanes_pay(self, batch: int, lanes: int, min_speedup: float) -> bool | None:
         """Whether running the general stacks on ``lanes`` lanes measured at least ``min_speedup`` times faster
         than in order, at the largest measured batch size not above ``batch``; None when the table did not measure

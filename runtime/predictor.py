@@ -163,6 +163,7 @@ class Predictor:
         self._latency_problem: str | None = None
         self._closed = False
         self.lanes = lanes or default_lanes()
+        self._lanes_asked = lanes is not None
         self._lanes = Lanes(self.lanes) if self.lanes > 1 else None
         # Calls may come from several threads at once (docs/runtime.md, "Threads"): each call's state is its own;
         # what calls share (health, observed latencies, the plan cache, worker pools) changes under this lock.
@@ -183,8 +184,9 @@ class Predictor:
             stack_timeout_ms: drop a stack from a call when it takes longer than this (runs each stack in a worker
                 thread; None: no timeout, no threads).
             quarantine_after: consecutive failed calls after which a stack is quarantined (None: never).
-            lanes: stacks a call may run at once (default: one per core, at most 4; 1: one after another in the
-                calling thread). See :mod:`edgens.runtime.lanes`.
+            lanes: stacks a call may run at once (default: one per core, at most 4, but deadline calls in the
+                calling thread only; 1: everything one after another in the calling thread; given explicitly,
+                deadline calls use the lanes too). See :mod:`edgens.runtime.lanes` and docs/runtime.md.
             **backend_options: e.g. ``providers`` and ``threads`` (onnxruntime), ``precision`` (tensorrt).
 
         Raises:
@@ -498,6 +500,8 @@ class Predictor:
         (:data:`~edgens.runtime.lanes.LANE_MIN_MS`; unknown until a stack ran once here: in order)."""
         if self._lanes is None or len(steps) < 2 or call.active is not None:
             return False
+        if call.deadline is not None and not self._lanes_asked:
+            return False  # deadlines keep to the calling thread unless lanes were asked for (docs/runtime.md, Lanes)
         batch = len(call.x)
         table = self.latency_table
         measured = None if table is None else table.lanes_pay(batch, self.lanes, LANE_MIN_SPEEDUP)
@@ -514,13 +518,16 @@ class Predictor:
         with self._lock:
             return self._observed.estimate(name, batch)
 
-    def _may_start(self, call: _Call, step: Step, is_fallback: bool, answered: bool) -> bool:
-        """Whether the call still wants ``step`` started: deadlines (and, for fallbacks, latency budgets) allow it."""
+    def _may_start(self, call: _Call, step: Step, is_fallback: bool, answered: bool, slowdown: float = 1.0) -> bool:
+        """Whether the call still wants ``step`` started: deadlines (and, for fallbacks, latency budgets) allow it.
+        ``slowdown``: how much longer a stack takes than its estimate because other lanes run beside it."""
         deadline = call.deadline if call.deadline is not None else call.fallback_deadline if is_fallback else None
         if deadline is None:
             return True
         batch = len(call.x)
         estimate = self._estimate(step.stack, batch)
+        if estimate is not None:
+            estimate *= slowdown
         now = time.perf_counter()
         if policies.may_start(now, deadline, estimate, answered):
             return True
@@ -564,9 +571,13 @@ class Predictor:
         """Run ``steps`` on the lanes (``fallback``: in place of a failed stack); this thread collects their results
         and keeps the deadline. Members that finish after the deadline are left out (unless none finished before
         it: a prediction needs one)."""
+        # The latency table timed each stack alone; beside other lanes it takes longer (what `edgens profile`
+        # measured for the lanes says how much). Observed latencies were measured beside them already.
+        table = self.latency_table
+        slowdown = 1.0 if table is None else table.lane_slowdown(len(call.x), self.lanes)
         work = LaneWork(list(steps), lambda step: self._run_stack(step, call.x),
-                        lambda step, is_fallback, answered: self._may_start(call, step, is_fallback, answered),
-                        fallback=fallback)
+                        lambda step, is_fallback, answered: self._may_start(call, step, is_fallback, answered,
+                                                                            slowdown), fallback=fallback)
         # Unless the caller wants each partial prediction as it comes, this thread is one of the lanes: a thread
         # that sleeps while others compute costs a wake-up per result (tens of microseconds on a small VM).
         inline = not call.streaming
