@@ -13,8 +13,9 @@ Measures, with the runtime (``edgens.runtime``) on this machine:
    ``deadline_ms``, with how often and by how much deadlines were overrun;
 3. early exit: accuracy vs mean members used with ``confidence=p`` (p fitted on validation data for target mean
    members) next to the fixed-k curve;
-4. faults: accuracy when a random 10/25/50% of the stacks fail (raise), over several random draws, next to the
-   same stacks simply left out (computed offline from the stacks' outputs; must agree) and to dropping the same
+4. faults: accuracy when a random 10/25/50% of the general stacks fail (raise; every prefix stack failing too, so
+   that calls fall back to the general stacks), over several random draws, next to the same stacks simply left out
+   (computed offline from the stacks' outputs; must agree) and to dropping the same
    number of random members.
 
 Writes ``runtime_bench.json``, ``runtime_bench.md`` and, with matplotlib, ``*.png`` plots to ``--out``. ``--data``
@@ -234,6 +235,10 @@ def faults(predictor: Predictor, x: np.ndarray, y: np.ndarray, batch_size: int, 
             failing = random_faults(names, fraction, seed=rng)
             if len(failing) == len(names):
                 continue
+            # The prefix stacks fail too: otherwise an all-members call runs the prefix stack of every member, a
+            # separate file that the general stacks' faults do not touch, and nothing would be measured. With them
+            # failing, each call takes the fallback to the general stacks.
+            failing.update({stack.name: "raise" for stack in predictor.manifest.prefix_stacks})
             with inject_faults(predictor, failing):
                 result = evaluate(predictor, x, y, batch_size)
             predictor.retry()  # end any quarantine before the next draw

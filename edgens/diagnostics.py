@@ -84,7 +84,8 @@ def _categorical(eta: torch.Tensor, y: torch.Tensor) -> tuple[dict[str, torch.Te
         log_p = class_log_probs(eta[start:start + MEMBER_CHUNK])  # (K, chunk, N)
         chunk = log_p.shape[1]
         nll_sum += log_p.gather(0, y.expand(1, chunk, n)).sum()
-        errors[start:start + chunk] = (log_p.argmax(0) != y).float().mean(-1)
+        # argmax over the contiguous class axis of eta: over log_p's leading axis it is 5x slower
+        errors[start:start + chunk] = (eta[start:start + chunk].argmax(-1) != y).float().mean(-1)
         cross_sum += (q_bar[:, None] * log_p).sum()
         entropy[start:start + chunk] = -(log_p.exp() * log_p).sum(0).mean(-1)  # each member's mean entropy
     values = {
