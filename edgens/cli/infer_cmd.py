@@ -87,13 +87,16 @@ def summarise(predictions: list[Any], y: Any, family: str, class_index: int | No
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True)
 @click.option("--limit", type=click.IntRange(min=1), help="Use only the first N examples.")
 @click.option("--stack-timeout-ms", type=float, help="Drop a stack from a batch when it takes longer than this.")
-@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per stack (default: half the cores).")
+@click.option("--threads", type=click.IntRange(min=1),
+              help="onnxruntime threads per general stack's session (default: the cores per lane).")
+@click.option("--lanes", type=click.IntRange(min=1),
+              help="Stacks a call may run side by side (default: one per core; given, deadline calls use them too).")
 @click.option("--strict", is_flag=True, help="Fail on a missing or corrupt stack file instead of excluding it.")
 @click.option("--data-dir", help="Where to look for built-in data sets.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float | None, latency_ms: float | None,
           deadline_ms: float | None, confidence: float | None, task: str | None, backend: str, batch_size: int,
-          limit: int | None, stack_timeout_ms: float | None, threads: int | None, strict: bool,
+          limit: int | None, stack_timeout_ms: float | None, threads: int | None, lanes: int | None, strict: bool,
           data_dir: str | None, as_json: bool) -> None:
     """Predict with BUNDLE on raw inputs within one budget; print accuracy, latency, members used and failures."""
     from edgens.data.inputs import load_input
@@ -106,7 +109,8 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
     x, y, described = load_input(input_spec, data_dir)
     if limit is not None:
         x, y = x[:limit], (y[:limit] if y is not None else None)
-    with Predictor.load(bundle, backend, strict=strict, stack_timeout_ms=stack_timeout_ms, **options) as predictor:
+    with Predictor.load(bundle, backend, strict=strict, stack_timeout_ms=stack_timeout_ms, lanes=lanes,
+                        **options) as predictor:
         class_index = resolve_task(predictor.manifest, budget.value).class_index if budget.kind == "task" else None
         kwargs = {budget.kind: budget.value} if budget.kind else {}
         predictions = [predictor.predict(x[i:i + batch_size], **kwargs) for i in range(0, len(x), batch_size)]
