@@ -122,6 +122,7 @@ class _Call:
     deadline: float | None = None
     # latency_ms budgets: fallback stacks (a failed prefix stack's general stacks) start only while they fit this
     fallback_deadline: float | None = None
+    replanned: bool = False  # ``steps`` became the fallback of the one stack planned, which failed
     # Confidence budgets only: indices of the examples still running, and members answered per example.
     active: np.ndarray | None = None
     counts: np.ndarray | None = None
@@ -478,7 +479,7 @@ class Predictor:
             self._failed(call, StackFailure(step.stack, "non-finite", "returned NaN or infinite values"))
             part = None
         if part is None:
-            call.steps = list(step.fallback)
+            call.steps, call.replanned = list(step.fallback), True
             return None
         with self._lock:
             self._health[step.stack].succeeded()
@@ -491,7 +492,7 @@ class Predictor:
         """Run the call's stacks; when eager, yields after each one that answers."""
         if self._use_lanes(call, call.steps):
             assert self._lanes is not None
-            return self._execute_in_lanes(call, self._lanes, call.steps)
+            return self._execute_in_lanes(call, self._lanes, call.steps, fallback=call.replanned)
         return self._execute_in_order(call)
 
     def _use_lanes(self, call: _Call, steps: list[Step] | tuple[Step, ...]) -> bool:
@@ -538,7 +539,7 @@ class Predictor:
 
     def _execute_in_order(self, call: _Call) -> Iterator[None]:
         """Run the stacks one after another in the calling thread."""
-        todo = deque((step, False) for step in call.steps)
+        todo = deque((step, call.replanned) for step in call.steps)
         while todo:
             step, is_fallback = todo.popleft()
             if not self._may_start(call, step, is_fallback, bool(call.stacks_run or call.pending)):

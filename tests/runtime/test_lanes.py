@@ -194,3 +194,28 @@ def test_a_profile_that_found_lanes_slower_keeps_calls_in_order(lanes: Predictor
         assert len({thread for _, thread, _, _ in log}) == 2
     finally:
         (lane_bundle.path / "latency.json").unlink()
+
+
+def test_a_failed_prefix_stack_under_a_latency_budget_runs_only_what_still_fits(in_order: Predictor,
+                                                                                 lane_bundle: SyntheticBundle,
+                                                                                 data) -> None:
+    x, _ = data
+    lanes = in_order
+    _timed(lanes, {name: 30.0 for name in GENERAL})  # as slow as the table says
+    table = LatencyTable(**lanes.backend.describe())
+    # The prefix of all 8 is cheap; the general stacks cost 30 ms each, so only the prefix fits 50 ms.
+    table.stacks = {"prefix-0004": {len(x): StackLatency(20.0, 20.0)},
+                    "prefix-0008": {len(x): StackLatency(40.0, 40.0)},
+                    **{name: {len(x): StackLatency(30.0, 30.0)} for name in GENERAL}}
+    save_latency_table(lane_bundle.path, table)
+    try:
+        lanes.reload_latency()
+        with inject_faults(lanes, {"prefix-0008": "raise"}):
+            prediction = lanes.predict(x, latency_ms=50)
+    finally:
+        (lane_bundle.path / "latency.json").unlink()
+    # The plan is the prefix of all 8 (40 ms). It fails at once; its first general stack still fits the 50 ms
+    # (30 ms), the second, starting at ~30 ms, would not.
+    assert [f.stack for f in prediction.failures] == ["prefix-0008"]
+    assert prediction.stacks_run == ["general-000"]
+    np.testing.assert_allclose(prediction.mean, lane_bundle.expected(x, [0, 1]), atol=2e-5)
