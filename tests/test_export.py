@@ -260,10 +260,11 @@ def test_default_schedule_is_fine_early_and_coarse_late() -> None:
     from edgens.export.bundle import general_schedule, prefix_sizes
 
     sizes = [end - start for start, end in general_schedule(256, None)]
-    assert sizes == [13, 13, 12, 13, 13, 32, 32, 32, 32, 32, 32] and sum(sizes) == 256
+    assert sizes == [16] * 8 + [32] * 4 and sum(sizes) == 256
     chunks = [list(range(start, end)) for start, end in general_schedule(256, None)]
-    assert prefix_sizes(chunks, (0.1, 0.25, 0.5, 1.0)) == [26, 64, 128, 256]
+    assert prefix_sizes(chunks, (0.1, 0.25, 0.5, 1.0)) == [32, 64, 128, 256]  # 10% (25.6) rounds up to 32
     assert [end - start for start, end in general_schedule(3, None)] == [1, 1, 1]
+    assert [end - start for start, end in general_schedule(12, None)] == [1, 1, 1, 1, 1, 1, 2, 1, 1, 2]
     assert general_schedule(10, 4) == [(0, 4), (4, 8), (8, 10)]
 
 

@@ -11,8 +11,8 @@ import click
 @click.argument("run_dir", required=False, type=click.Path(file_okay=False))
 @click.option("-o", "--out", type=click.Path(file_okay=False), help="Bundle directory to create.")
 @click.option("--stack-size", type=click.IntRange(min=1), default=None,
-              help="Members per general stack [a schedule of 11 stacks: small over the first 25% of the members, "
-                   "larger after]. M (all members) gives one stack.")
+              help="Members per general stack [a schedule of 12 stacks: M/16 members over the first half of the "
+                   "members, M/8 after]. M (all members) gives one stack.")
 @click.option("--prefix-stacks", default="0.1,0.25,0.5,1", show_default=True, metavar="FRACTIONS",
               help="Comma-separated fractions of the members that also get one graph of the first members (rounded "
                    "up to a general stack's end), so budgets covering them run one call; 'none' for none.")
