@@ -58,6 +58,10 @@ class TrainConfig:
     train_limit: int | None = None
     method: str = "modular"
     """``modular`` (the modular loss with ``lam``) or ``bagging`` (each member on its own bootstrap sample, lam 0)."""
+    anytime_weight: float = 0.0
+    """mu: weight of the nested-prefix term added to the modular loss (0: the paper's loss). See edgens.losses."""
+    prefixes: tuple[int, ...] | None = None
+    """Member counts of the nested prefixes the anytime term trains (None: M/16, M/8, M/4, M/2)."""
     eval_batch_size: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the run (e.g. which sweep started it)."""
@@ -96,7 +100,24 @@ class TrainConfig:
             check_number("lr_milestones", fraction, low=0, high=1, low_open=True, high_open=True)
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0")
+        check_number("anytime_weight", self.anytime_weight, low=0)
+        if self.anytime_weight and self.method == "bagging":
+            raise ConfigError("the anytime term trains ensembles of members jointly; bagging trains them independently")
+        if self.prefixes is not None:
+            for k in self.prefixes:
+                check_number("prefixes", k, low=1, integer=True)
         return self
+
+    def resolved_prefixes(self, n_members: int) -> tuple[int, ...]:
+        """The prefixes the anytime term trains for an ensemble of ``n_members`` (empty without the term).
+
+        Raises:
+            ConfigError: a prefix not below the member count, or repeated.
+        """
+        if not self.anytime_weight:
+            return ()
+        return check_prefixes(tuple(self.prefixes) if self.prefixes is not None else default_prefixes(n_members),
+                              n_members)
 
     @property
     def kind(self) -> str:
@@ -118,6 +139,7 @@ class TrainConfig:
         """JSON-able form."""
         data = dataclasses.asdict(self)
         data["lr_milestones"] = list(self.lr_milestones)
+        data["prefixes"] = None if self.prefixes is None else list(self.prefixes)
         return data
 
     @classmethod
@@ -135,4 +157,29 @@ class TrainConfig:
         values = dict(data)
         if "lr_milestones" in values:
             values["lr_milestones"] = tuple(values["lr_milestones"])
+        if values.get("prefixes") is not None:
+            values["prefixes"] = tuple(values["prefixes"])
         return cls(**values)
+
+
+def default_prefixes(n_members: int) -> tuple[int, ...]:
+    """The nested prefixes the anytime term trains by default: M/16, M/8, M/4 and M/2 members (rounded; those below
+    1 or not below M dropped). For 256 members: 16, 32, 64, 128, the first general stacks' ends in the default
+    export."""
+    sizes = {round(n_members * f) for f in (1 / 16, 1 / 8, 1 / 4, 1 / 2)}
+    return tuple(sorted(k for k in sizes if 1 <= k < n_members))
+
+
+def check_prefixes(prefixes: tuple[int, ...], n_members: int) -> tuple[int, ...]:
+    """``prefixes`` sorted, if they are distinct member counts in [1, M).
+
+    Raises:
+        ConfigError: a prefix outside [1, M) or repeated.
+    """
+    for k in prefixes:
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < n_members:
+            raise ConfigError(f"prefixes: expected member counts in [1, {n_members}) (the whole ensemble is the "
+                              f"lam term already), got {k!r}")
+    if len(set(prefixes)) != len(prefixes):
+        raise ConfigError(f"prefixes: expected distinct member counts, got {list(prefixes)}")
+    return tuple(sorted(prefixes))

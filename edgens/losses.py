@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from edgens.config import check_prefixes, default_prefixes  # noqa: F401  (re-exported: the loss's settings)
 from edgens.ensemble import FAMILIES
 from edgens.errors import ConfigError, InputError, unknown_choice
 
@@ -36,6 +37,8 @@ class ModularLoss:
     """Mean over members of each member's NLL."""
     ambiguity: torch.Tensor
     """Mean over members of KL(q_bar || q_j): the ensemble's diversity; member_nll - ensemble_nll."""
+    anytime: torch.Tensor | None = None
+    """The nested-prefix term sum_k (k / M) NLL(mean of the first k members), before its weight; None without it."""
 
 
 def class_log_probs(eta: torch.Tensor) -> torch.Tensor:
@@ -127,8 +130,33 @@ def check_inputs(eta: torch.Tensor, target: torch.Tensor, family: str) -> None:
             raise InputError(f"poisson targets must be counts >= 0, got {float(target.min())}")
 
 
+def anytime_term(prefix_sums: torch.Tensor, target: torch.Tensor, prefixes: tuple[int, ...], n_members: int,
+                 family: str = "categorical") -> torch.Tensor:
+    """The nested-prefix term: sum over k of (k / M) * NLL(mean of the first k members), averaged over the batch.
+
+    Args:
+        prefix_sums: (P, B, K): for each k of ``prefixes``, the sum of the first k members' natural parameters.
+        target: (B,) targets, as for :func:`modular_loss` (already long / float).
+        prefixes: the P member counts k.
+        n_members: M.
+
+    The k / M weight keeps each member's gradient on the scale of the full-ensemble term: NLL(mean of k) gives each
+    of its k members 1 / k of the gradient of the mean, so (k / M) * that is 1 / M, as the lam term gives every
+    member.
+    """
+    sizes = torch.tensor(prefixes, dtype=prefix_sums.dtype, device=prefix_sums.device)
+    nll = member_nll(prefix_sums / sizes[:, None, None], target, family).mean(-1)  # (P,)
+    return (sizes / n_members * nll).sum()
+
+
+def prefix_sums(eta: torch.Tensor, prefixes: tuple[int, ...]) -> torch.Tensor:
+    """(P, B, K): for each k of ``prefixes``, the sum of the first k members of ``eta`` (M, B, K)."""
+    return torch.stack([eta[:k].sum(0) for k in prefixes])
+
+
 def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: str = "categorical",
-                 validate: bool = True, member_weights: torch.Tensor | None = None) -> ModularLoss:
+                 validate: bool = True, member_weights: torch.Tensor | None = None, anytime_weight: float = 0.0,
+                 prefixes: tuple[int, ...] = ()) -> ModularLoss:
     """The modular loss of an ensemble, averaged over the batch.
 
     Args:
@@ -140,6 +168,9 @@ def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: st
             device sync; it checks the loss instead).
         member_weights: optional (M, B) weights of each example in each member's NLL term (bagging: bootstrap
             counts, with lam = 0). The ensemble term and the ambiguity stay unweighted.
+        anytime_weight: mu >= 0: adds mu * :func:`anytime_term` over ``prefixes`` (anytime-aware training: the
+            ensembles of the first k members, in index order, the order the deployed runtime runs them in).
+        prefixes: member counts k in [1, M) of the nested prefixes (used when ``anytime_weight`` > 0).
 
     Returns:
         :class:`ModularLoss` with ``total``, ``ensemble_nll``, ``member_nll`` and ``ambiguity``.
@@ -167,5 +198,9 @@ def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: st
             raise InputError(f"member_weights must have shape {tuple(per_member.shape)} (members, batch); got "
                              f"{tuple(member_weights.shape)}")
         members = (per_member * member_weights).mean()
-    return ModularLoss(total=lam * ensemble + (1.0 - lam) * members, ensemble_nll=ensemble, member_nll=members,
-                       ambiguity=ambiguity)
+    total = lam * ensemble + (1.0 - lam) * members
+    anytime = None
+    if anytime_weight:
+        anytime = anytime_term(prefix_sums(eta, prefixes), target, prefixes, eta.shape[0], family)
+        total = total + anytime_weight * anytime
+    return ModularLoss(total=total, ensemble_nll=ensemble, member_nll=members, ambiguity=ambiguity, anytime=anytime)

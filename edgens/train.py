@@ -122,6 +122,7 @@ class Trainer:
             split: (torch.from_numpy(dataset.normalize(x)).to(device), torch.as_tensor(y, dtype=target_dtype,
                                                                                        device=device))
             for split, x, y in (("train", dataset.train_x, dataset.train_y), ("val", dataset.val_x, dataset.val_y))}
+        self.prefixes = config.resolved_prefixes(spec.n_members)  # the anytime term's (empty without it)
         self.weights = None
         if config.method == "bagging":
             counts = bootstrap_counts(spec.n_members, len(dataset.train_x), config.seed)
@@ -177,7 +178,8 @@ class Trainer:
         ``index``: the batch's rows in the training set (for bagging weights).
         """
         weights = None if self.weights is None else self.weights[:, index].float()
-        parts = modular_loss(eta, y, self.config.lam, self.config.family, validate=False, member_weights=weights)
+        parts = modular_loss(eta, y, self.config.lam, self.config.family, validate=False, member_weights=weights,
+                             anytime_weight=self.config.anytime_weight, prefixes=self.prefixes)
         return parts, eta.detach().mean(0)
 
     def batches(self, epoch: int) -> list[torch.Tensor]:

@@ -201,8 +201,12 @@ def _gradient_worker(rank: int, port: int, cases: list[dict], out_dir: str) -> N
             torch.save(results, Path(out_dir) / f"case{number}-rank{rank}.pt")
 
 
-def _formula_gradient(eta: np.ndarray, y: np.ndarray, lam: float, family: str) -> np.ndarray:
-    """The paper's dL/d eta_j times M, for the batch mean: (yhat_j - y - lam (yhat_j - ybar)) / B, in float64."""
+def _formula_gradient(eta: np.ndarray, y: np.ndarray, lam: float, family: str, anytime_weight: float = 0.0,
+                      prefixes: tuple[int, ...] = ()) -> np.ndarray:
+    """The paper's dL/d eta_j times M, for the batch mean: (yhat_j - y - lam (yhat_j - ybar)) / B, in float64.
+
+    With the anytime term mu * sum_k (k/M) NLL(mean of the first k), member j gets mu * sum_{k > j} (yhat(mean of
+    the first k) - y) / B more (times M): each prefix it belongs to passes it 1/k of its gradient, times k/M."""
     eta = eta.astype(np.float64)
     batch = eta.shape[1]
     if family == "categorical":
@@ -215,7 +219,10 @@ def _formula_gradient(eta: np.ndarray, y: np.ndarray, lam: float, family: str) -
             return z
         target = y.astype(np.float64)[:, None]
     yhat, ybar = mean(eta), mean(eta.mean(0))
-    return (yhat - target - lam * (yhat - ybar[None])) / batch
+    grad = (yhat - target - lam * (yhat - ybar[None])) / batch
+    for k in prefixes:
+        grad[:k] += anytime_weight * (mean(eta[:k].mean(0)) - target) / batch
+    return grad
 
 
 def test_one_step_gradients_equal_single_process(tmp_path: Path, fashion_mnist_dir: Path) -> None:
@@ -229,6 +236,11 @@ def test_one_step_gradients_equal_single_process(tmp_path: Path, fashion_mnist_d
         {"preset": "mlp-64x16", "n_members": 4, "lam": 0.0, "method": "bagging", **fashion},  # weighted members
         {"preset": "mlp-16x64", "n_members": 4, "lam": 0.5, "family": "gaussian", "dataset": f"npz:{tmp_path}/reg.npz",
          "seed": 2, "batch_size": 64},
+        # the anytime term: prefixes inside rank 0's slice (1, 2), at its end (3) and across both ranks (4)
+        {"preset": "mlp-16x64", "n_members": 5, "lam": 0.99, "anytime_weight": 0.8, "prefixes": (1, 2, 3, 4),
+         **fashion},
+        {"preset": "mlp-16x64", "n_members": 4, "lam": 0.5, "family": "gaussian", "dataset": f"npz:{tmp_path}/reg.npz",
+         "seed": 2, "batch_size": 64, "anytime_weight": 2.0, "prefixes": (1, 3)},
     ]
     _spawn(_gradient_worker, _free_port(), cases, str(tmp_path))
     for number, case in enumerate(cases):
@@ -236,7 +248,7 @@ def test_one_step_gradients_equal_single_process(tmp_path: Path, fashion_mnist_d
             got = torch.load(tmp_path / f"case{number}-rank{rank}.pt", weights_only=False)
             single, mine = got["single"], got["rank"]
             start, stop = got["members"]
-            assert stop - start == [[3, 2], [2, 1], [2, 2], [2, 2]][number][rank]
+            assert stop - start == [[3, 2], [2, 1], [2, 2], [2, 2], [3, 2], [2, 2]][number][rank]
             # the rank's members compute the single-process members' outputs (same initial weights; narrower
             # matrix products, so equal up to float32 rounding, not bitwise)
             reference = single["eta"][start:stop]
@@ -248,7 +260,8 @@ def test_one_step_gradients_equal_single_process(tmp_path: Path, fashion_mnist_d
             np.testing.assert_allclose(mine["parts"], single["parts"], rtol=0, atol=_rounding_tolerance(scale))
             # gradients w.r.t. the members' outputs: the paper's formula, and the single-process autograd
             formula = _formula_gradient(single["eta"].numpy(), single["y"].numpy(), case["lam"],
-                                        case.get("family", "categorical"))
+                                        case.get("family", "categorical"), case.get("anytime_weight", 0.0),
+                                        case.get("prefixes", ()))
             if case.get("method") != "bagging":  # the formula is for unweighted members
                 np.testing.assert_allclose(mine["eta_grad"], formula[start:stop], rtol=0,
                                            atol=_rounding_tolerance(formula, 128))

@@ -176,3 +176,65 @@ def test_bad_inputs_get_clear_errors(eta, target, family, message) -> None:
 def test_unknown_family_lists_valid_ones() -> None:
     with pytest.raises(ConfigError, match="categorical, gaussian, poisson"):
         modular_loss(torch.zeros(2, 3, 1), torch.zeros(3), 0.5, "binomial")
+
+
+@pytest.mark.parametrize("family", ["categorical", "gaussian", "poisson"])
+def test_anytime_term_value_and_gradient_against_independent_maths(family: str) -> None:
+    from edgens.losses import modular_loss
+
+    rng = np.random.default_rng(3)
+    m, b, k = 7, 5, (4 if family == "categorical" else 1)
+    eta_np = rng.normal(size=(m, b, k))
+    y_np = rng.integers(0, k, b) if family == "categorical" else rng.poisson(2.0, b).astype(np.float64)
+    prefixes, mu, lam = (1, 3, 6), 0.7, 0.9
+
+    def mean_of(z: np.ndarray) -> np.ndarray:  # the family's predictive mean of natural parameters z (B, K)
+        if family == "categorical":
+            e = np.exp(z - z.max(-1, keepdims=True))
+            return e / e.sum(-1, keepdims=True)
+        return np.exp(z) if family == "poisson" else z
+
+    def nll_of(z: np.ndarray) -> float:  # batch-mean NLL of natural parameters z (B, K), constants dropped
+        if family == "categorical":
+            return float(-(z[np.arange(b), y_np] - np.log(np.exp(z).sum(-1))).mean())
+        if family == "gaussian":
+            return float((0.5 * (z[:, 0] - y_np) ** 2).mean())
+        return float((np.exp(z[:, 0]) - y_np * z[:, 0]).mean())
+
+    expected_term = sum(kk / m * nll_of(eta_np[:kk].mean(0)) for kk in prefixes)
+    target_np = np.eye(k)[y_np] if family == "categorical" else y_np[:, None]
+    expected_grad = np.zeros_like(eta_np)  # d (mu * term) / d eta_j = (mu / M) sum_{k > j} (mean_k - y) / B
+    for kk in prefixes:
+        expected_grad[:kk] += mu / m * (mean_of(eta_np[:kk].mean(0)) - target_np) / b
+
+    eta = torch.tensor(eta_np, requires_grad=True)
+    y = torch.tensor(y_np)
+    with_term = modular_loss(eta, y, lam, family, anytime_weight=mu, prefixes=prefixes)
+    without = modular_loss(eta.detach().requires_grad_(), y, lam, family)
+    assert float(with_term.anytime.detach()) == pytest.approx(expected_term, rel=1e-10)
+    assert float(with_term.total.detach()) == pytest.approx(float(without.total.detach()) + mu * expected_term,
+                                                            rel=1e-10)
+    grad_with, = torch.autograd.grad(with_term.total, eta)
+    eta2 = torch.tensor(eta_np, requires_grad=True)
+    grad_without, = torch.autograd.grad(modular_loss(eta2, y, lam, family).total, eta2)
+    np.testing.assert_allclose((grad_with - grad_without).numpy(), expected_grad, rtol=1e-10, atol=1e-14)
+    assert without.anytime is None
+
+
+def test_anytime_settings_are_checked() -> None:
+    from edgens.config import TrainConfig, check_prefixes, default_prefixes
+    from edgens.errors import ConfigError
+
+    assert default_prefixes(256) == (16, 32, 64, 128) and default_prefixes(12) == (1, 2, 3, 6)
+    assert default_prefixes(1) == () and check_prefixes((8, 2), 10) == (2, 8)
+    for bad, message in (((0,), r"in \[1, 10\)"), ((10,), r"in \[1, 10\)"), ((3, 3), "distinct")):
+        with pytest.raises(ConfigError, match=message):
+            check_prefixes(bad, 10)
+    assert TrainConfig().resolved_prefixes(256) == ()  # no term, no prefixes
+    assert TrainConfig(anytime_weight=1.0).resolved_prefixes(256) == (16, 32, 64, 128)
+    with pytest.raises(ConfigError, match="anytime_weight"):
+        TrainConfig(anytime_weight=-1.0).validate()
+    with pytest.raises(ConfigError, match="bagging"):
+        TrainConfig(method="bagging", lam=0.0, anytime_weight=1.0).validate()
+    config = TrainConfig(anytime_weight=0.5, prefixes=(4, 8))
+    assert TrainConfig.from_dict(config.to_dict()) == config  # stored in the run's config.json and read back

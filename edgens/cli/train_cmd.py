@@ -28,6 +28,11 @@ def _milestones(text: str) -> tuple[float, ...]:
               help="Override the preset's number of members.")
 @click.option("--lam", type=float, default=0.99, show_default=True,
               help="Modular-loss weight in [0, 1]: 0 = independent members, 1 = end-to-end ensemble.")
+@click.option("--anytime-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="mu: add mu * sum_k (k/M) NLL(mean of the first k members) to the loss, so that the prefixes of "
+                   "the member order the device runs are strong ensembles (0: the paper's loss).")
+@click.option("--prefixes", "prefixes_text", default=None, metavar="K1,K2,...",
+              help="Member counts k of the nested prefixes the anytime term trains [M/16, M/8, M/4, M/2].")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--lr", type=float, default=None,
               help=f"Per-member learning rate (the paper's rate / M). Default: {DEFAULT_LR['mlp']} for mlp, "
@@ -68,7 +73,8 @@ def _milestones(text: str) -> tuple[float, ...]:
 @click.option("--dist-timeout", type=click.FloatRange(min=0, min_open=True), default=300.0, show_default=True,
               help="Distributed runs: seconds a process waits for the others before failing.")
 @click.pass_context
-def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, epochs: int, lr: float | None,
+def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, anytime_weight: float,
+          prefixes_text: str | None, epochs: int, lr: float | None,
           lr_milestones: str, lr_gamma: float, momentum: float, nesterov: bool, weight_decay: float, batch_size: int,
           patience: int | None, method: str, dataset: str, family: str, data_dir: str | None, val_size: int | None,
           train_limit: int | None, seed: int, device: str, out: str | None, resume_dir: str | None, as_json: bool,
@@ -88,7 +94,8 @@ def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, ep
                              lr_milestones=_milestones(lr_milestones), lr_gamma=lr_gamma, momentum=momentum,
                              nesterov=nesterov, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
                              seed=seed, device=device, dataset=dataset, family=family, data_dir=data_dir,
-                             val_size=val_size, train_limit=train_limit, method=method).validate()
+                             val_size=val_size, train_limit=train_limit, method=method, anytime_weight=anytime_weight,
+                             prefixes=_prefixes(prefixes_text)).validate()
         out = out or f"runs/{preset}-lam{lam:g}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}"
         from edgens.rundir import RunDir  # torch-free
 
@@ -201,3 +208,14 @@ def describe_test(summary: dict) -> str:
         return (f"test error {100 * test['ensemble_error']:.2f}% (accuracy {100 * (1 - test['ensemble_error']):.2f}%),"
                 f" NLL {test['ensemble_loss']:.4f}")
     return f"test MSE {test['ensemble_error']:.4g}, NLL {test['ensemble_loss']:.4f}"
+
+
+def _prefixes(text: str | None) -> tuple[int, ...] | None:
+    """``--prefixes``: comma-separated member counts."""
+    if text is None:
+        return None
+    try:
+        return tuple(int(part) for part in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated member counts such as 16,32,64, got {text!r}",
+                                 param_hint="--prefixes") from None

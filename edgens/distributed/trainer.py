@@ -32,7 +32,7 @@ from edgens.distributed.comm import Communicator, process_group, use_rank_device
 from edgens.distributed.launch import DEFAULT_TIMEOUT_S
 from edgens.distributed.slices import (concat_model_members, concat_optimizer_members, member_slices,
                                        take_model_members, take_optimizer_members, to_cpu)
-from edgens.losses import ModularLoss, member_nll
+from edgens.losses import ModularLoss, anytime_term, member_nll
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import MemberStack, StackSpec, build_stack
@@ -130,8 +130,13 @@ class DistributedTrainer(Trainer):
         # The step's one collective: the members' sum of eta and, detached, the two member-NLL sums for the
         # reported losses (8 more bytes instead of a second collective).
         sums = torch.stack([per_member.sum(), weighted.sum()]).detach()
-        reduced = self.comm.sum_across_ranks(torch.cat([eta.sum(0).flatten(), sums]))
-        eta_bar = reduced[:-2].view(eta.shape[1:]) / m
+        # With the anytime term, each prefix's sum of natural parameters is the sum of every rank's partial sum
+        # over its own members below k (one more B x K per prefix in the same collective).
+        start = self.members.start
+        partial = [eta[:max(0, min(k - start, len(eta)))].sum(0) for k in self.prefixes]
+        reduced = self.comm.sum_across_ranks(torch.cat([eta.sum(0).flatten(), *(p.flatten() for p in partial),
+                                                        sums]))
+        eta_bar = reduced[:eta[0].numel()].view(eta.shape[1:]) / m
         all_members, all_weighted = reduced[-2:].detach() / (m * batch)
         ensemble = member_nll(eta_bar, target, config.family).mean()
         # Value: the mean over all M members' NLLs; gradient: this rank's members' share of it (the other ranks'
@@ -140,7 +145,14 @@ class DistributedTrainer(Trainer):
         local = weighted.sum() / (m * batch)
         members = all_weighted + (local - local.detach())
         total = config.lam * ensemble + (1.0 - config.lam) * members
-        parts = ModularLoss(total=total, ensemble_nll=ensemble, member_nll=members, ambiguity=all_members - ensemble)
+        anytime = None
+        if self.prefixes:
+            size = eta[0].numel()
+            prefix_sums = reduced[size:size * (1 + len(self.prefixes))].view(len(self.prefixes), *eta.shape[1:])
+            anytime = anytime_term(prefix_sums, target, self.prefixes, m, config.family)
+            total = total + config.anytime_weight * anytime
+        parts = ModularLoss(total=total, ensemble_nll=ensemble, member_nll=members, ambiguity=all_members - ensemble,
+                            anytime=anytime)
         return parts, eta_bar.detach()
 
 
