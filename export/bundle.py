@@ -49,7 +49,7 @@ DEFAULT_PREFIX_STACKS = (0.1, 0.25, 0.5, 1.0)
 PARITY_EXAMPLES = 512
 CALIBRATION_EXAMPLES = 1000
 CALIBRATION_FILE = "calibration.npz"
-ORDERS = ("greedy", "index")
+ORDERS = ("auto", "greedy", "index")
 
 Progress = Callable[[str, int, int], None]
 
@@ -67,7 +67,9 @@ class ExportOptions:
             that is a single general stack is not added. Default :data:`DEFAULT_PREFIX_STACKS`: 10%, 25%, 50% and
             all members, so that those budgets cost one graph's call (the bundle holds about twice the weights).
             Empty: none.
-        order: ``greedy`` (forward selection on validation outputs) or ``index``.
+        order: ``greedy`` (forward selection on validation outputs), ``index``, or ``auto``: the trained order
+            (by index; the manifest says ``trained``) for a run trained with the anytime term, whose loss made the
+            prefixes of that order strong ensembles, else ``greedy``.
         specialist_size: members per specialist; capped at M // 2 (a larger "specialist" is just the ensemble);
             0 disables specialists.
         opset: ONNX opset (>= 17).
@@ -83,7 +85,7 @@ class ExportOptions:
 
     stack_size: int | None = None
     prefix_stacks: tuple[float, ...] = DEFAULT_PREFIX_STACKS
-    order: str = "greedy"
+    order: str = "auto"
     specialist_size: int = 20
     opset: int = DEFAULT_OPSET
     tensorrt: bool = False
@@ -219,7 +221,10 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     clock = _stage(stages, "load", clock)
 
     progress("order", 0, 1)
-    if options.order == "greedy":
+    order_method = options.order
+    if order_method == "auto":
+        order_method = "trained" if loaded.train_config.anytime_weight else "greedy"
+    if order_method == "greedy":
         order, order_errors = selection.greedy_order(loaded.val_eta, loaded.val_y, family)
     else:
         order = list(range(m))
@@ -282,7 +287,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
                             raw_dtype=str(loaded.dataset.val_x.dtype)),
             preprocessing=Preprocessing(mean=[float(v) for v in loaded.dataset.mean],
                                         std=[float(v) for v in loaded.dataset.std]),
-            members=_member_infos(loaded), order=order, order_method=options.order, stacks=stacks,
+            members=_member_infos(loaded), order=order, order_method=order_method, stacks=stacks,
             specialists=specialists, edgens_version=__version__,
             training=TrainingInfo(preset=loaded.train_config.preset, lam=loaded.train_config.lam,
                                   dataset=data["name"], config=loaded.config),

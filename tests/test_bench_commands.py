@@ -178,6 +178,9 @@ def test_drop_bench(sweep_dir: Path, tmp_path: Path) -> None:
         assert greedy["test_error"][-1] == pytest.approx(full, abs=1e-9)
         first = greedy["order"][0]
         assert greedy["test_error"][0] == pytest.approx(_error(eta[first], y), abs=1e-9)
+        index = entry["index_order"]["test_error"]  # the first k members by id, recomputed here
+        assert index[0] == pytest.approx(_error(eta[0], y), abs=1e-9)
+        assert index[2] == pytest.approx(_error(eta[:3].mean(0), y), abs=1e-9) and index[-1] == pytest.approx(full)
         val_eta, val_y = RunDir(run).outputs("val")
         assert first == int(np.argmin([_error(val_eta[j], val_y) for j in range(m)]))  # chosen on validation
 

@@ -344,3 +344,18 @@ def test_fp16_export_writes_float16_graphs_with_float32_io(tiny_run: Path, tmp_p
         assert model.graph.input[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT
         assert any(t.data_type == onnx.TensorProto.FLOAT16 for t in model.graph.initializer)
         assert abs(stack.val_error_change) < 0.01
+
+
+def test_a_run_trained_for_its_prefixes_is_exported_in_the_trained_order(tmp_path: Path,
+                                                                        fashion_mnist_dir: Path) -> None:
+    run = tmp_path / "run"
+    config = TrainConfig(preset="mlp-16x64", n_members=8, lam=0.95, epochs=1, train_limit=1000, val_size=500,
+                         data_dir=str(fashion_mnist_dir), seed=3, anytime_weight=1.0, prefixes=(2, 4))
+    train(config, run)
+    assert json.loads((run / "config.json").read_text())["config"]["prefixes"] == [2, 4]
+    export_bundle(run, tmp_path / "b", ExportOptions(stack_size=2, specialist_size=0, prefix_stacks=()))
+    manifest = load_manifest(tmp_path / "b")
+    assert manifest.order == list(range(8)) and manifest.order_method == "trained"
+    # --order greedy still chooses by validation outputs
+    export_bundle(run, tmp_path / "g", ExportOptions(stack_size=2, specialist_size=0, prefix_stacks=(), order="greedy"))
+    assert load_manifest(tmp_path / "g").order_method == "greedy"

@@ -6,7 +6,9 @@ Three protocols per run (all on the test set; the greedy order is chosen on the 
   every d = 0 .. M-1, over 20 repeats (mean and standard error);
 - Bernoulli keep probability: each member kept independently with probability p per example (see
   :func:`edgens.bench.analysis.bernoulli_keep_curve` for the case where none is kept);
-- greedy anytime order: the first k members of the export's order (greedy forward selection on validation).
+- greedy anytime order: the first k members of the export's order (greedy forward selection on validation);
+- index order: the first k members by id, the order a run trained with the anytime term (``--anytime-weight``)
+  is deployed in.
 """
 
 from __future__ import annotations
@@ -46,6 +48,10 @@ def drop_run(run: str | Path, repeats: int = 20, seed: int = 0, keep_probs: Sequ
     result["random_drop"] = curve.to_dict()
     result["random_drop_at"] = {f"{f:g}": curve.at_fraction(f) for f in HIGHLIGHT_FRACTIONS}
     result["bernoulli"] = analysis.bernoulli_keep_curve(test_eta, test_y, keep_probs, repeats, seed, progress)
+    index_curve = analysis.prefix_curve(test_eta, test_y, range(m))
+    result["index_order"] = {"anytime_weight": settings.get("anytime_weight", 0.0),
+                             "test_error": index_curve["error"], "test_nll": index_curve["nll"],
+                             "at": {f"{f:g}": _greedy_at(index_curve, m, f) for f in HIGHLIGHT_FRACTIONS}}
     if greedy:
         progress("greedy order (validation)", 0, 1)
         val_eta, val_y = run_dir.outputs("val")
@@ -85,6 +91,7 @@ def drop_markdown(data: dict) -> str:
     has_greedy = all("greedy" in r for r in data["runs"])
     if has_greedy:
         headers += [f"greedy order, {100 * (1 - f):g}% kept" for f in HIGHLIGHT_FRACTIONS[-1:]]
+    headers += [f"index order, {100 * (1 - f):g}% kept" for f in HIGHLIGHT_FRACTIONS[-1:]]
     rows = []
     for r in data["runs"]:
         row = [r["label"], r["n_members"], pct(r["full"]["error"])]
@@ -93,9 +100,12 @@ def drop_markdown(data: dict) -> str:
         if has_greedy:
             at = r["greedy"]["at"][f"{HIGHLIGHT_FRACTIONS[-1]:g}"]
             row.append(f"{pct(at['error'])} ({at['kept']} members)")
+        at = r["index_order"]["at"][f"{HIGHLIGHT_FRACTIONS[-1]:g}"]
+        row.append(f"{pct(at['error'])} ({at['kept']} members)")
         rows.append(row)
     text = (f"Test error (mean ± standard error over {data['repeats']} repeats; members dropped independently per "
-            f"test example; the greedy order is chosen on validation data)\n\n" + markdown_table(headers, rows))
+            f"test example; the greedy order is chosen on validation data; the index order is the one anytime-"
+            f"trained runs are deployed in)\n\n" + markdown_table(headers, rows))
     headers = ["run"] + [f"p = {p:g}" for p in data["keep_probs"]]
     rows = [[r["label"]] + [pct(e, s) for e, s in zip(r["bernoulli"]["error_mean"], r["bernoulli"]["error_se"])]
             for r in data["runs"]]

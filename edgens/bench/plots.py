@@ -108,10 +108,10 @@ def _mean_curve(curves: list[list[float]], ses: list[list[float | None]] | None)
 
 
 def plot_drop(data: dict, path: str | Path) -> list[Path]:
-    """Test error and NLL vs members kept (dropped at random per example, and kept in the greedy order), and error
-    vs the Bernoulli keep probability. One colour per setting; trials of a setting (seeds) are averaged, with a band
-    of +- 2 standard errors across trials (for a single trial, over its random repeats). The legend sits below the
-    panels, off the curves.
+    """Test error and NLL vs members kept (dropped at random per example, and kept in the greedy and index orders),
+    and error vs the Bernoulli keep probability. One colour per setting; trials of a setting (seeds) are averaged,
+    with a band of +- 2 standard errors across trials (for a single trial, over its random repeats). The legend sits
+    below the panels, off the curves.
 
     Raises:
         BackendUnavailableError: no matplotlib.
@@ -130,6 +130,9 @@ def plot_drop(data: dict, path: str | Path) -> list[Path]:
         if all("greedy" in r for r in runs):
             greedy, _ = _mean_curve([r["greedy"]["test_error"] for r in runs], None)
             axes[0].plot(np.arange(1, m + 1), 100 * greedy, color=color, linestyle="--")
+        if all("index_order" in r for r in runs):
+            ordered, _ = _mean_curve([r["index_order"]["test_error"] for r in runs], None)
+            axes[0].plot(np.arange(1, m + 1), 100 * ordered, color=color, linestyle=":")
         nll, nll_se = _mean_curve([r["random_drop"]["nll_mean"] for r in runs],
                                   [r["random_drop"]["nll_se"] for r in runs])
         axes[1].plot(kept, nll, color=color)
@@ -158,9 +161,14 @@ def plot_drop(data: dict, path: str | Path) -> list[Path]:
         ax.grid(alpha=0.3)
     handles = [plt.Line2D([], [], color=colors[i % len(colors)], linewidth=2) for i in range(len(groups))]
     labels = [label for label, _ in groups]
+    handles.append(plt.Line2D([], [], color="black"))
+    labels.append("dropped at random (band: +- 2 s.e.)")
     if any("greedy" in r for r in data["runs"]):
-        handles += [plt.Line2D([], [], color="black"), plt.Line2D([], [], color="black", linestyle="--")]
-        labels += ["dropped at random (band: +- 2 s.e.)", "greedy order, first k members"]
+        handles.append(plt.Line2D([], [], color="black", linestyle="--"))
+        labels.append("greedy order, first k members")
+    if any("index_order" in r for r in data["runs"]):
+        handles.append(plt.Line2D([], [], color="black", linestyle=":"))
+        labels.append("index order (anytime-trained runs' order)")
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
     return [_save(fig, Path(path), rect=(0, 0.08, 1, 1))]
 

@@ -16,8 +16,9 @@ import click
 @click.option("--prefix-stacks", default="0.1,0.25,0.5,1", show_default=True, metavar="FRACTIONS",
               help="Comma-separated fractions of the members that also get one graph of the first members (rounded "
                    "up to a general stack's end), so budgets covering them run one call; 'none' for none.")
-@click.option("--order", type=click.Choice(["greedy", "index"]), default="greedy", show_default=True,
-              help="Member order: greedy forward selection on validation outputs, or by index.")
+@click.option("--order", type=click.Choice(["auto", "greedy", "index"]), default="auto", show_default=True,
+              help="Member order: greedy forward selection on validation outputs, or by index; auto: by index for "
+                   "runs trained with --anytime-weight (their prefixes are trained), else greedy.")
 @click.option("--specialist-size", type=click.IntRange(min=0), default=20, show_default=True,
               help="Members per one-vs-rest specialist (capped at M / 2; 0: none).")
 @click.option("--opset", type=click.IntRange(min=17), default=18, show_default=True, help="ONNX opset.")
