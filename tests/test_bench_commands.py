@@ -65,14 +65,16 @@ def test_lambda_table_matches_the_runs(sweep_dir: Path) -> None:
     for row in data["rows"]:
         if row["method"] == "stacking":
             continue
-        errors = []
+        errors, tenth = [], []
         for trial in range(2):
             run = RunDir(_run(sweep_dir, f"{row['lam']:g}", row["method"], trial))
             settings = run.config()["config"]
             assert (settings["seed"], settings["lam"], settings["method"]) == (trial, row["lam"], row["method"])
             eta, y = run.outputs("test")
             errors.append(_error(eta.astype(np.float64).mean(0), y))
+            tenth.append(_error(eta[:round(0.1 * len(eta))].astype(np.float64).mean(0), y))  # the first 10% by id
         assert row["test_error"]["mean"] == pytest.approx(np.mean(errors), abs=1e-6)
+        assert row["index_prefix_error"]["0.1"]["mean"] == pytest.approx(np.mean(tenth), abs=1e-6)
         assert row["test_error"]["se"] == pytest.approx(np.std(errors, ddof=1) / math.sqrt(2), abs=1e-6)
     markdown = (sweep_dir / f"lambda-{PRESET}.md").read_text()
     assert "| mlp-16x64 | 0 | bagging | 2 |" in markdown

@@ -36,11 +36,18 @@ def _stat(values: list[float]) -> dict:
     return {"mean": float(mean), "se": None if not np.isfinite(se) else float(se), "n": len(values)}
 
 
+PREFIX_FRACTIONS = (0.1, 0.25)  # the index-order prefixes each trial reports (the order anytime-trained runs deploy)
+
+
 def _modular_trial(run_dir: RunDir) -> dict:
     summary = run_dir.summary()
     trial = {key: summary["test"][key] for key in _SUMMARY_KEYS}
     trial.update(run=str(run_dir.path), best_epoch=summary["best_epoch"], train_time_s=summary["train_time_s"],
                  val_error=summary["val"]["ensemble_error"])
+    test_eta, test_y = run_dir.outputs("test")
+    m = test_eta.shape[0]
+    trial["index_prefix_error"] = {f"{f:g}": analysis.ensemble_metrics(test_eta[:max(1, round(f * m))], test_y)["error"]
+                                   for f in PREFIX_FRACTIONS}
     return trial
 
 
@@ -102,7 +109,9 @@ def collect_sweep(runs_dir: str | Path, presets: Sequence[str], lams: Sequence[f
                "test_nll": _stat([t["ensemble_loss"] for t in per_trial]),
                "member_nll": _stat([t["member_loss"] for t in per_trial]),
                "member_error": _stat([t["member_error"] for t in per_trial]),
-               "ambiguity": _stat([t["ambiguity"] for t in per_trial if t["ambiguity"] is not None])}
+               "ambiguity": _stat([t["ambiguity"] for t in per_trial if t["ambiguity"] is not None]),
+               "index_prefix_error": {f"{f:g}": _stat([t["index_prefix_error"][f"{f:g}"] for t in per_trial
+                                                        if "index_prefix_error" in t]) for f in PREFIX_FRACTIONS}}
         rows.append(row)
         progress("tabulating", number, len(keys))
     return {"bench": "lambda", "runs_dir": str(runs_dir), "presets": list(presets), "lams": list(lams),
@@ -112,14 +121,16 @@ def collect_sweep(runs_dir: str | Path, presets: Sequence[str], lams: Sequence[f
 def lambda_markdown(data: dict) -> str:
     """One markdown table: test error and losses per (preset, lam, method), mean ± standard error over trials."""
     headers = ["preset", "lam", "method", "trials", "test error", "ensemble test NLL", "mean member test NLL",
-               "mean member test error"]
+               "mean member test error"] + [f"first {100 * f:g}% by index" for f in PREFIX_FRACTIONS]
     rows = []
     for row in data["rows"]:
         def cell(key: str, as_pct: bool = False) -> str:
             stat = row[key]
             return (pct if as_pct else num)(stat["mean"], stat["se"])
+        prefixes = [row.get("index_prefix_error", {}).get(f"{f:g}") for f in PREFIX_FRACTIONS]
         rows.append([row["preset"], f"{row['lam']:g}", row["method"], row["test_error"]["n"],
-                     cell("test_error", True), cell("test_nll"), cell("member_nll"), cell("member_error", True)])
+                     cell("test_error", True), cell("test_nll"), cell("member_nll"), cell("member_error", True)]
+                    + [pct(p["mean"], p["se"]) if p and p["n"] else "" for p in prefixes])
     text = (f"Test error and NLL, mean ± standard error over trials (seeds 0..{data['trials'] - 1}); stacking: a "
             f"weight per member and a bias per class fitted on validation outputs (l2 {data['stacking_l2']:g})\n\n"
             + markdown_table(headers, rows))
