@@ -38,9 +38,15 @@ def prefix_errors(eta: np.ndarray, y: np.ndarray, order: list[int] | np.ndarray,
     return errors
 
 
-def greedy_order(eta: np.ndarray, y: np.ndarray, family: str = "categorical") -> tuple[list[int], list[float]]:
+def greedy_order(eta: np.ndarray, y: np.ndarray, family: str = "categorical",
+                 blocks: list[int] | tuple[int, ...] = ()) -> tuple[list[int], list[float]]:
     """Forward selection: each next member is the one that most lowers the validation error of the running mean of
     natural parameters (ties broken by NLL), so every prefix is a strong sub-ensemble.
+
+    Args:
+        blocks: member counts k at which the order must hold exactly the members 0..k-1 (the prefixes a run was
+            trained for, ``--anytime-weight``): the selection then only reorders members inside each block
+            [previous k, k), which keeps every trained prefix and makes the prefixes between them stronger.
 
     Returns:
         ``(order, errors)``: all member ids, and the error of each prefix k = 1..M.
@@ -50,6 +56,8 @@ def greedy_order(eta: np.ndarray, y: np.ndarray, family: str = "categorical") ->
     """
     _check(eta, y)
     m = eta.shape[0]
+    ends = sorted({k for k in blocks if 0 < k < m} | {m})
+    block_of = np.searchsorted(ends, np.arange(m), side="right")  # the block each member id belongs to
     remaining = list(range(m))
     running = np.zeros(eta.shape[1:], dtype=np.float32)
     order: list[int] = []
@@ -57,6 +65,9 @@ def greedy_order(eta: np.ndarray, y: np.ndarray, family: str = "categorical") ->
     # argmax (the categorical error) does not change when dividing by k: skip that pass over the candidates
     scale = (lambda k: 1.0) if family == "categorical" else (lambda k: 1.0 / k)
     for k in range(1, m + 1):
+        if len(ends) > 1:  # only the current block's members may come next
+            current = int(np.searchsorted(ends, k - 1, side="right"))
+            remaining_all, remaining = remaining, [j for j in remaining if block_of[j] == current]
         candidate_errors = np.empty(len(remaining))
         for start in range(0, len(remaining), CHUNK):
             ids = remaining[start:start + CHUNK]
@@ -68,6 +79,8 @@ def greedy_order(eta: np.ndarray, y: np.ndarray, family: str = "categorical") ->
         else:
             best = tied[0]
         member = remaining.pop(int(best))
+        if len(ends) > 1:
+            remaining = [j for j in remaining_all if j != member]
         order.append(member)
         errors.append(float(candidate_errors[best]))
         running += eta[member]

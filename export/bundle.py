@@ -68,8 +68,9 @@ class ExportOptions:
             all members, so that those budgets cost one graph's call (the bundle holds about twice the weights).
             Empty: none.
         order: ``greedy`` (forward selection on validation outputs), ``index``, or ``auto``: the trained order
-            (by index; the manifest says ``trained``) for a run trained with the anytime term, whose loss made the
-            prefixes of that order strong ensembles, else ``greedy``.
+            for a run trained with the anytime term, whose loss made the prefixes of that order strong ensembles
+            (the manifest says ``trained``; ``trained-greedy`` when greedy selection inside each trained prefix
+            measured better on validation), else ``greedy``.
         specialist_size: members per specialist; capped at M // 2 (a larger "specialist" is just the ensemble);
             0 disables specialists.
         opset: ONNX opset (>= 17).
@@ -222,13 +223,20 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
 
     progress("order", 0, 1)
     order_method = options.order
+    trained_prefixes = loaded.train_config.resolved_prefixes(m)
     if order_method == "auto":
-        order_method = "trained" if loaded.train_config.anytime_weight else "greedy"
+        order_method = "trained" if trained_prefixes else "greedy"
     if order_method == "greedy":
         order, order_errors = selection.greedy_order(loaded.val_eta, loaded.val_y, family)
     else:
         order = list(range(m))
         order_errors = selection.prefix_errors(loaded.val_eta, loaded.val_y, order, family)
+    if order_method == "trained":
+        # Greedy selection inside each trained prefix keeps every trained prefix and may strengthen the ones
+        # between them (the first members alone were never trained as ensembles): kept if it measures better.
+        refined, refined_errors = selection.greedy_order(loaded.val_eta, loaded.val_y, family, trained_prefixes)
+        if np.mean(refined_errors) < np.mean(order_errors):
+            order, order_errors, order_method = refined, refined_errors, "trained-greedy"
     index_errors = selection.prefix_errors(loaded.val_eta, loaded.val_y, list(range(m)), family)
     random_errors = selection.random_prefix_errors(loaded.val_eta, loaded.val_y, options.random_draws,
                                                    options.seed, family)

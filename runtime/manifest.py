@@ -35,7 +35,7 @@ FORMAT_VERSION = 2
 SUPPORTED_VERSIONS = (1, 2)
 MANIFEST_FILE = "manifest.json"
 ROLES = ("general", "prefix", "specialist")
-ORDER_METHODS = ("greedy", "index", "trained")
+ORDER_METHODS = ("greedy", "index", "trained", "trained-greedy")
 PRECISIONS = ("fp32", "fp16", "int8")
 CURVE_KEYS = ("order_val_error", "index_val_error", "random_val_error")
 F1_KEYS = ("greedy", "best_of_random", "random_mean", "best_single")
@@ -305,7 +305,8 @@ class Manifest:
         curves: validation curves over the number of members.
         metrics: full-ensemble validation and test metrics.
         class_names: K names (categorical) or None.
-        order_method: ``greedy``, ``index``, or ``trained`` (index order of a run trained for its prefixes).
+        order_method: ``greedy``, ``index``, ``trained`` (index order of a run trained for its prefixes) or
+            ``trained-greedy`` (those prefixes kept, greedy order inside each).
         specialists: specialist sub-ensembles (may be empty).
         calibration: raw validation examples in the bundle, or None.
         created: ISO-8601 UTC time of export (default: now).

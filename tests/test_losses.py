@@ -238,3 +238,18 @@ def test_anytime_settings_are_checked() -> None:
         TrainConfig(method="bagging", lam=0.0, anytime_weight=1.0).validate()
     config = TrainConfig(anytime_weight=0.5, prefixes=(4, 8))
     assert TrainConfig.from_dict(config.to_dict()) == config  # stored in the run's config.json and read back
+
+
+def test_greedy_order_inside_trained_prefixes_keeps_them() -> None:
+    from edgens.selection import greedy_order
+
+    rng = np.random.default_rng(5)
+    y = rng.integers(0, 3, 200)
+    eta = rng.normal(size=(9, 200, 3))
+    eta[8, np.arange(200), y] += 5.0  # the best member is in the last block: free greedy takes it first
+    free, _ = greedy_order(eta, y)
+    assert free[0] == 8
+    order, errors = greedy_order(eta, y, blocks=(3, 6))
+    assert sorted(order[:3]) == [0, 1, 2] and sorted(order[:6]) == list(range(6)) and sorted(order) == list(range(9))
+    assert order[6] == 8  # first of its block
+    assert len(errors) == 9
