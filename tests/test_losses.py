@@ -225,13 +225,13 @@ def test_anytime_settings_are_checked() -> None:
     from edgens.config import TrainConfig, check_prefixes, default_prefixes
     from edgens.errors import ConfigError
 
-    assert default_prefixes(256) == (16, 32, 64, 128) and default_prefixes(12) == (1, 2, 3, 6)
+    assert default_prefixes(256) == (16, 26, 32, 64, 128) and default_prefixes(12) == (1, 2, 3, 6)
     assert default_prefixes(1) == () and check_prefixes((8, 2), 10) == (2, 8)
     for bad, message in (((0,), r"in \[1, 10\)"), ((10,), r"in \[1, 10\)"), ((3, 3), "distinct")):
         with pytest.raises(ConfigError, match=message):
             check_prefixes(bad, 10)
     assert TrainConfig().resolved_prefixes(256) == ()  # no term, no prefixes
-    assert TrainConfig(anytime_weight=1.0).resolved_prefixes(256) == (16, 32, 64, 128)
+    assert TrainConfig(anytime_weight=1.0).resolved_prefixes(256) == (16, 26, 32, 64, 128)
     with pytest.raises(ConfigError, match="anytime_weight"):
         TrainConfig(anytime_weight=-1.0).validate()
     with pytest.raises(ConfigError, match="bagging"):

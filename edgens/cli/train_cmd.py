@@ -32,7 +32,7 @@ def _milestones(text: str) -> tuple[float, ...]:
               help="mu: add mu * sum_k (k/M) NLL(mean of the first k members) to the loss, so that the prefixes of "
                    "the member order the device runs are strong ensembles (0: the paper's loss).")
 @click.option("--prefixes", "prefixes_text", default=None, metavar="K1,K2,...",
-              help="Member counts k of the nested prefixes the anytime term trains [M/16, M/8, M/4, M/2].")
+              help="Member counts k of the nested prefixes the anytime term trains [M/16, 10%, M/8, M/4, M/2].")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--lr", type=float, default=None,
               help=f"Per-member learning rate (the paper's rate / M). Default: {DEFAULT_LR['mlp']} for mlp, "
