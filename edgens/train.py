@@ -7,6 +7,8 @@ function of (seed, epoch) alone, and the checkpoint holds the model, optimiser a
 
 from __future__ import annotations
 
+import dataclasses
+
 import logging
 import math
 import platform
@@ -310,6 +312,14 @@ def _build_run_config(config: TrainConfig, dataset: Dataset, spec: StackSpec, de
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
 
 
+def with_resolved_prefixes(config: TrainConfig, n_members: int) -> TrainConfig:
+    """``config`` with the anytime term's default prefixes written out, so that the run's config.json says which
+    prefixes it trained (export and the benches read them; a later default must not change an old run's meaning)."""
+    if not config.anytime_weight or config.prefixes is not None:
+        return config
+    return dataclasses.replace(config, prefixes=config.resolved_prefixes(n_members))
+
+
 def _load_data(config: TrainConfig) -> Dataset:
     return load_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed, config.family,
                         config.train_limit)
@@ -328,6 +338,7 @@ def train(config: TrainConfig, run_dir: str | Path, callbacks: Callbacks | None 
     device = resolve_device(config.device)
     dataset = _load_data(config)
     spec = preset_spec(config.preset, dataset.input_shape, dataset.n_outputs, config.n_members)
+    config = with_resolved_prefixes(config, spec.n_members)
     trainer = Trainer(config, run, dataset, spec, device, callbacks)
     run.create(_build_run_config(config, dataset, spec, device))
     log.info("training %s (%d members, lam=%g) on %s, %s", config.preset, spec.n_members, config.lam, device,

@@ -253,3 +253,12 @@ def test_greedy_order_inside_trained_prefixes_keeps_them() -> None:
     assert sorted(order[:3]) == [0, 1, 2] and sorted(order[:6]) == list(range(6)) and sorted(order) == list(range(9))
     assert order[6] == 8  # first of its block
     assert len(errors) == 9
+
+
+def test_a_run_records_the_prefixes_it_trains() -> None:
+    from edgens.config import TrainConfig
+    from edgens.train import with_resolved_prefixes
+
+    assert with_resolved_prefixes(TrainConfig(anytime_weight=1.0), 256).prefixes == (16, 26, 32, 64, 128)
+    assert with_resolved_prefixes(TrainConfig(anytime_weight=1.0, prefixes=(8,)), 256).prefixes == (8,)
+    assert with_resolved_prefixes(TrainConfig(), 256).prefixes is None  # the paper's loss: nothing to record

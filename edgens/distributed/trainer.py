@@ -37,7 +37,7 @@ from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import MemberStack, StackSpec, build_stack
 # The run-config and data helpers are train.py's own, shared so both paths record and load runs identically.
-from edgens.train import Callbacks, Trainer, _build_run_config, _load_data, predict_members
+from edgens.train import Callbacks, Trainer, _build_run_config, _load_data, predict_members, with_resolved_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,7 @@ def train_distributed(config: TrainConfig, run_dir: str | Path, callbacks: Callb
         device = use_rank_device(config.device, comm.local_rank)
         dataset = _load_data(config)
         spec = preset_spec(config.preset, dataset.input_shape, dataset.n_outputs, config.n_members)
+        config = with_resolved_prefixes(config, spec.n_members)
         trainer = DistributedTrainer(config, run, dataset, spec, device, comm, callbacks)
         record = _distributed_run_config(config, dataset, spec, trainer)
         comm.run_on_main(lambda: run.create(record))
