@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from edgens.config import check_prefixes, default_prefixes  # noqa: F401  (re-exported: the loss's settings)
+from edgens.config import check_prefixes
 from edgens.ensemble import FAMILIES
 from edgens.errors import ConfigError, InputError, unknown_choice
 
@@ -170,18 +170,21 @@ def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: st
             counts, with lam = 0). The ensemble term and the ambiguity stay unweighted.
         anytime_weight: mu >= 0: adds mu * :func:`anytime_term` over ``prefixes`` (anytime-aware training: the
             ensembles of the first k members, in index order, the order the deployed runtime runs them in).
-        prefixes: member counts k in [1, M) of the nested prefixes (used when ``anytime_weight`` > 0).
+        prefixes: member counts k in [1, M) of the nested prefixes (used when ``anytime_weight`` > 0; checked with
+            ``validate``).
 
     Returns:
         :class:`ModularLoss` with ``total``, ``ensemble_nll``, ``member_nll`` and ``ambiguity``.
 
     Raises:
-        ConfigError: lam outside [0, 1] or an unknown family.
+        ConfigError: lam outside [0, 1], an unknown family, or (``validate``) prefixes outside [1, M).
         InputError: bad shapes, labels out of range, non-finite values.
     """
     lam = check_lam(lam)
     if validate:
         check_inputs(eta, target, family)
+        if anytime_weight:
+            check_prefixes(tuple(prefixes), eta.shape[0])
     if family == "categorical":
         target = target.long()
     else:

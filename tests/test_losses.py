@@ -231,6 +231,8 @@ def test_anytime_settings_are_checked() -> None:
         with pytest.raises(ConfigError, match=message):
             check_prefixes(bad, 10)
     assert TrainConfig().resolved_prefixes(256) == ()  # no term, no prefixes
+    with pytest.raises(ConfigError, match=r"in \[1, 4\)"):
+        modular_loss(torch.zeros(4, 2, 3), torch.tensor([0, 1]), 0.9, anytime_weight=1.0, prefixes=(2, 4))
     assert TrainConfig(anytime_weight=1.0).resolved_prefixes(256) == (16, 26, 32, 64, 128)
     with pytest.raises(ConfigError, match="anytime_weight"):
         TrainConfig(anytime_weight=-1.0).validate()
