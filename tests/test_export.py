@@ -296,8 +296,14 @@ def _stack_error_on_val(bundle: Path, name: str, tiny_run: Path) -> float:
     stack = manifest.stack(name)
     data = load_dataset("fashion-mnist", val_size=2000)
     x = ((data.val_x.astype(np.float32) - manifest.preprocessing.mean[0]) / manifest.preprocessing.std[0])
+    x = x.reshape(-1, 1, 28, 28).astype(np.float32)
     session = ort.InferenceSession(str(bundle / stack.file), providers=["CPUExecutionProvider"])
-    eta = session.run(None, {"x": x.reshape(-1, 1, 28, 28).astype(np.float32)})[0]
+    # Batches of the export's size: kernels may round differently for other batch shapes (and on other CPUs), and
+    # an int8 graph can turn such a difference into a whole quantisation step.
+    from edgens.export.precision import CHECK_BATCH
+
+    eta = np.concatenate([session.run(None, {"x": x[i:i + CHECK_BATCH]})[0] for i in range(0, len(x), CHECK_BATCH)],
+                         axis=1)
     return _softmax_error(eta.astype(np.float64).mean(0), data.val_y)
 
 
