@@ -28,7 +28,7 @@ from edgens.bench import analysis  # noqa: E402
 from edgens.fileio import atomic_write_json, atomic_write_text  # noqa: E402
 from edgens.rundir import RunDir  # noqa: E402
 from edgens.config import TrainConfig  # noqa: E402
-from edgens.selection import greedy_order, prefix_errors  # noqa: E402
+from edgens import selection  # noqa: E402
 
 FRACTIONS = (0.1, 0.25, 0.5, 1.0)
 
@@ -43,15 +43,10 @@ def one_run(path: Path, trained_order: bool, repeats: int) -> dict:
     test_eta, test_y = run.outputs("test")
     m = test_eta.shape[0]
     val_eta, val_y = run.outputs("val")
-    method = "greedy"
-    if trained_order:  # as `edgens export` orders such a run: the trained order, refined inside its prefixes when
-        order, method = list(range(m)), "trained"  # that measures better on validation
-        trained_prefixes = TrainConfig.from_dict(config).resolved_prefixes(m)
-        refined, refined_errors = greedy_order(val_eta, val_y, blocks=trained_prefixes)
-        if np.mean(refined_errors) < np.mean(prefix_errors(val_eta, val_y, order)):
-            order, method = refined, "trained-greedy"
+    if trained_order:  # as `edgens export` orders such a run
+        order, _, method = selection.trained_order(val_eta, val_y, TrainConfig.from_dict(config).resolved_prefixes(m))
     else:
-        order, _ = greedy_order(val_eta, val_y)
+        (order, _), method = selection.greedy_order(val_eta, val_y), "greedy"
     curve = analysis.prefix_curve(test_eta, test_y, order)["error"]
     dropped = analysis.random_drop_curve(test_eta, test_y, repeats, seed=0).at_fraction(0.9)
     result = {"run": str(path), "seed": config["seed"], "anytime_weight": config.get("anytime_weight", 0.0),

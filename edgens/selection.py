@@ -87,6 +87,23 @@ def greedy_order(eta: np.ndarray, y: np.ndarray, family: str = "categorical",
     return order, errors
 
 
+def trained_order(eta: np.ndarray, y: np.ndarray, prefixes: tuple[int, ...] | list[int],
+                  family: str = "categorical") -> tuple[list[int], list[float], str]:
+    """The deployment order of a run trained for its nested ``prefixes`` (``--anytime-weight``): by index, or with
+    greedy selection inside each trained prefix (:func:`greedy_order` with ``blocks``) when that has the lower mean
+    prefix error on these (validation) outputs.
+
+    Returns:
+        ``(order, errors, method)``: the order, the error of each prefix, and ``trained`` or ``trained-greedy``.
+    """
+    order = list(range(eta.shape[0]))
+    errors = prefix_errors(eta, y, order, family)
+    refined, refined_errors = greedy_order(eta, y, family, prefixes)
+    if np.mean(refined_errors) < np.mean(errors):
+        return refined, refined_errors, "trained-greedy"
+    return order, errors, "trained"
+
+
 def random_prefix_errors(eta: np.ndarray, y: np.ndarray, draws: int = 20, seed: int = 0,
                          family: str = "categorical") -> list[float]:
     """Mean error over ``draws`` random orders of the first k members, for k = 1..M: the random-drop curve.

@@ -12,6 +12,7 @@ a half bundle.
 from __future__ import annotations
 
 import copy
+import functools
 import logging
 import math
 import os
@@ -228,15 +229,12 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         order_method = "trained" if trained_prefixes else "greedy"
     if order_method == "greedy":
         order, order_errors = selection.greedy_order(loaded.val_eta, loaded.val_y, family)
+    elif order_method == "trained":
+        order, order_errors, order_method = selection.trained_order(loaded.val_eta, loaded.val_y, trained_prefixes,
+                                                                    family)
     else:
         order = list(range(m))
         order_errors = selection.prefix_errors(loaded.val_eta, loaded.val_y, order, family)
-    if order_method == "trained":
-        # Greedy selection inside each trained prefix keeps every trained prefix and may strengthen the ones
-        # between them (the first members alone were never trained as ensembles): kept if it measures better.
-        refined, refined_errors = selection.greedy_order(loaded.val_eta, loaded.val_y, family, trained_prefixes)
-        if np.mean(refined_errors) < np.mean(order_errors):
-            order, order_errors, order_method = refined, refined_errors, "trained-greedy"
     index_errors = selection.prefix_errors(loaded.val_eta, loaded.val_y, list(range(m)), family)
     random_errors = selection.random_prefix_errors(loaded.val_eta, loaded.val_y, options.random_draws,
                                                    options.seed, family)
@@ -339,7 +337,7 @@ def _convert_stacks(loaded: LoadedRun, stacks: list[StackInfo], directory: Path,
         else:
             substack = loaded.stack.subset(stack.members)
             export_stack(substack, path, options.opset, float16=True)
-            torch_eta = _torch_float16_outputs(substack, val_x)
+            torch_eta = functools.partial(_torch_float16_outputs, substack, val_x)  # run only if onnxruntime cannot
         check = check_converted(fp32_path, path, val_x, loaded.dataset.val_y, family, torch_eta)
         stack.val_error_change = check.change
         how = "" if check.cpu_checked else " (checked in torch float16: onnxruntime has no float16 kernels here)"

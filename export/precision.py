@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -90,9 +91,9 @@ def quantize_int8(source: Path, destination: Path, calibration_x: np.ndarray, in
 
 
 def check_converted(fp32_path: Path, converted_path: Path, x: np.ndarray, y: np.ndarray, family: str,
-                    torch_float16_eta: np.ndarray | None = None) -> PrecisionCheck:
-    """Both graphs' stack error on the same validation examples (``torch_float16_eta``: the fallback outputs when
-    onnxruntime cannot run the converted graph here)."""
+                    torch_float16_eta: Callable[[], np.ndarray] | None = None) -> PrecisionCheck:
+    """Both graphs' stack error on the same validation examples (``torch_float16_eta``: computes the fallback
+    outputs, called only when onnxruntime cannot run the converted graph here)."""
     fp32_error = stack_error(stack_outputs(fp32_path, x), y, family)
     try:
         eta = stack_outputs(converted_path, x)
@@ -102,5 +103,5 @@ def check_converted(fp32_path: Path, converted_path: Path, x: np.ndarray, y: np.
             raise ExportError(f"onnxruntime cannot run {converted_path.name} to check it: {err}") from err
         log.info("%s: onnxruntime cannot run it here (%s); checked in torch float16 instead", converted_path.name,
                  err)
-        eta, cpu_checked = torch_float16_eta, False
+        eta, cpu_checked = torch_float16_eta(), False
     return PrecisionCheck(fp32_error, stack_error(eta, y, family), cpu_checked)

@@ -97,23 +97,24 @@ class LatencyTable:
         weight = (batch - lower) / (upper - lower)
         return (1 - weight) * sizes[lower].median_ms + weight * sizes[upper].median_ms
 
+    def _chain_at(self, batch: int, lanes: int) -> ChainLatency | None:
+        """The lane measurement with ``lanes`` lanes at the largest measured batch size not above ``batch``."""
+        sizes = [b for b, chain in self.lanes.items() if chain.lanes == lanes and b <= batch]
+        return self.lanes[max(sizes)] if sizes else None
+
     def lane_slowdown(self, batch: int, lanes: int) -> float:
         """How much longer one stack takes while ``lanes`` lanes run side by side (``lanes / speedup``, at least 1)
         at the largest measured batch size not above ``batch``: the stacks share the memory bandwidth and caches.
         1 when not measured."""
-        sizes = [b for b, chain in self.lanes.items() if chain.lanes == lanes and b <= batch]
-        if not sizes:
-            return 1.0
-        return max(1.0, lanes / self.lanes[max(sizes)].speedup)
+        chain = self._chain_at(batch, lanes)
+        return 1.0 if chain is None else max(1.0, lanes / chain.speedup)
 
     def lanes_pay(self, batch: int, lanes: int, min_speedup: float) -> bool | None:
         """Whether running the general stacks on ``lanes`` lanes measured at least ``min_speedup`` times faster
         than in order, at the largest measured batch size not above ``batch``; None when the table did not measure
         that lane count (or any batch size that small)."""
-        sizes = [b for b, chain in self.lanes.items() if chain.lanes == lanes and b <= batch]
-        if not sizes:
-            return None
-        return self.lanes[max(sizes)].speedup >= min_speedup
+        chain = self._chain_at(batch, lanes)
+        return None if chain is None else chain.speedup >= min_speedup
 
     def to_dict(self) -> dict[str, Any]:
         return {"backend": self.backend, "providers": list(self.providers), "device": self.device,
