@@ -90,9 +90,10 @@ class OnnxRuntimeRunner(StackRunner):
     """One onnxruntime session for one stack file."""
 
     def __init__(self, stack: StackInfo, path: Path, input_shape: tuple[int, ...], n_outputs: int,
-                 providers: list[Any], threads: int, spin: bool = False):
+                 providers: list[Any], threads: int, spin: bool = False, model: bytes | None = None):
         super().__init__(stack, input_shape, n_outputs)
         self.path = path
+        self.model = model  # the graph's bytes, when given (fault injection), instead of reading ``path``
         self.requested_providers = providers
         self.threads = threads
         self.spin = spin
@@ -118,7 +119,8 @@ class OnnxRuntimeRunner(StackRunner):
             # what really runs, through logging, so its warnings are not passed on.
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                session = ort.InferenceSession(str(self.path), options, providers=self.requested_providers)
+                session = ort.InferenceSession(str(self.path) if self.model is None else self.model, options,
+                                               providers=self.requested_providers)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
             raise BundleError(f"stack {self.name}: onnxruntime cannot load {self.path} ({err})") from None
         self._check_io(session)
@@ -213,12 +215,15 @@ class OnnxRuntimeBackend(Backend):
             return (provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)})
         return provider
 
-    def runner(self, stack: StackInfo) -> OnnxRuntimeRunner:
+    def runner(self, stack: StackInfo, model: bytes | None = None) -> OnnxRuntimeRunner:
+        """A runner of the stack's file, or of ``model`` (its serialized graph, e.g. with injected faults)."""
         solo = stack.role == "prefix"
         runner = OnnxRuntimeRunner(stack, self.bundle_dir / stack.file, self.manifest.input.shape,
                                    self.manifest.n_outputs, self.providers,
-                                   self.solo_threads if solo else self.threads, spin=solo and self.solo_threads > 1)
-        self._runners.append(runner)
+                                   self.solo_threads if solo else self.threads, spin=solo and self.solo_threads > 1,
+                                   model=model)
+        if model is None:  # injected graphs come and go; the bundle's own runners say what runs it
+            self._runners.append(runner)
         return runner
 
     def providers_in_use(self) -> list[str]:
