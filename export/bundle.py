@@ -4,9 +4,10 @@ Steps: load and cross-check the run; order the members for anytime use (greedy f
 outputs, or by index); cut the order into general stacks (a schedule, or equal stacks) and add prefix stacks of the
 first members; select a specialist sub-ensemble per class; export every stack to ONNX and check it against torch on
 real validation inputs; optionally convert the stacks to int8 or fp16, each checked against its fp32 graph
-(:mod:`edgens.export.precision`); optionally build TensorRT engines; write the manifest. Everything is written into
-a temporary directory next to the destination and renamed into place at the end, so a crash or Ctrl-C never leaves
-a half bundle.
+(:mod:`edgens.export.precision`); fit the silent-fault detection thresholds and store the self-test's expected
+outputs (:mod:`edgens.export.silent_faults`); optionally build TensorRT engines; write the manifest. Everything is
+written into a temporary directory next to the destination and renamed into place at the end, so a crash or Ctrl-C
+never leaves a half bundle.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from edgens.errors import ConfigError, ExportError
 from edgens.export.onnx_export import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity,
                                        export_stack)
 from edgens.export.run_model import LoadedRun, load_run
+from edgens.export.silent_faults import fit_outliers, write_self_test
 from edgens.fileio import (check_can_create, make_directory, remove_stale_temporaries, sha256_file,
                            temporary_path)
 from edgens.interrupts import raise_if_interrupted
@@ -284,6 +286,12 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             clock = _stage(stages, "precision", clock)
 
         calibration = _write_calibration(loaded, partial)
+        # silent faults: detection thresholds and self-test outputs, from the graphs as they deploy
+        val_x = loaded.dataset.normalize(loaded.dataset.val_x)
+        outliers = fit_outliers(partial, stacks, val_x, family,
+                                lambda done, total: progress("outlier thresholds", done, total))
+        self_test = write_self_test(partial, stacks, loaded.dataset.val_x, loaded.dataset.normalize)
+        clock = _stage(stages, "silent faults", clock)
         specialists = [SpecialistInfo(task=f"class-{c}", class_index=c, members=members, stack=f"specialist-{c}",
                                       selection="greedy", val_f1=scores) for c, members, scores in specialist_choices]
         data = loaded.config["data"]
@@ -301,7 +309,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
                           random_val_error=random_errors),
             metrics=Metrics(val=_split_metrics(loaded.val_eta, loaded.val_y, family),
                             test=_split_metrics(loaded.test_eta, loaded.test_y, family)),
-            calibration=calibration)
+            calibration=calibration, outliers=outliers, self_test=self_test)
         if options.tensorrt:
             from edgens.export.engines import add_engines
 

@@ -43,7 +43,8 @@ F1_KEYS = ("greedy", "best_of_random", "random_mean", "best_single")
 KNOWN_KEYS = frozenset({
     "format", "format_version", "edgens_version", "created", "family", "n_outputs", "class_names", "input",
     "preprocessing", "training", "members", "order", "order_method", "stacks", "specialists", "curves", "metrics",
-    "calibration"})
+    "calibration", "outliers", "self_test"})
+OPTIONAL_KEYS = frozenset({"calibration", "outliers", "self_test"})  # may be absent (or null)
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _MISSING = object()
@@ -286,6 +287,50 @@ class CalibrationInfo:
 
 
 @dataclass(kw_only=True)
+class OutlierInfo:
+    """Silent-fault detection's thresholds (optional), fitted at export on validation outputs
+    (:mod:`edgens.runtime.outliers` defines the statistic).
+
+    Attributes:
+        thresholds: per general stack (its members form one group), the largest deviation of the group from the
+            other groups seen on validation data.
+        margin: a group is an outlier in a call when its deviation exceeds ``margin`` times its threshold.
+        min_groups: calls with fewer answered groups are not checked (nothing can outvote one of two).
+        statistic: ``group-loo-l2``.
+        examples: validation examples the thresholds were fitted on.
+    """
+
+    thresholds: dict[str, float]
+    margin: float
+    min_groups: int = 3
+    statistic: str = "group-loo-l2"
+    examples: int = 0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"statistic": self.statistic, "margin": self.margin, "min_groups": self.min_groups,
+                "examples": self.examples, "thresholds": dict(self.thresholds)}
+
+
+@dataclass(kw_only=True)
+class SelfTestInfo:
+    """Expected outputs of every stack on a few stored inputs (optional), for :meth:`Predictor.self_test`.
+
+    Attributes:
+        file: path relative to the bundle of an ``.npz`` with ``x`` (raw inputs) and one array per stack, named by
+            the stack, of its outputs ``(members, examples, n_outputs)`` computed at export by onnxruntime on CPU.
+        sha256: hex digest of the file.
+        examples: number of inputs.
+    """
+
+    file: str
+    sha256: str
+    examples: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"file": self.file, "sha256": self.sha256, "examples": self.examples}
+
+
+@dataclass(kw_only=True)
 class Manifest:
     """Everything ``manifest.json`` says about a bundle (format version 2).
 
@@ -309,6 +354,8 @@ class Manifest:
             ``trained-greedy`` (those prefixes kept, greedy order inside each).
         specialists: specialist sub-ensembles (may be empty).
         calibration: raw validation examples in the bundle, or None.
+        outliers: thresholds of silent-fault detection, or None (bundles written before it; then no detection).
+        self_test: stored expected outputs for the self-test, or None.
         created: ISO-8601 UTC time of export (default: now).
         extra: top-level keys this version does not know, kept as they are so that rewriting a manifest (e.g.
             adding engines on the device) does not drop what a newer writer put there.
@@ -329,6 +376,8 @@ class Manifest:
     order_method: str = "greedy"
     specialists: list[SpecialistInfo] = field(default_factory=list)
     calibration: CalibrationInfo | None = None
+    outliers: OutlierInfo | None = None
+    self_test: SelfTestInfo | None = None
     created: str = field(default_factory=utc_now)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -370,7 +419,8 @@ class Manifest:
         if clash:
             raise BundleError(f"Manifest.extra holds {', '.join(map(repr, clash))}, which the format defines; set "
                               f"the Manifest field instead (e.g. Manifest.calibration = CalibrationInfo(...))")
-        optional = {"calibration": self.calibration.to_dict()} if self.calibration is not None else {}
+        optional = {key: getattr(self, key).to_dict() for key in sorted(OPTIONAL_KEYS)
+                    if getattr(self, key) is not None}
         return _plain({
             **self.extra,
             "format": FORMAT, "format_version": FORMAT_VERSION, "edgens_version": self.edgens_version,
@@ -497,6 +547,32 @@ def read_calibration(bundle_dir: str | Path, manifest: Manifest) -> tuple[np.nda
         except UNREADABLE as err:
             raise BundleError(f"calibration data {info.file}: unreadable ({type(err).__name__}: {err}); "
                               f"{fix}") from None
+
+
+def read_self_test(bundle_dir: str | Path, manifest: Manifest) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    """The self-test's raw inputs and each stack's expected outputs on them, or None if the bundle has none.
+
+    Raises:
+        BundleError: the file is missing, does not match its sha256, or lacks ``x`` or a stack's outputs.
+    """
+    info = manifest.self_test
+    if info is None:
+        return None
+    problem = check_file(bundle_dir, info.file, info.sha256)
+    if problem is not None:
+        raise BundleError(f"self-test data: {problem}")
+    fix = "export the bundle again (or copy its selftest.npz again)"
+    data = load_array(Path(bundle_dir) / info.file, BundleError, fix)
+    if not hasattr(data, "files"):
+        raise BundleError(f"self-test data {info.file}: a single array, expected an .npz archive; {fix}")
+    with data:
+        missing = [name for name in ["x", *(stack.name for stack in manifest.stacks)] if name not in data.files]
+        if missing:
+            raise BundleError(f"self-test data {info.file}: lacks the arrays {', '.join(missing)}; {fix}")
+        try:
+            return data["x"], {stack.name: data[stack.name] for stack in manifest.stacks}
+        except UNREADABLE as err:
+            raise BundleError(f"self-test data {info.file}: unreadable ({type(err).__name__}: {err}); {fix}") from None
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -667,6 +743,8 @@ def _parse_manifest(r: _Reader, data: Any) -> Manifest:
         curves=_parse_curves(r, r.obj(r.get(data, "curves", "", "an object"), "curves")),
         metrics=_parse_metrics(r, r.obj(r.get(data, "metrics", "", "an object"), "metrics")),
         calibration=_parse_calibration(r, data.get("calibration")),
+        outliers=_parse_outliers(r, data.get("outliers")),
+        self_test=_parse_self_test(r, data.get("self_test")),
         extra={key: value for key, value in data.items() if key not in KNOWN_KEYS},
     )
     _check_consistency(r, manifest)
@@ -754,6 +832,30 @@ def _parse_calibration(r: _Reader, value: Any) -> CalibrationInfo | None:
     return CalibrationInfo(file=r.relative_file(obj, "file", "calibration"),
                            sha256=r.sha256(obj, "sha256", "calibration"),
                            examples=r.int_(obj, "examples", "calibration", minimum=1))
+
+
+def _parse_outliers(r: _Reader, value: Any) -> OutlierInfo | None:
+    if value is None:
+        return None
+    obj = r.obj(value, "outliers")
+    thresholds = r.obj(r.get(obj, "thresholds", "outliers", "an object"), "outliers.thresholds")
+    info = OutlierInfo(thresholds={name: r.float_value(t, f"outliers.thresholds.{name}")
+                                   for name, t in thresholds.items()},
+                       margin=r.float_(obj, "margin", "outliers"),
+                       min_groups=r.int_(obj, "min_groups", "outliers", minimum=2),
+                       statistic=r.str_(obj, "statistic", "outliers", ("group-loo-l2",)),
+                       examples=r.int_(obj, "examples", "outliers", minimum=0))
+    if info.margin <= 0 or any(t < 0 for t in info.thresholds.values()):
+        raise r.fail("outliers", "a positive margin and thresholds >= 0", value)
+    return info
+
+
+def _parse_self_test(r: _Reader, value: Any) -> SelfTestInfo | None:
+    if value is None:
+        return None
+    obj = r.obj(value, "self_test")
+    return SelfTestInfo(file=r.relative_file(obj, "file", "self_test"), sha256=r.sha256(obj, "sha256", "self_test"),
+                        examples=r.int_(obj, "examples", "self_test", minimum=1))
 
 
 def _parse_curves(r: _Reader, obj: dict[str, Any]) -> Curves:
@@ -844,6 +946,11 @@ def _check_consistency(r: _Reader, m: Manifest) -> None:
             raise r.error(f"{path}.stack", f"stack {stack.name!r} must be a specialist stack holding exactly the "
                                            f"members {specialist.members}; it is a {stack.role} stack holding "
                                            f"{stack.members}")
+    if m.outliers is not None:
+        general_names = [stack.name for stack in m.stacks if stack.role == "general"]
+        if sorted(m.outliers.thresholds) != sorted(general_names):
+            raise r.fail("outliers.thresholds", f"one threshold per general stack ({', '.join(general_names)})",
+                         sorted(m.outliers.thresholds))
     for key in CURVE_KEYS:
         values = getattr(m.curves, key)
         if len(values) != len(ids):

@@ -220,7 +220,7 @@ def test_file_checks_find_missing_and_corrupt_stacks(bundle: SyntheticBundle) ->
 def test_schema_file_is_a_valid_json_schema() -> None:
     jsonschema.Draft202012Validator.check_schema(SCHEMA)
     assert set(SCHEMA["properties"]) == set(mf.KNOWN_KEYS)
-    assert set(SCHEMA["required"]) == set(mf.KNOWN_KEYS) - {"calibration"}
+    assert set(SCHEMA["required"]) == set(mf.KNOWN_KEYS) - mf.OPTIONAL_KEYS
     fields = set(Manifest.__dataclass_fields__) - {"extra"}
     assert fields | {"format", "format_version"} == set(mf.KNOWN_KEYS)
 

@@ -1,0 +1,63 @@
+"""What a device needs to catch silent faults without a data set, computed at export from the final stack graphs:
+the outlier thresholds (:mod:`edgens.runtime.outliers`) and the self-test's expected outputs.
+
+Both come from the graphs as deployed (after any int8 or fp16 conversion), run by onnxruntime on CPU, so they
+describe exactly what the device runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from edgens.export.onnx_export import INPUT_NAME
+from edgens.fileio import sha256_file
+from edgens.runtime.manifest import OutlierInfo, SelfTestInfo, StackInfo
+from edgens.runtime.outliers import fit_thresholds
+
+SELF_TEST_FILE = "selftest.npz"
+SELF_TEST_EXAMPLES = 32
+BATCH = 512
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def stack_outputs(path: Path, x: np.ndarray) -> np.ndarray:
+    """A stack graph's outputs ``(members, N, K)`` on normalised inputs, in batches."""
+    session = _session(path)
+    return np.concatenate([session.run(None, {INPUT_NAME: np.ascontiguousarray(x[i:i + BATCH])})[0]
+                           for i in range(0, len(x), BATCH)], axis=1)
+
+
+def fit_outliers(directory: Path, stacks: list[StackInfo], val_x: np.ndarray, family: str,
+                 progress: Callable[[int, int], None] | None = None) -> OutlierInfo | None:
+    """Thresholds for every general stack, from the deployed graphs' outputs on the normalised validation inputs
+    (None with fewer than three general stacks: nothing could outvote one)."""
+    general = [stack for stack in stacks if stack.role == "general"]
+    outputs, groups = [], {}
+    for number, stack in enumerate(general):
+        if progress is not None:
+            progress(number, len(general))
+        outputs.append(stack_outputs(directory / stack.file, val_x))
+        start = sum(len(s.members) for s in general[:number])
+        groups[stack.name] = list(range(start, start + len(stack.members)))
+    if progress is not None:
+        progress(len(general), len(general))
+    return fit_thresholds(np.concatenate(outputs, axis=0), groups, family)
+
+
+def write_self_test(directory: Path, stacks: list[StackInfo], raw_x: np.ndarray, normalize: Callable[[np.ndarray],
+                    np.ndarray]) -> SelfTestInfo:
+    """Store the first :data:`SELF_TEST_EXAMPLES` raw inputs and every stack's outputs on them."""
+    raw = raw_x[:SELF_TEST_EXAMPLES]
+    x = normalize(raw).astype(np.float32)
+    arrays = {"x": raw, **{stack.name: stack_outputs(directory / stack.file, x) for stack in stacks}}
+    path = directory / SELF_TEST_FILE
+    np.savez(path, **arrays)
+    return SelfTestInfo(file=SELF_TEST_FILE, sha256=sha256_file(path), examples=len(raw))
