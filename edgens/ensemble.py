@@ -17,9 +17,40 @@ from __future__ import annotations
 
 import numpy as np
 
-from edgens.errors import unknown_choice
+from edgens.errors import ConfigError, unknown_choice
 
 FAMILIES = ("categorical", "gaussian", "poisson")
+# How members' natural parameters are combined: the paper's mean, or a robust statistic that one corrupted member
+# cannot drag arbitrarily far (per example and output).
+COMBINERS = ("mean", "median", "trimmed")
+DEFAULT_TRIM = 0.1
+
+
+def combine(eta: np.ndarray, combiner: str = "mean", trim: float = DEFAULT_TRIM) -> np.ndarray:
+    """Combine members' natural parameters over the first axis: ``(M, ..., K) -> (..., K)``.
+
+    Args:
+        eta: the members' natural parameters.
+        combiner: ``mean`` (the paper's eta_bar), ``median`` (per example and output) or ``trimmed`` (the mean
+            after dropping the ``floor(trim * M)`` smallest and largest values per example and output).
+        trim: the fraction trimmed from each end by ``trimmed`` (0 <= trim < 0.5).
+
+    Raises:
+        ConfigError: an unknown combiner or a trim out of range.
+    """
+    if combiner == "mean":
+        return eta.mean(axis=0)
+    if combiner == "median":
+        return np.median(eta, axis=0)
+    if combiner == "trimmed":
+        if not 0 <= trim < 0.5:
+            raise ConfigError(f"trim {trim} is out of range; expected 0 <= trim < 0.5")
+        cut = int(np.floor(trim * len(eta)))
+        if cut == 0:
+            return eta.mean(axis=0)
+        kept = np.partition(eta, (cut - 1, len(eta) - cut), axis=0)[cut:len(eta) - cut]
+        return kept.mean(axis=0)
+    raise unknown_choice("combiner", combiner, COMBINERS)
 
 
 def softmax(eta: np.ndarray) -> np.ndarray:

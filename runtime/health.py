@@ -10,8 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-# Why a stack failed in one call.
-FAILURE_KINDS = ("error", "non-finite", "shape", "timeout", "busy")
+# Why a stack failed in one call ("outlier": it answered, but some of its members deviated from the others beyond
+# their thresholds, a silent fault; those members were left out).
+FAILURE_KINDS = ("error", "non-finite", "shape", "timeout", "busy", "outlier", "self-test")
 # A stack's standing: planned, excluded at load, or quarantined after repeated failures.
 STATUSES = ("ok", "excluded", "quarantined")
 
@@ -23,7 +24,9 @@ class StackFailure:
     Attributes:
         stack: the stack's name.
         kind: ``error`` (it raised), ``non-finite`` (NaN/Inf in its output), ``shape`` (wrong output shape),
-            ``timeout`` (slower than the stack timeout) or ``busy`` (still running after an earlier timeout).
+            ``timeout`` (slower than the stack timeout), ``busy`` (still running after an earlier timeout),
+            ``outlier`` (members deviating from the others beyond their thresholds: a silent fault) or ``self-test``
+            (its outputs on the stored inputs changed).
         message: what happened.
     """
 

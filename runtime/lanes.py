@@ -54,6 +54,8 @@ class StackResult:
         failure: why it failed, else None.
         ms: wall time of the run.
         finished: ``time.perf_counter()`` when it finished.
+        groups: with outlier detection, the sums ``(G, B, K)`` of each group of rows (general stack) it holds.
+        rows: with a robust combiner, the rows' natural parameters ``(rows, B, K)``.
     """
 
     step: Step
@@ -61,6 +63,8 @@ class StackResult:
     failure: StackFailure | None
     ms: float
     finished: float
+    groups: np.ndarray | None = None
+    rows: np.ndarray | None = None
 
 
 class LaneWork:

@@ -15,6 +15,13 @@ that call and reported in ``Prediction.failures``; after ``quarantine_after`` fa
 quarantined until :meth:`Predictor.retry`. Only when no member at all answers does a call raise
 :class:`NoMembersAvailableError`.
 
+Silent faults (wrong but finite outputs, e.g. a weight corrupted in memory): with the bundle's outlier thresholds,
+each call measures how far each group of members (one general stack's) deviates from the others and leaves out the
+groups past their thresholds (:mod:`edgens.runtime.outliers`), reported as ``outlier`` failures that count toward
+quarantine. :meth:`Predictor.self_test` reruns every stack on inputs stored at export and quarantines those whose
+outputs changed; ``retry`` reloads them from their files. ``combiner="median"`` or ``"trimmed"`` combines the
+members robustly instead of by the mean.
+
 With ``stack_timeout_ms``, each stack runs in a worker thread of its own, so that the call can stop waiting for it;
 the late stack is asked to cancel and is reported as ``busy`` until it has finished.
 """
@@ -42,12 +49,15 @@ from edgens.errors import (BackendUnavailableError, BundleError, ConfigError, No
                            PredictorClosedError)
 from edgens.runtime import policies
 from edgens.runtime.backends import Backend, StackRunner, create_backend
-from edgens.ensemble import inverse_link
+from edgens.ensemble import COMBINERS, DEFAULT_TRIM, combine, inverse_link
+from edgens.errors import unknown_choice
 from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.inputs import InputPreparer
 from edgens.runtime.lanes import LANE_MIN_MS, LANE_MIN_SPEEDUP, Lanes, LaneWork, StackResult, default_lanes
-from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest
+from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest, read_self_test
+from edgens.runtime.outliers import GroupCheck
 from edgens.runtime.policies import Budget, Step
+from edgens.runtime.selftest import SelfTestResult, compare_outputs
 from edgens.runtime.latency import LatencyTable, ObservedLatency, find_table, load_latency_tables
 
 log = logging.getLogger(__name__)
@@ -70,6 +80,8 @@ class Prediction:
         budget: the budget, as text.
         deadline_ms: the deadline of a ``deadline_ms`` call, else None.
         task: the specialist task of a ``task`` call, else None.
+        outliers_checked: whether silent-fault detection checked this call's members (it needs the bundle's
+            thresholds and at least three groups answered, and does not run under confidence or task budgets).
     """
 
     family: str
@@ -84,6 +96,7 @@ class Prediction:
     budget: str = "all members"
     deadline_ms: float | None = None
     task: str | None = None
+    outliers_checked: bool = False
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -106,9 +119,11 @@ class Prediction:
 class _Call:
     """The state of one call while its stacks run.
 
-    Stacks that answered wait in ``pending`` until :meth:`Predictor._settle` checks their sums for NaN/Inf and adds
-    them to ``eta_sum``: after every stack when someone looks at partial results (deadlines, early exit, callbacks,
-    the anytime iterator), otherwise once at the end, which keeps the per-stack work of a plain call to one sum.
+    Stacks that answered wait in ``pending`` until :meth:`Predictor._settle` checks their sums for NaN/Inf, adds
+    them to ``eta_sum`` and checks the groups answered so far for outliers: after every stack when someone looks at
+    partial results (deadlines, early exit, callbacks, the anytime iterator), otherwise once at the end, which keeps
+    the per-stack work of a plain call to one sum. Stack health is recorded once, when the call ends
+    (:meth:`Predictor._finish`), so that an outlier found late in a call counts as that stack's failure.
     """
 
     x: np.ndarray
@@ -126,7 +141,12 @@ class _Call:
     # Confidence budgets only: indices of the examples still running, and members answered per example.
     active: np.ndarray | None = None
     counts: np.ndarray | None = None
-    pending: list[tuple[Step, np.ndarray]] = field(default_factory=list)
+    pending: list[StackResult] = field(default_factory=list)
+    settled: list[StackResult] = field(default_factory=list)  # those added to eta_sum
+    # Outlier detection: the stacks whose rows form groups (general stacks' members), and the groups left out
+    checked: list[StackResult] = field(default_factory=list)  # stacks whose groups are checked
+    left_out: dict[str, str] = field(default_factory=dict)  # outlier group -> the stack that answered it
+    outliers_checked: bool = False
     stacks_run: list[str] = field(default_factory=list)
     failures: list[StackFailure] = field(default_factory=list)
     stack_ms: dict[str, float] = field(default_factory=dict)
@@ -146,7 +166,9 @@ class Predictor:
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, strict: bool = False,
-                 stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None):
+                 stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None,
+                 detect_outliers: bool = True, outlier_margin: float | None = None, combiner: str = "mean",
+                 trim: float = DEFAULT_TRIM):
         self.bundle_dir = bundle_dir
         self.manifest = manifest
         self.backend = backend
@@ -166,6 +188,17 @@ class Predictor:
         self.lanes = lanes or default_lanes()
         self._lanes_asked = lanes is not None
         self._lanes = Lanes(self.lanes) if self.lanes > 1 else None
+        self.combiner, self.trim = combiner, trim
+        # Silent-fault detection: each member's group (the general stack holding it) and each group's threshold.
+        self.outliers = manifest.outliers if detect_outliers else None
+        self.outlier_margin = outlier_margin or (self.outliers.margin if self.outliers is not None else None)
+        self._group_of = {member: stack.name for stack in manifest.general_stacks for member in stack.members}
+        self._group_size = {stack.name: len(stack.members) for stack in manifest.general_stacks}
+        self._layouts: dict[tuple[str, tuple[int, ...] | None], _Layout | None] = {}
+        self._checks: dict[tuple, GroupCheck] = {}  # per sequence of checked steps
+        self._reload: set[str] = set()  # quarantined by the self-test: retry() loads them from their files again
+        self._self_test_stop = threading.Event()
+        self._self_test_thread: threading.Thread | None = None
         # Calls may come from several threads at once (docs/runtime.md, "Threads"): each call's state is its own;
         # what calls share (health, observed latencies, the plan cache, worker pools) changes under this lock.
         self._lock = threading.Lock()
@@ -175,6 +208,8 @@ class Predictor:
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "auto", *, strict: bool = False,
              stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None,
+             detect_outliers: bool = True, outlier_margin: float | None = None, combiner: str = "mean",
+             trim: float = DEFAULT_TRIM, self_test_interval_s: float | None = None,
              **backend_options: Any) -> Predictor:
         """Load a bundle and start its stacks.
 
@@ -188,6 +223,14 @@ class Predictor:
             lanes: stacks a call may run at once (default: one per core, at most 4, but deadline calls in the
                 calling thread only; 1: everything one after another in the calling thread; given explicitly,
                 deadline calls use the lanes too). See :mod:`edgens.runtime.lanes` and docs/runtime.md.
+            detect_outliers: leave out groups of members that deviate from the others beyond the thresholds
+                fitted at export (silent faults); needs a bundle that has them (exported by edgens >= 0.1 with
+                three or more general stacks), else nothing is checked.
+            outlier_margin: how many times its threshold a group may deviate (default: the bundle's, 1.5).
+            combiner: ``mean`` (the paper's), ``median`` or ``trimmed`` (see :func:`edgens.ensemble.combine`).
+            trim: the fraction a ``trimmed`` combiner cuts from each end.
+            self_test_interval_s: rerun :meth:`self_test` in a background thread this often (None: only when
+                called).
             **backend_options: e.g. ``providers`` and ``threads`` (onnxruntime), ``precision`` (tensorrt).
 
         Raises:
@@ -203,10 +246,18 @@ class Predictor:
             check_number("quarantine_after", quarantine_after, low=1, integer=True)
         if lanes is not None:
             check_number("lanes", lanes, low=1, integer=True)
+        if outlier_margin is not None:
+            check_number("outlier_margin", outlier_margin, low=0, low_open=True)
+        if combiner not in COMBINERS:
+            raise unknown_choice("combiner", combiner, COMBINERS)
+        check_number("trim", trim, low=0, high=0.5, high_open=True)
+        if self_test_interval_s is not None:
+            check_number("self_test_interval_s", self_test_interval_s, low=0, low_open=True)
         bundle_dir = Path(bundle)
         manifest = load_manifest(bundle_dir)
         engine = create_backend(backend, bundle_dir, manifest, **backend_options)
-        predictor = cls(bundle_dir, manifest, engine, strict, stack_timeout_ms, quarantine_after, lanes)
+        predictor = cls(bundle_dir, manifest, engine, strict, stack_timeout_ms, quarantine_after, lanes,
+                        detect_outliers, outlier_margin, combiner, trim)
         problems = check_stack_files(bundle_dir, manifest)
         for stack in manifest.stacks:
             problem = problems.get(stack.name)
@@ -217,6 +268,11 @@ class Predictor:
         if not predictor._runners:
             raise NoMembersAvailableError(f"no stack of {bundle_dir} could be loaded: {predictor.describe_health()}")
         predictor.reload_latency()
+        if detect_outliers and manifest.outliers is None:
+            log.info("%s has no outlier thresholds (exported before silent-fault detection, or with fewer than three "
+                     "general stacks): calls are not checked for outliers", bundle_dir)
+        if self_test_interval_s is not None:
+            predictor._start_self_tests(self_test_interval_s)
         log.info("loaded %s: %d/%d stacks on %s", bundle_dir, len(predictor._runners), len(manifest.stacks),
                  predictor.backend.describe())
         return predictor
@@ -290,7 +346,8 @@ class Predictor:
     def retry(self, names: list[str] | None = None) -> list[str]:
         """Give quarantined and excluded stacks another chance.
 
-        Quarantined stacks are planned again; excluded ones have their file checked and are loaded again.
+        Quarantined stacks are planned again; excluded ones, and those the self-test quarantined (their weights in
+        memory may be corrupt), have their file checked and are loaded again; the latter then rerun the self-test.
 
         Args:
             names: the stacks to retry (default: every quarantined or excluded stack).
@@ -305,19 +362,108 @@ class Predictor:
         back = []
         for name in names:
             health = self._health[self.manifest.stack(name).name]
-            if health.status == "quarantined":
+            if health.status == "quarantined" and name not in self._reload:
                 self._pending.pop(name, None)
-            elif health.status == "excluded":
+            elif health.status == "excluded" or name in self._reload:
                 stack = self.manifest.stack(name)
+                old = self._runners.pop(name, None)
+                if old is not None:
+                    old.deactivate()
                 problem = check_file(self.bundle_dir, stack.file, stack.sha256, stack.bytes) or self._start(name)
+                if problem is None and name in self._reload:
+                    result = self._self_test_one(name)
+                    problem = None if result is None or result.ok else f"self-test: {result.message}"
                 if problem is not None:
-                    log.warning("stack %s still excluded: %s", name, problem)
+                    log.warning("stack %s still %s: %s", name, health.status, problem)
                     health.reason = problem
                     continue
+                self._reload.discard(name)
             health.status, health.reason, health.consecutive_failures = "ok", None, 0
             back.append(name)
         self._plans.clear()
         return back
+
+    # -------------------------------------------------------------------------------------------------- self-test
+
+    def self_test(self, stacks: list[str] | None = None, quarantine: bool = True) -> dict[str, SelfTestResult]:
+        """Rerun stacks on the inputs stored at export and compare with their stored outputs.
+
+        This catches weights corrupted in memory after the load-time checksum: a stack whose outputs changed beyond
+        float tolerance (:func:`edgens.runtime.selftest.compare_outputs`) is quarantined; :meth:`retry` reloads it
+        from its file.
+
+        Args:
+            stacks: the stacks to test (default: every loaded stack).
+            quarantine: quarantine the stacks that fail.
+
+        Returns:
+            ``{stack: result}``; empty when the bundle has no self-test data.
+
+        Raises:
+            BundleError: the self-test file is missing or corrupt.
+            PredictorClosedError: the predictor was closed.
+        """
+        self._check_open()
+        results = {}
+        for name in stacks if stacks is not None else list(self._runners):
+            result = self._self_test_one(self.manifest.stack(name).name)
+            if result is None:
+                return {}
+            results[name] = result
+            if not result.ok and quarantine:
+                self._quarantine_changed(name, result)
+        return results
+
+    def _self_test_one(self, name: str) -> SelfTestResult | None:
+        data = self._self_test_data()
+        if data is None:
+            return None
+        x, expected = data
+        runner = self._runners.get(name)
+        if runner is None:
+            return SelfTestResult(name, False, math.inf, 0.0, "not loaded")
+        try:
+            got = runner.run(x)
+        except Exception as err:  # noqa: BLE001  (any backend failure fails the test)
+            return SelfTestResult(name, False, math.inf, 0.0, f"{type(err).__name__}: {err}")
+        return compare_outputs(name, got, expected[name], self._tolerance_class(runner))
+
+    def _self_test_data(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+        cached = getattr(self, "_self_test_cache", None)
+        if cached is None:
+            data = read_self_test(self.bundle_dir, self.manifest)
+            if data is None:
+                return None
+            cached = self._self_test_cache = (self._prepare(data[0]), data[1])
+        return cached
+
+    def _tolerance_class(self, runner: StackRunner) -> str:
+        """What the stack computes in here, for the self-test's tolerance: the graph's precision, or ``gpu`` when a
+        GPU (or TensorRT) computes it, whose kernels round differently from the CPU that made the reference."""
+        on_gpu = self.backend.name == "tensorrt" or any(p != "CPUExecutionProvider" for p in runner.providers)
+        return "gpu" if on_gpu else runner.stack.precision
+
+    def _quarantine_changed(self, name: str, result: SelfTestResult) -> None:
+        with self._lock:
+            health = self._health[name]
+            health.status, health.reason = "quarantined", f"self-test: {result.message}"
+            health.failures += 1
+            self._reload.add(name)
+            self._plans.clear()
+        log.warning("stack %s quarantined: %s; Predictor.retry() loads it from its file again", name, health.reason)
+
+    def _start_self_tests(self, interval_s: float) -> None:
+        def loop() -> None:
+            while not self._self_test_stop.wait(interval_s):
+                try:
+                    self.self_test()
+                except PredictorClosedError:
+                    return
+                except Exception:  # noqa: BLE001  (a background check must not die silently)
+                    log.exception("periodic self-test failed")
+
+        self._self_test_thread = threading.Thread(target=loop, name="edgens-self-test", daemon=True)
+        self._self_test_thread.start()
 
     # ---------------------------------------------------------------------------------------------------- predict
 
@@ -357,6 +503,7 @@ class Predictor:
             if on_update is not None and on_update(self._result(call)):
                 break
         self._settle(call)
+        self._finish(call)
         return self._result(call)
 
     def anytime(self, x: Any, **budget: Any) -> Iterator[Prediction]:
@@ -374,9 +521,12 @@ class Predictor:
 
         def iterate() -> Iterator[Prediction]:
             answered = False
-            for _ in self._execute(call):
-                answered = True
-                yield self._result(call)
+            try:
+                for _ in self._execute(call):
+                    answered = True
+                    yield self._result(call)
+            finally:  # also when the caller stops iterating early
+                self._finish(call)
             if not answered:
                 self._result(call)  # raises NoMembersAvailableError with the reasons
 
@@ -433,6 +583,9 @@ class Predictor:
         self._check_open()
         if budget.kind == "confidence" and self.manifest.family != "categorical":
             raise ConfigError(f"confidence budgets need a categorical bundle, this one is {self.manifest.family}")
+        if budget.kind == "confidence" and self.combiner != "mean":
+            raise ConfigError(f"confidence budgets combine members by the mean; this predictor was loaded with "
+                              f"combiner {self.combiner!r} (load one with combiner='mean' for early exit)")
         xn = self._prepare(x)
         batch = len(xn)
         estimate = None
@@ -474,13 +627,19 @@ class Predictor:
         """The hot path of a plan of one stack (a prefix stack, a specialist): run it and combine its rows without
         the bookkeeping of several. None if it failed: then ``call.steps`` holds what runs instead (its fallback)."""
         step = call.steps[0]
-        part = self._record(call, self._run_stack(step, call.x))
-        if part is not None and not math.isfinite(part.sum()):
+        result = self._run_stack(step, call.x)
+        part = self._record(call, result)
+        if part is not None and not _finite_sum(part):
             self._failed(call, StackFailure(step.stack, "non-finite", "returned NaN or infinite values"))
             part = None
         if part is None:
             call.steps, call.replanned = list(step.fallback), True
             return None
+        if result.groups is not None or result.rows is not None:  # outliers to look for, or a robust combiner
+            call.pending.append(result)
+            self._settle(call)
+            self._finish(call)
+            return self._result(call)
         with self._lock:
             self._health[step.stack].succeeded()
         call.stacks_run.append(step.stack)
@@ -546,7 +705,8 @@ class Predictor:
                 break
             active = call.active
             x = call.x if active is None or len(active) == len(call.x) else call.x[active]
-            part = self._record(call, self._run_stack(step, x))
+            result = self._run_stack(step, x)
+            part = self._record(call, result)
             if part is None:
                 if self._use_lanes(call, step.fallback):  # a failed prefix stack's general stacks, side by side
                     assert self._lanes is not None
@@ -554,7 +714,7 @@ class Predictor:
                 else:
                     todo.extendleft((fallback, True) for fallback in reversed(step.fallback))
                 continue
-            call.pending.append((step, part))
+            call.pending.append(result)
             if not call.eager:
                 continue
             if not self._settle(call):
@@ -611,7 +771,7 @@ class Predictor:
                 part = self._record(call, result)
                 if part is None:
                     continue
-                call.pending.append((result.step, part))
+                call.pending.append(result)
                 if call.eager and self._settle(call):
                     yield
         finally:
@@ -624,16 +784,26 @@ class Predictor:
         name = step.stack
         runner = self._runners[name]
         start = time.perf_counter()
-        part = None
+        part = groups = rows = None
         try:
             out = runner.run(x) if self._timeout_s is None else self._run_in_worker(runner, x)
             expected = (len(runner.stack.members), len(x), self.manifest.n_outputs)
             if getattr(out, "shape", None) == expected:
                 # float32 sums take half the time of float64 ones; only absurd logits (~1e37) could overflow, and
-                # are then reported as non-finite.
-                part = (out if step.rows is None else out[list(step.rows)]).sum(axis=0)
+                # are then reported as non-finite (quietly: a corrupted stack's huge outputs are no numpy error).
+                with np.errstate(over="ignore", invalid="ignore"):
+                    rows = out if step.rows is None else out[list(step.rows)]
+                    layout = self._layout(step) if self.outliers is not None else None
+                    if layout is None:
+                        part = rows.sum(axis=0)
+                    else:  # one pass: each group's sum, then their total
+                        groups = layout.group_sums(rows)
+                        part = groups.sum(axis=0) if len(groups) > 1 else groups[0]
+                    finite = math.isfinite(part.sum()) if step.fallback else True
+                if self.combiner == "mean":
+                    rows = None
                 failure = None
-                if step.fallback and not math.isfinite(part.sum()):
+                if not finite:
                     # settling would find it too, but then too late for the fallback to run in this call
                     part, failure = None, StackFailure(name, "non-finite", "returned NaN or infinite values")
             else:
@@ -648,7 +818,29 @@ class Predictor:
         if failure is None:
             with self._lock:
                 self._observed.observe(name, len(x), ms)
-        return StackResult(step, part, failure, ms, finished)
+        return StackResult(step, part, failure, ms, finished, groups, rows)
+
+    def _layout(self, step: Step) -> _Layout | None:
+        """How a step's rows split into groups (general stacks) for outlier detection, cached; None for stacks that
+        are not made of whole or partial general stacks in order (specialists)."""
+        key = (step.stack, step.rows)
+        if key in self._layouts:
+            return self._layouts[key]
+        layout = None
+        assert self.outliers is not None
+        if self.manifest.stack(step.stack).role != "specialist":
+            names = [self._group_of[member] for member in step.members]
+            starts = [i for i in range(len(names)) if i == 0 or names[i] != names[i - 1]]
+            groups = [names[i] for i in starts]
+            if len(set(groups)) == len(groups):  # each group's rows are contiguous
+                sizes = np.diff([*starts, len(names)])
+                # a part of a group: its mean is noisier, by the square root of full over part size
+                limits = [self.outliers.thresholds[g] * math.sqrt(self._group_size[g] / n)
+                          for g, n in zip(groups, sizes, strict=True)]
+                layout = _Layout(np.array(starts, dtype=np.intp), tuple(groups), sizes, np.array(limits))
+        with self._lock:
+            self._layouts[key] = layout
+        return layout
 
     def _record(self, call: _Call, result: StackResult) -> np.ndarray | None:
         """Note a stack's run in the call; returns its sum, or None after recording the failure."""
@@ -659,8 +851,12 @@ class Predictor:
         return result.part
 
     def _settle(self, call: _Call) -> bool:
-        """Check the pending stacks' sums for NaN/Inf, add the good ones to the call's sums and record each stack's
-        health; returns whether any was added."""
+        """Check the pending stacks' sums for NaN/Inf, add the good ones to the call's sums and look for outliers
+        among the groups answered so far; returns whether any stack was added."""
+        with np.errstate(over="ignore", invalid="ignore"):  # a corrupted stack's huge sums are no numpy error
+            return self._settle_quietly(call)
+
+    def _settle_quietly(self, call: _Call) -> bool:
         pending, call.pending = call.pending, []
         if not pending:
             return False
@@ -668,16 +864,16 @@ class Predictor:
         total = _total(pending)
         if not math.isfinite(total.sum()):
             good = []
-            for step, part in pending:
-                if math.isfinite(part.sum()):
-                    good.append((step, part))
+            for result in pending:
+                if math.isfinite(result.part.sum()):
+                    good.append(result)
                 else:
-                    self._failed(call, StackFailure(step.stack, "non-finite", "returned NaN or infinite values"))
+                    self._failed(call, StackFailure(result.step.stack, "non-finite", "returned NaN or infinite values"))
             if not good:
                 return False
             pending = good
             total = _total(pending)
-        members = sum(len(step.members) for step, _ in pending)
+        members = sum(len(result.step.members) for result in pending)
         if call.active is None:
             call.eta_sum += total
             call.members += members
@@ -685,11 +881,94 @@ class Predictor:
             assert call.counts is not None
             call.eta_sum[call.active] += total
             call.counts[call.active] += members
-        with self._lock:
-            for step, _ in pending:
-                self._health[step.stack].succeeded()
-        call.stacks_run.extend(step.stack for step, _ in pending)
+        call.settled.extend(pending)
+        call.stacks_run.extend(result.step.stack for result in pending)
+        if self.outliers is not None and call.active is None:
+            self._check_outliers(call, pending)
         return True
+
+    def _check_outliers(self, call: _Call, pending: list[StackResult]) -> None:
+        """Add the pending stacks' groups to the call's and leave out those that deviate beyond their thresholds
+        (:class:`~edgens.runtime.outliers.GroupCheck`); groups found earlier in the call stay out."""
+        assert self.outliers is not None and self.outlier_margin is not None
+        call.checked.extend(result for result in pending if result.groups is not None)
+        checked = call.checked
+        if sum(len(r.groups) for r in checked) - len(call.left_out) < self.outliers.min_groups:  # type: ignore[arg-type]
+            return
+        call.outliers_checked = True
+        sums = checked[0].groups if len(checked) == 1 else np.concatenate([r.groups for r in checked])
+        groups = None  # built only when needed: this runs in every call
+        if call.left_out:  # rare: groups found earlier in the call stay out
+            groups = self._groups_of(checked)
+            keep = [i for i, g in enumerate(groups) if call.left_out.get(g[1]) != g[0]]
+            groups, sums = [groups[i] for i in keep], sums[keep]
+            check = self._group_check(groups)
+        else:
+            key = tuple((r.step.stack, r.step.rows) for r in checked)
+            check = self._checks.get(key)
+            if check is None:
+                check = self._checks[key] = self._group_check(self._groups_of(checked))
+        found = check.outliers(sums)
+        if not found:
+            return
+        if groups is None:
+            groups = self._groups_of(checked)
+        for index, ratio in found:
+            stack, group, size, _ = groups[index]
+            call.left_out[group] = stack
+            where = "" if stack == group else f" in {stack}"
+            call.failures.append(StackFailure(stack, "outlier", f"the {size} members of {group}{where} deviate "
+                                                                f"{ratio:.3g}x their threshold from the other "
+                                                                f"members; left out of this call"))
+            log.info("stack %s: group %s is an outlier (%.3g x its threshold)", stack, group, ratio)
+        # Sum again rather than subtract: an outlier's sums may be so large that subtracting them loses the rest.
+        call.eta_sum = np.zeros_like(call.eta_sum)
+        call.members = 0
+        for result in call.settled:
+            if result.groups is None:
+                call.eta_sum += result.part
+                call.members += len(result.step.members)
+                continue
+            layout = self._layouts[(result.step.stack, result.step.rows)]
+            assert layout is not None
+            for i, (group, size) in enumerate(zip(layout.names, layout.sizes, strict=True)):
+                if call.left_out.get(group) != result.step.stack:
+                    call.eta_sum += result.groups[i]
+                    call.members += int(size)
+
+    def _groups_of(self, results: list[StackResult]) -> list[tuple[str, str, int, float]]:
+        """``(stack, group, size, threshold)`` of every group the results hold, in the order of their sums."""
+        groups = []
+        for result in results:
+            layout = self._layouts[(result.step.stack, result.step.rows)]
+            assert layout is not None
+            groups += [(result.step.stack, name, int(size), float(limit))
+                       for name, size, limit in zip(layout.names, layout.sizes, layout.limits, strict=True)]
+        return groups
+
+    def _group_check(self, groups: list[tuple[str, str, int, float]]) -> GroupCheck:
+        assert self.outliers is not None and self.outlier_margin is not None
+        return GroupCheck([g[2] for g in groups], [g[3] for g in groups], self.manifest.family == "categorical",
+                          self.outlier_margin, self.outliers.min_groups)
+
+    def _finish(self, call: _Call) -> None:
+        """Record the health of every stack that answered in the call: a success, or a failure if some of its
+        members were outliers (this counts toward quarantine like any failure)."""
+        outliers = {f.stack: f for f in call.failures if f.kind == "outlier"}
+        quarantined = []
+        with self._lock:
+            for result in call.settled:
+                name = result.step.stack
+                health = self._health[name]
+                if name in outliers:
+                    if health.failed(outliers.pop(name), self.quarantine_after):
+                        quarantined.append(name)
+                else:
+                    health.succeeded()
+            if quarantined:
+                self._plans.clear()
+        for name in quarantined:
+            log.warning("stack %s quarantined: %s; Predictor.retry() tries it again", name, self._health[name].reason)
 
     def _failed(self, call: _Call, failure: StackFailure) -> None:
         call.failures.append(failure)
@@ -735,7 +1014,10 @@ class Predictor:
         if call.counts is None:  # every example has the same members
             if not call.members:
                 self._raise_no_members(call)
-            eta = call.eta_sum if divided else call.eta_sum / call.members
+            if self.combiner != "mean" and call.settled:
+                eta = combine(self._member_rows(call), self.combiner, self.trim)
+            else:
+                eta = call.eta_sum if divided else call.eta_sum / call.members
             members_used = np.full(len(call.x), call.members)
         else:
             if not call.counts.all():
@@ -748,7 +1030,28 @@ class Predictor:
             labels=mean.argmax(axis=1) if self.manifest.family == "categorical" else None,
             members_used=members_used, stacks_run=list(call.stacks_run), failures=list(call.failures),
             elapsed_ms=(time.perf_counter() - call.start) * 1e3, stack_ms=dict(call.stack_ms), budget=str(call.budget),
-            deadline_ms=call.budget.value if call.budget.kind == "deadline_ms" else None, task=call.task)
+            deadline_ms=call.budget.value if call.budget.kind == "deadline_ms" else None, task=call.task,
+            outliers_checked=call.outliers_checked)
+
+    def _member_rows(self, call: _Call) -> np.ndarray:
+        """The natural parameters ``(members, B, K)`` of every member the call uses (outlier groups left out), for
+        a robust combiner."""
+        rows = []
+        for result in call.settled:
+            assert result.rows is not None
+            if not call.left_out:
+                rows.append(result.rows)
+                continue
+            layout = self._layouts.get((result.step.stack, result.step.rows))
+            if layout is None:
+                rows.append(result.rows)
+                continue
+            keep = np.ones(len(result.rows), dtype=bool)
+            for start, group, size in zip(layout.starts, layout.names, layout.sizes, strict=True):
+                if call.left_out.get(group) == result.step.stack:
+                    keep[start:start + size] = False
+            rows.append(result.rows[keep])
+        return np.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
 
     def _raise_no_members(self, call: _Call) -> None:
         failed = "; ".join(str(f) for f in call.failures) or "none ran"
@@ -761,6 +1064,7 @@ class Predictor:
         """Free every stack's resources and stop worker threads (without waiting for late stacks). Predicting
         afterwards raises :class:`~edgens.errors.PredictorClosedError`; closing again does nothing."""
         self._closed = True
+        self._self_test_stop.set()
         if self._lanes is not None:
             self._lanes.close()
         for pool in self._pools.values():
@@ -777,12 +1081,42 @@ class Predictor:
         self.close()
 
 
-def _total(pending: list[tuple[Step, np.ndarray]]) -> np.ndarray:
+def _finite_sum(part: np.ndarray) -> bool:
+    """Whether a sum holds no NaN or Inf (one reduction; an overflow in it means absurd values, reported alike)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return math.isfinite(part.sum())
+
+
+def _total(pending: list[StackResult]) -> np.ndarray:
     """The sum of the pending stacks' sums: float64 for several; one stack's float32 sum as it is (adding it to the
     call's float64 sums converts it on the way, without a copy)."""
     if len(pending) == 1:
-        return pending[0][1]
-    return np.sum([part for _, part in pending], axis=0, dtype=np.float64)
+        return pending[0].part
+    return np.sum([result.part for result in pending], axis=0, dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """A step's rows as groups for outlier detection: where each starts, its general stack, size and threshold."""
+
+    starts: np.ndarray
+    names: tuple[str, ...]
+    sizes: np.ndarray
+    limits: np.ndarray
+
+    def group_sums(self, rows: np.ndarray) -> np.ndarray:
+        """``(G, B, K)`` each group's sum of ``rows`` (members, B, K): runs of equal groups are summed through a
+        reshape, several times faster than ``np.add.reduceat`` over the first axis."""
+        out = np.empty((len(self.starts), *rows.shape[1:]), dtype=rows.dtype)
+        g = 0
+        while g < len(self.starts):
+            size, start = int(self.sizes[g]), int(self.starts[g])
+            run = 1
+            while g + run < len(self.sizes) and self.sizes[g + run] == size:
+                run += 1
+            rows[start:start + run * size].reshape(run, size, *rows.shape[1:]).sum(axis=1, out=out[g:g + run])
+            g += run
+        return out
 
 
 class _Timeout(Exception):
