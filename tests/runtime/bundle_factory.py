@@ -31,8 +31,9 @@ if str(ROOT) not in sys.path:  # when run as a script
 
 from edgens.fileio import atomic_write_bytes, sha256_file  # noqa: E402
 from edgens.runtime.manifest import (  # noqa: E402
-    Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SpecialistInfo, SplitMetrics, StackInfo,
-    TrainingInfo, write_manifest)
+    Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SelfTestInfo, SpecialistInfo, SplitMetrics,
+    StackInfo, TrainingInfo, write_manifest)
+from edgens.runtime.outliers import fit_thresholds  # noqa: E402
 
 CLASS_NAMES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot"]
@@ -194,7 +195,7 @@ def make_bundle(path: str | Path, *, n_members: int = 6, per_stack: int | list[i
                 family: str = "categorical", n_outputs: int | None = None,
                 input_shape: tuple[int, ...] = (1, 28, 28), order: list[int] | None = None,
                 specialists: dict[int, list[int]] | None = None, prefixes: list[int] | None = None,
-                seed: int = 0) -> SyntheticBundle:
+                seed: int = 0, outliers: bool = False, self_test: bool = False) -> SyntheticBundle:
     """Write a bundle with real ONNX stacks to ``path``.
 
     Args:
@@ -203,6 +204,8 @@ def make_bundle(path: str | Path, *, n_members: int = 6, per_stack: int | list[i
         order: the anytime order (default: by id).
         specialists: ``{class index: member ids}`` (categorical only; default: class 3 with the last two members).
         prefixes: member counts of prefix stacks (each the end of a general stack; default: none).
+        outliers: fit outlier thresholds on 1,000 synthetic validation examples (the members' numpy outputs).
+        self_test: store 8 inputs and every stack's outputs on them, computed in numpy from the weights.
     """
     path = Path(path)
     n_outputs = n_outputs or (10 if family == "categorical" else 1)
@@ -249,6 +252,19 @@ def make_bundle(path: str | Path, *, n_members: int = 6, per_stack: int | list[i
         stacks=stacks, specialists=infos,
         curves=Curves(order_val_error=curve, index_val_error=curve, random_val_error=curve),
         metrics=Metrics(val=SplitMetrics(error=curve[-1], nll=0.5), test=SplitMetrics(error=curve[-1], nll=0.5)))
+    if outliers:
+        val_raw, _ = make_data(1000, seed + 5, n_classes=max(n_outputs, 2), shape=input_shape)
+        bundle = SyntheticBundle(path=path, manifest=manifest, members=members, mean=mean, std=std, family=family)
+        eta = bundle.member_etas(val_raw, order)
+        positions = {m: i for i, m in enumerate(order)}
+        manifest.outliers = fit_thresholds(eta, {s.name: [positions[m] for m in s.members]
+                                                 for s in stacks if s.role == "general"}, family)
+    if self_test:
+        x_test, _ = make_data(8, seed + 6, n_classes=max(n_outputs, 2), shape=input_shape)
+        bundle = SyntheticBundle(path=path, manifest=manifest, members=members, mean=mean, std=std, family=family)
+        np.savez(path / "selftest.npz", x=x_test,
+                 **{s.name: bundle.member_etas(x_test, s.members).astype(np.float32) for s in stacks})
+        manifest.self_test = SelfTestInfo(file="selftest.npz", sha256=sha256_file(path / "selftest.npz"), examples=8)
     write_manifest(path, manifest)
     return SyntheticBundle(path=path, manifest=manifest, members=members, mean=mean, std=std, family=family,
                            stack_members={s.name: list(s.members) for s in stacks})
