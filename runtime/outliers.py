@@ -107,9 +107,13 @@ class GroupCheck:
             scale = self._scale[np.dtype(np.float64)].astype(sums.dtype)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             worst = _worst_scaled(sums, scale, self.centered)
+            if not np.isfinite(worst).all() and sums.dtype != np.float64:
+                # A corrupted group's huge outputs overflowed float32 and made every group's deviation inf (a tie
+                # that would leave out the wrong one): again in float64, where no finite float32 input overflows.
+                worst = _worst_scaled(sums.astype(np.float64), self._scale[np.dtype(np.float64)], self.centered)
             ratios = worst / self._bound
-        if not np.isfinite(ratios).all():  # NaN: an overflow (an outlier) or 0 / 0 (identical groups: none)
-            ratios = np.where(np.isnan(ratios), np.where(np.isnan(worst), np.inf, 0.0), ratios)
+        if not np.isfinite(ratios).all():  # 0 / 0: identical groups, no deviation
+            ratios = np.where(np.isnan(ratios), 0.0, ratios)
         return ratios
 
     def outliers(self, sums: np.ndarray) -> list[tuple[int, float]]:
