@@ -328,3 +328,48 @@ def plot_dominance(data: dict, path: str | Path) -> list[Path]:
         # weight images are noise-like and compress badly: a lower resolution keeps the file small
         written.append(_save(fig, path.with_name(f"{path.stem}_filters.png"), dpi=72))
     return written
+
+
+def plot_faults(data: dict, path: str | Path) -> list[Path]:
+    """Per bundle: silent data corruption by flipped bit for each combiner, detection off (dashed) and on (solid);
+    and, for one harmful flip per draw, the accuracy against leaving the corrupted group out.
+
+    Raises:
+        BackendUnavailableError: no matplotlib.
+    """
+    plt = _pyplot()
+    bundles = data["bundles"]
+    fig, axes = plt.subplots(len(bundles), 2, figsize=(14, 4.2 * len(bundles)), squeeze=False,
+                             gridspec_kw={"width_ratios": [1.6, 1]})
+    colors = {"mean": "C0", "median": "C1", "trimmed": "C2"}
+    for row, bundle in zip(axes, bundles, strict=True):
+        sweep = bundle["sweep"]
+        bits = [int(b) for b in sweep["by_bit"]]
+        for label in sweep["clean_accuracy"]:
+            combiner, detection = label.split(", detection ")
+            values = [100 * sweep["by_bit"][str(b)][label]["sdc"] for b in bits]
+            row[0].plot(bits, values, color=colors.get(combiner, "C3"), linestyle="-" if detection == "on" else "--",
+                        marker="o" if detection == "on" else None, markersize=3, label=label)
+        row[0].set_yscale("symlog", linthresh=0.01)
+        row[0].axvspan(22.5, 30.5, color="grey", alpha=0.1, linewidth=0)
+        row[0].set(xlabel="flipped bit of one weight (23-30: exponent, shaded; 31: sign)",
+                   ylabel="silent data corruption (% of predictions)",
+                   title=f"{Path(bundle['bundle']).name} (lam {bundle['lam']:g}): one random flip per draw")
+        row[0].set_xticks(range(0, 32, 2))
+        _legend(row[0], fontsize=7, loc="upper left")
+        for budget, style in (("all", "-"), ("deadline", ":")):
+            draws = bundle["harmful"].get(budget, {}).get("draws", [])
+            for label, color in (("mean, detection off", "C3"), ("mean, detection on", "C0")):
+                gaps = np.sort([100 * (d[label]["accuracy"] - d["left_out_accuracy"]) for d in draws
+                                if d["left_out_accuracy"] is not None])
+                if len(gaps):
+                    row[1].plot(gaps, np.arange(1, len(gaps) + 1) / len(gaps), color=color, linestyle=style,
+                                label=f"{label.replace('mean, ', '')} ({budget})")
+        row[1].axvline(-0.2, color="grey", linewidth=0.8, linestyle="--")
+        row[1].set_xscale("symlog", linthresh=0.2)
+        row[1].set(xlabel="accuracy minus accuracy with the group left out (points)", ylabel="fraction of draws",
+                   title="One harmful exponent flip (0 -> 1, bits 23-30)")
+        _legend(row[1], fontsize=7, loc="upper left")
+        for ax in row:
+            ax.grid(alpha=0.3)
+    return [_save(fig, Path(path))]

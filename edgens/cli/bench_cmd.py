@@ -1,4 +1,5 @@
-"""``edgens bench``: measured accuracy of ensembles (lam sweeps, dropped members, specialists, dominance).
+"""``edgens bench``: measured accuracy of ensembles (lam sweeps, dropped members, specialists, dominance) and of
+deployed bundles under silent faults.
 
 Each subcommand writes NAME.json, NAME.md and NAME.png (more PNGs for dominance) into ``--out``, prints the
 markdown table (or the JSON with ``--json``) on stdout, and draws progress on stderr.
@@ -62,7 +63,7 @@ def _finish(data: dict, markdown: str, out: str, name: str, plot: Callable | Non
 
 @click.group(context_settings={"max_content_width": 100})
 def bench() -> None:
-    """Measure ensembles: lam sweeps, dropped members, specialists, module dominance.
+    """Measure ensembles: lam sweeps, dropped members, specialists, module dominance, silent faults.
 
     \b
     Examples:
@@ -70,6 +71,7 @@ def bench() -> None:
       edgens bench drop results/runs/mlp-256x4-lam0-modular-t0 results/runs/mlp-256x4-lam0.99-modular-t0
       edgens bench specialists results/runs/mlp-256x4-lam0.99-modular-t0
       edgens bench dominance results/runs/mlp-256x4-lam1-modular-t0
+      edgens bench faults bundle-lam0 bundle-lam0.99 bundle-lam1 --draws 200
     """
 
 
@@ -254,3 +256,45 @@ def dominance(runs: tuple[str, ...], filters: bool, filter_members: int, out: st
     finally:
         progress.close()
     _finish(data, dominance_markdown(data), out, name, plot_dominance, as_json)
+
+
+@bench.command("faults")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(file_okay=False))
+@click.option("--data", default=None,
+              help="Labelled test inputs: DATASET:SPLIT or FILE.npz (as `edgens infer --input`) [the bundle's data "
+                   "set, test split].")
+@click.option("--draws", type=click.IntRange(min=1), default=1000, show_default=True,
+              help="Harmful exponent flips per budget (all members, deadline).")
+@click.option("--random-draws", type=click.IntRange(min=1), default=None, help="Random flips (any bit) [--draws].")
+@click.option("--sweep-draws", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Flips per bit position (0-31) and per flip count (1, 4, 16, 64) in the sweep.")
+@click.option("--sweep-examples", type=click.IntRange(min=1), default=2000, show_default=True,
+              help="Test examples per sweep draw.")
+@click.option("--batch", type=click.IntRange(min=1), default=64, show_default=True, help="Examples per call.")
+@click.option("--shuffles", type=click.IntRange(min=1), default=10, show_default=True,
+              help="Random orders of the clean test calls (false drops).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every draw.")
+@_common("faults")
+def faults(bundles: tuple[str, ...], data: str | None, draws: int, random_draws: int | None, sweep_draws: int,
+           sweep_examples: int, batch: int, shuffles: int, seed: int, out: str, name: str, as_json: bool,
+           quiet: bool) -> None:
+    """Silent faults in deployed BUNDLES (e.g. of runs with lam 0, 0.99, 1): weight bits flipped in memory after
+    the checksum, with outlier detection off and on and with each combiner.
+
+    Measures accuracy and silent data corruption (predictions that differ from the fault-free ones) against the
+    corrupted group of members simply left out, by bit position and number of flips; false drops and cost on
+    clean data; and which flips the self-test catches. Runs on onnxruntime (CPU or its GPU providers).
+    """
+    from edgens.bench.faults import faults_bench, faults_markdown
+    from edgens.bench.plots import plot_faults
+    from edgens.bench.report import check_destination
+    from edgens.cli.progress import StageProgress
+
+    check_destination(out, name)
+    progress = StageProgress(quiet)
+    try:
+        results = faults_bench(bundles, data, draws, random_draws, sweep_draws, sweep_examples, batch, shuffles, seed,
+                               progress)
+    finally:
+        progress.close()
+    _finish(results, faults_markdown(results), out, name, plot_faults, as_json)
