@@ -13,8 +13,10 @@ from typing import Any
 
 import click
 
-# Kept in step with edgens.runtime.backends.CHOICES (a test checks); importing it here would import numpy.
+# Kept in step with edgens.runtime.backends.CHOICES and edgens.ensemble.COMBINERS (a test checks); importing them
+# here would import numpy.
 BACKEND_CHOICES = ("auto", "onnxruntime", "tensorrt")
+COMBINER_CHOICES = ("mean", "median", "trimmed")
 
 
 def parse_members(text: str | None) -> int | float | None:
@@ -51,6 +53,7 @@ def summarise(predictions: list[Any], y: Any, family: str, class_index: int | No
                        "mean": statistics.fmean(latencies), "max": max(latencies)},
         "members_used": {"mean": float(members.mean()), "min": int(members.min()), "max": int(members.max())},
         "failures": failures,
+        "outliers_checked_batches": sum(p.outliers_checked for p in predictions),
     }
     deadline = predictions[0].deadline_ms
     if deadline is not None:
@@ -92,12 +95,19 @@ def summarise(predictions: list[Any], y: Any, family: str, class_index: int | No
 @click.option("--lanes", type=click.IntRange(min=1),
               help="Stacks a call may run side by side (default: one per core; given, deadline calls use them too).")
 @click.option("--strict", is_flag=True, help="Fail on a missing or corrupt stack file instead of excluding it.")
+@click.option("--outliers/--no-outliers", "detect_outliers", default=True, show_default=True,
+              help="Leave out groups of members whose outputs deviate beyond the bundle's thresholds (silent "
+                   "faults such as corrupted weights).")
+@click.option("--combiner", type=click.Choice(COMBINER_CHOICES), default="mean", show_default=True,
+              help="How members are combined: the paper's mean, or the robust median or trimmed mean.")
+@click.option("--self-test", "self_test", is_flag=True,
+              help="First rerun every stack on the inputs stored at export; quarantine those whose outputs changed.")
 @click.option("--data-dir", help="Where to look for built-in data sets.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float | None, latency_ms: float | None,
           deadline_ms: float | None, confidence: float | None, task: str | None, backend: str, batch_size: int,
           limit: int | None, stack_timeout_ms: float | None, threads: int | None, lanes: int | None, strict: bool,
-          data_dir: str | None, as_json: bool) -> None:
+          detect_outliers: bool, combiner: str, self_test: bool, data_dir: str | None, as_json: bool) -> None:
     """Predict with BUNDLE on raw inputs within one budget; print accuracy, latency, members used and failures."""
     from edgens.data.inputs import load_input
     from edgens.runtime import Predictor
@@ -110,7 +120,8 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
     if limit is not None:
         x, y = x[:limit], (y[:limit] if y is not None else None)
     with Predictor.load(bundle, backend, strict=strict, stack_timeout_ms=stack_timeout_ms, lanes=lanes,
-                        **options) as predictor:
+                        detect_outliers=detect_outliers, combiner=combiner, **options) as predictor:
+        tested = predictor.self_test() if self_test else {}
         class_index = resolve_task(predictor.manifest, budget.value).class_index if budget.kind == "task" else None
         kwargs = {budget.kind: budget.value} if budget.kind else {}
         predictions = [predictor.predict(x[i:i + batch_size], **kwargs) for i in range(0, len(x), batch_size)]
@@ -119,7 +130,10 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
     report = {"bundle": str(bundle), "input": described, "budget": str(budget), "batch_size": batch_size,
               "backend": info["backend"], "providers": info["providers"], "device": info["device"],
               "unavailable_stacks": {name: status for name, status in info["stacks"].items() if status != "ok"},
-              **summary}
+              "combiner": combiner, **summary}
+    if self_test:
+        report["self_test"] = {name: {"ok": r.ok, "max_diff": r.max_diff, "tolerance": r.tolerance}
+                               for name, r in tested.items()}
     if as_json:
         click.echo(json.dumps(report, indent=2))
         return
@@ -141,6 +155,13 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
         d = summary["deadline"]
         click.echo(f"deadline: {d['deadline_ms']:g} ms overrun in {d['overrun_batches']}/{summary['batches']} "
                    f"batches, by at most {d['max_overrun_ms']:.3f} ms")
+    if self_test:
+        failed = [name for name, r in tested.items() if not r.ok]
+        click.echo(f"self-test: {len(tested) - len(failed)}/{len(tested)} stacks unchanged"
+                   + (f"; quarantined: {', '.join(failed)}" if failed else "")
+                   + ("" if tested else " (the bundle has no self-test data)"))
+    click.echo(f"outliers: checked in {summary['outliers_checked_batches']}/{summary['batches']} batches"
+               + ("" if detect_outliers else " (detection off)"))
     failures = "; ".join(f"{stack}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
                          for stack, kinds in summary["failures"].items())
     click.echo(f"failures: {failures or 'none'}")

@@ -97,10 +97,12 @@ def test_unknown_backend_or_option_lists_the_valid_ones(bundle: SyntheticBundle)
         assert predictor.backend.name == "onnxruntime"
 
 
-def test_cli_offers_the_registered_backends() -> None:
-    from edgens.cli.infer_cmd import BACKEND_CHOICES
+def test_cli_offers_the_registered_backends_and_combiners() -> None:
+    from edgens.cli.infer_cmd import BACKEND_CHOICES, COMBINER_CHOICES
+    from edgens.ensemble import COMBINERS
 
     assert set(BACKEND_CHOICES) == set(CHOICES)
+    assert COMBINER_CHOICES == COMBINERS
 
 
 def test_missing_tensorrt_names_the_extra(bundle: SyntheticBundle, monkeypatch: pytest.MonkeyPatch) -> None:
