@@ -121,6 +121,31 @@ def test_stacks_reproduce_the_runs_outputs(bundle: Path, tiny_run: Path) -> None
         np.testing.assert_allclose(eta, val_eta[stack.members, :300], atol=1e-4)
 
 
+def test_silent_fault_data_matches_the_runs_outputs(bundle: Path, tiny_run: Path) -> None:
+    from edgens.data import load_dataset
+    from edgens.runtime.manifest import read_self_test
+
+    manifest = load_manifest(bundle)
+    val_eta = np.load(tiny_run / "outputs" / "val_eta.npy").astype(np.float64)
+    # thresholds: per general stack, the largest distance over validation examples between its members' mean and
+    # the other members' mean (centred over classes); with 3 general stacks the only prefix checked is all of them
+    general = manifest.general_stacks
+    want = {}
+    for stack in general:
+        others = [m for s in general if s is not stack for m in s.members]
+        d = val_eta[stack.members].mean(0) - val_eta[others].mean(0)
+        d -= d.mean(axis=1, keepdims=True)
+        want[stack.name] = float(np.sqrt((d ** 2).sum(1)).max())
+    assert manifest.outliers is not None and manifest.outliers.examples == val_eta.shape[1]
+    assert manifest.outliers.thresholds == pytest.approx(want, rel=1e-3)  # ONNX vs torch: ~1e-5 relative
+    # self-test: the first 32 raw validation images and every stack's outputs on them
+    x, expected = read_self_test(bundle, manifest)
+    data = load_dataset("fashion-mnist", val_size=2000)
+    np.testing.assert_array_equal(x, data.val_x[:32])
+    for stack in manifest.stacks:
+        np.testing.assert_allclose(expected[stack.name], val_eta[stack.members, :32], atol=1e-4)
+
+
 def test_greedy_order_beats_index_order_on_validation(bundle: Path, tiny_run: Path) -> None:
     manifest = load_manifest(bundle)
     val_eta = np.load(tiny_run / "outputs" / "val_eta.npy")
