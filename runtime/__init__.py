@@ -13,16 +13,19 @@ describes the runtime.
 from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.latency import LatencyTable, load_latency_tables, save_latency_table
 from edgens.runtime.manifest import (
-    CalibrationInfo, Curves, EngineInfo, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SpecialistInfo,
-    SplitMetrics, StackInfo, TrainingInfo, load_manifest, read_calibration, write_manifest)
+    CalibrationInfo, Curves, EngineInfo, InputSpec, Manifest, MemberInfo, Metrics, OutlierInfo, Preprocessing,
+    SelfTestInfo, SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, load_manifest, read_calibration,
+    write_manifest)
+from edgens.runtime.selftest import SelfTestResult
 from edgens.runtime.predictor import Prediction, Predictor
 from edgens.runtime.early_exit import fit_confidence
-from edgens.runtime.faults import Fault, inject_faults
+from edgens.runtime.faults import BitFault, Fault, inject_bit_faults, inject_faults
 from edgens.runtime.profile import profile_stacks
 
 __all__ = [
-    "CalibrationInfo", "Curves", "EngineInfo", "Fault", "InputSpec", "LatencyTable", "Manifest", "MemberInfo",
-    "Metrics", "Prediction", "Predictor", "Preprocessing", "SpecialistInfo", "SplitMetrics", "StackFailure",
-    "StackHealth", "StackInfo", "TrainingInfo", "fit_confidence", "inject_faults", "load_latency_tables",
-    "load_manifest", "profile_stacks", "read_calibration", "save_latency_table", "write_manifest",
+    "BitFault", "CalibrationInfo", "Curves", "EngineInfo", "Fault", "InputSpec", "LatencyTable", "Manifest",
+    "MemberInfo", "Metrics", "OutlierInfo", "Prediction", "Predictor", "Preprocessing", "SelfTestInfo",
+    "SelfTestResult", "SpecialistInfo", "SplitMetrics", "StackFailure", "StackHealth", "StackInfo", "TrainingInfo",
+    "fit_confidence", "inject_bit_faults", "inject_faults", "load_latency_tables", "load_manifest", "profile_stacks",
+    "read_calibration", "save_latency_table", "write_manifest",
 ]

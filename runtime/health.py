@@ -1,9 +1,11 @@
 """What went wrong with which stack: per-call failures and the quarantine of stacks that keep failing.
 
-A stack that fails in a call (raises, returns NaN/Inf or the wrong shape, or exceeds its timeout) is dropped for that
-call only. After ``quarantine_after`` consecutive failed calls it is quarantined: budgets stop planning it until
-:meth:`edgens.runtime.Predictor.retry` puts it back. A stack whose file is missing or corrupt, or that cannot be
-loaded, is excluded from the start (``retry`` checks it again too).
+A stack that fails in a call (raises, returns NaN/Inf or the wrong shape, exceeds its timeout, or has members whose
+outputs are outliers) is dropped for that call only (an outlier: only those members). After ``quarantine_after``
+consecutive failed calls it is quarantined: budgets stop planning it until :meth:`edgens.runtime.Predictor.retry`
+puts it back. A stack whose outputs changed in the self-test is quarantined at once (``retry`` loads it again from
+its file). A stack whose file is missing or corrupt, or that cannot be loaded, is excluded from the start (``retry``
+checks it again too).
 """
 
 from __future__ import annotations
