@@ -162,7 +162,7 @@ class _Bench:
 
 def faults_bench(bundles: Sequence[str | Path], data: str | None = None, draws: int = 1000, random_draws: int | None
                  = None, sweep_draws: int = 10, sweep_examples: int = 2000, batch: int = 64, shuffles: int = 10,
-                 seed: int = 0, progress: Progress = no_progress) -> dict:
+                 seed: int = 0, cost_rounds: int = 15, progress: Progress = no_progress) -> dict:
     """Every protocol of the module docstring, for each bundle.
 
     Args:
@@ -176,6 +176,7 @@ def faults_bench(bundles: Sequence[str | Path], data: str | None = None, draws: 
         batch: examples per call.
         shuffles: random orders of the test calls for the clean measurements.
         seed: seed of every draw.
+        cost_rounds: rounds of the timing of detection and combiners (each times every setting once).
         progress: ``progress(stage, done, total)``.
     """
     from edgens.data.inputs import load_input
@@ -192,14 +193,14 @@ def faults_bench(bundles: Sequence[str | Path], data: str | None = None, draws: 
         bench = _Bench(bundle, x, y, batch, sweep_examples)
         try:
             results.append(_bundle(bench, spec, draws, draws if random_draws is None else random_draws,
-                                   sweep_draws, shuffles, seed, progress))
+                                   sweep_draws, shuffles, seed, cost_rounds, progress))
         finally:
             bench.close()
     return {"bundles": results, "batch": batch, "seed": seed, "draws": draws, "deadline_ms": DEADLINE_MS}
 
 
 def _bundle(bench: _Bench, spec: str, draws: int, random_draws: int, sweep_draws: int, shuffles: int, seed: int,
-            progress: Progress) -> dict:
+            cost_rounds: int, progress: Progress) -> dict:
     rng = np.random.default_rng(seed)
     detection = [("mean", False), ("mean", True)]
     training = bench.manifest.training
@@ -207,6 +208,7 @@ def _bundle(bench: _Bench, spec: str, draws: int, random_draws: int, sweep_draws
                  "members": len(bench.manifest.members), "general_stacks": len(bench.general),
                  "all_members_stack": bench.all_stack, "thresholds": bench.manifest.outliers.to_dict()}
     out["clean"] = _clean(bench, shuffles, rng, progress)
+    out["clean"]["cost"] = _cost(bench, progress, cost_rounds)
     out["harmful"] = {}
     for budget in ("all", "deadline"):
         stage = f"{bench.bundle.name}: harmful flips ({budget})"
@@ -245,26 +247,37 @@ def _clean(bench: _Bench, shuffles: int, rng: np.random.Generator, progress: Pro
         clean[budget] = {"calls": calls, "calls_with_drop": dropped, "drop_rate": dropped / calls,
                          "accuracy_off": float((off == bench.y).mean()), "accuracy_on": float((on == bench.y).mean()),
                          "accuracy_change": float((on == bench.y).mean() - (off == bench.y).mean())}
-    clean["cost"] = _cost(bench, progress)
     return clean
 
 
-def _cost(bench: _Bench, progress: Progress, rounds: int = 15) -> dict:
-    """Per-call time at full budget with detection off and on (and each robust combiner), interleaved by round."""
-    configs = [("mean", False), ("mean", True), ("median", False), ("trimmed", False)]
-    times: dict[tuple[str, bool], list[float]] = {c: [] for c in configs}
-    x = bench.x[: 64 * bench.batch]
-    for r in range(rounds):
-        progress(f"{bench.bundle.name}: cost", r, rounds)
-        for config in configs if r % 2 == 0 else reversed(configs):
-            predictor = bench.predictors[config]
-            start = time.perf_counter()
-            for i in range(0, len(x), bench.batch):
-                predictor.predict(x[i:i + bench.batch])
-            times[config].append((time.perf_counter() - start) * 1e3 / (len(x) // bench.batch))
-    base = np.array(times[("mean", False)])
-    result = {"rounds": rounds, "ms_per_call": {_label(*c): float(np.median(v)) for c, v in times.items()}}
-    result["ratio_to_plain_mean"] = {_label(*c): float(np.median(np.array(v) / base)) for c, v in times.items()}
+def _cost(bench: _Bench, progress: Progress, rounds: int) -> dict:
+    """Per-call time at full budget with detection off and on and with each robust combiner, in calls of
+    ``batch`` and of one example. One predictor is switched between the settings, so that every setting runs on the
+    same sessions and threads (separate predictors' spinning threads disturb each other's timings), in an order that
+    alternates by round."""
+    predictor = bench.predictors[("mean", True)]
+    outliers = predictor.outliers
+    configs = [("mean", False), ("mean", True), ("median", True), ("trimmed", True)]
+    result: dict = {"rounds": rounds}
+    for batch in sorted({1, bench.batch}):
+        x = bench.x[:batch]
+        times: dict[tuple[str, bool], list[float]] = {c: [] for c in configs}
+        calls = max(16, 1024 // batch)
+        for r in range(rounds):
+            progress(f"{bench.bundle.name}: cost at batch {batch}", r, rounds)
+            for config in configs if r % 2 == 0 else reversed(configs):
+                predictor.combiner, predictor.outliers = config[0], outliers if config[1] else None
+                for _ in range(5):  # settle the threads into this setting
+                    predictor.predict(x)
+                start = time.perf_counter()
+                for _ in range(calls):
+                    predictor.predict(x)
+                times[config].append((time.perf_counter() - start) * 1e3 / calls)
+        base = np.array(times[("mean", False)])
+        result[str(batch)] = {"ms_per_call": {_label(*c): float(np.median(v)) for c, v in times.items()},
+                              "ratio_to_plain_mean": {_label(*c): float(np.median(np.array(v) / base))
+                                                      for c, v in times.items()}}
+    predictor.combiner, predictor.outliers = "mean", outliers
     return result
 
 
@@ -361,15 +374,16 @@ def faults_markdown(data: dict) -> str:
     rows = []
     for b in data["bundles"]:
         c = b["clean"]
-        cost = c["cost"]["ratio_to_plain_mean"]
+        cost = c["cost"][str(data["batch"])]["ratio_to_plain_mean"]
+        single = c["cost"]["1"]["ratio_to_plain_mean"]
         rows.append([b["bundle"], f"{b['lam']:g}", *[f"{c[k]['calls_with_drop']}/{c[k]['calls']}" for k in
                                                       ("all", "deadline")],
                      *[f"{100 * c[k]['accuracy_change']:+.2f}" for k in ("all", "deadline")],
-                     f"{cost[on]:.3f}", f"{cost[_label('median', False)]:.2f}",
-                     f"{cost[_label('trimmed', False)]:.2f}"])
+                     f"{cost[on]:.3f} ({single[on]:.2f})", f"{cost[_label('median', True)]:.2f}",
+                     f"{cost[_label('trimmed', True)]:.2f}"])
     lines += ["## Clean data", "", markdown_table(
         ["bundle", "lam", "calls with a drop: all", "deadline", "accuracy change (points): all", "deadline",
-         "time vs plain mean: detection", "median", "trimmed"], rows), ""]
+         f"time vs plain mean at batch {data['batch']} (batch 1): detection", "median", "trimmed"], rows), ""]
     rows = []
     for b in data["bundles"]:
         t = b["self_test"]

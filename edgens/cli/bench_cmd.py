@@ -274,10 +274,12 @@ def dominance(runs: tuple[str, ...], filters: bool, filter_members: int, out: st
 @click.option("--shuffles", type=click.IntRange(min=1), default=10, show_default=True,
               help="Random orders of the clean test calls (false drops).")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of every draw.")
+@click.option("--cost-rounds", type=click.IntRange(min=1), default=15, show_default=True,
+              help="Rounds of timing detection and the combiners at full budget.")
 @_common("faults")
 def faults(bundles: tuple[str, ...], data: str | None, draws: int, random_draws: int | None, sweep_draws: int,
-           sweep_examples: int, batch: int, shuffles: int, seed: int, out: str, name: str, as_json: bool,
-           quiet: bool) -> None:
+           sweep_examples: int, batch: int, shuffles: int, seed: int, cost_rounds: int, out: str, name: str,
+           as_json: bool, quiet: bool) -> None:
     """Silent faults in deployed BUNDLES (e.g. of runs with lam 0, 0.99, 1): weight bits flipped in memory after
     the checksum, with outlier detection off and on and with each combiner.
 
@@ -294,7 +296,7 @@ def faults(bundles: tuple[str, ...], data: str | None, draws: int, random_draws:
     progress = StageProgress(quiet)
     try:
         results = faults_bench(bundles, data, draws, random_draws, sweep_draws, sweep_examples, batch, shuffles, seed,
-                               progress)
+                               cost_rounds, progress)
     finally:
         progress.close()
     _finish(results, faults_markdown(results), out, name, plot_faults, as_json)

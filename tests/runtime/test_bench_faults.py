@@ -36,7 +36,8 @@ def test_faults_bench_end_to_end(guarded: SyntheticBundle, tmp_path: Path) -> No
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, ["bench", "faults", str(guarded.path), "--data", str(tmp_path / "test.npz"),
                                       "--draws", "4", "--random-draws", "2", "--sweep-draws", "1",
-                                      "--sweep-examples", "64", "--shuffles", "1", "--out", str(out), "--quiet"],
+                                      "--sweep-examples", "64", "--shuffles", "1", "--cost-rounds", "1",
+                                      "--out", str(out), "--quiet"],
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "faults.json").read_text())
