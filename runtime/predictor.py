@@ -199,6 +199,7 @@ class Predictor:
         self._reload: set[str] = set()  # quarantined by the self-test: retry() loads them from their files again
         self._self_test_stop = threading.Event()
         self._self_test_thread: threading.Thread | None = None
+        self._self_test_cache: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # normalised inputs, outputs
         # Calls may come from several threads at once (docs/runtime.md, "Threads"): each call's state is its own;
         # what calls share (health, observed latencies, the plan cache, worker pools) changes under this lock.
         self._lock = threading.Lock()
@@ -429,7 +430,7 @@ class Predictor:
         return compare_outputs(name, got, expected[name], self._tolerance_class(runner))
 
     def _self_test_data(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-        cached = getattr(self, "_self_test_cache", None)
+        cached = self._self_test_cache
         if cached is None:
             data = read_self_test(self.bundle_dir, self.manifest)
             if data is None:
@@ -1065,6 +1066,9 @@ class Predictor:
         afterwards raises :class:`~edgens.errors.PredictorClosedError`; closing again does nothing."""
         self._closed = True
         self._self_test_stop.set()
+        thread = self._self_test_thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)  # a self-test in progress ends before its sessions are freed
         if self._lanes is not None:
             self._lanes.close()
         for pool in self._pools.values():

@@ -68,6 +68,19 @@ with Predictor.load("bundle") as predictor:
 np.testing.assert_allclose(prediction.probabilities, expected, atol=1e-4)
 print(f"device venv: profile, infer (npy, fashion-mnist:test accuracy {test['accuracy']:.4f}) and a prediction "
       f"matching the run's outputs (max difference {np.abs(prediction.probabilities - expected).max():.1e})")
+
+# Silent faults without the onnx package: the self-test passes clean stacks and catches a weight changed in memory.
+from edgens.runtime.faults import BitFault, inject_bit_faults
+from edgens.runtime.onnx_weights import weight_tensors
+with Predictor.load("bundle") as predictor:
+    assert all(result.ok for result in predictor.self_test().values())
+    stack = predictor.manifest.general_stacks[0]
+    model = open(f"bundle/{stack.file}", "rb").read()
+    bias = weight_tensors(model)[-1]  # the output layer's bias: doubling its largest entry moves every example
+    fault = BitFault(bias.name, int(np.abs(bias.values(model)).argmax()), 23)
+    with inject_bit_faults(predictor, {stack.name: [fault]}):
+        assert not predictor.self_test([stack.name], quarantine=False)[stack.name].ok
+print("device venv: self-test and weight fault injection without the onnx package")
 EOF
 # 3. Commands of the training install refuse in one line naming the extra.
 for command in "train --epochs 1 --out run2" "export run -o bundle2"; do
