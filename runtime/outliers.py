@@ -107,14 +107,18 @@ class GroupCheck:
             scale = self._scale[np.dtype(np.float64)].astype(sums.dtype)
         with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
             worst = _worst_scaled(sums, scale, self.centered)
-            if not np.isfinite(worst).all() and sums.dtype != np.float64:
+            if not math.isfinite(worst.sum()) and sums.dtype != np.float64:
                 # A corrupted group's huge outputs overflowed float32 and made every group's deviation inf (a tie
                 # that would leave out the wrong one): again in float64, where no finite float32 input overflows.
                 worst = _worst_scaled(sums.astype(np.float64), self._scale[np.dtype(np.float64)], self.centered)
             ratios = worst / self._bound
-        if not np.isfinite(ratios).all():  # 0 / 0: identical groups, no deviation
+        if math.isnan(ratios.sum()):  # 0 / 0: identical groups, no deviation
             ratios = np.where(np.isnan(ratios), 0.0, ratios)
         return ratios
+
+    def any_outlier(self, sums: np.ndarray) -> bool:
+        """Whether any group exceeds the margin (what :meth:`outliers` would find first), in one pass."""
+        return len(sums) >= max(self.min_groups, 2) and bool(self.ratios(sums).max() > 1.0)
 
     def outliers(self, sums: np.ndarray) -> list[tuple[int, float]]:
         """The groups to leave out, largest ratio first, each with its ``max D_g / tau_g``: the largest is removed

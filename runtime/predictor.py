@@ -636,11 +636,15 @@ class Predictor:
         if part is None:
             call.steps, call.replanned = list(step.fallback), True
             return None
-        if result.groups is not None or result.rows is not None:  # outliers to look for, or a robust combiner
+        groups = result.groups
+        if result.rows is not None or (groups is not None and len(groups) >= self.outliers.min_groups  # type: ignore[union-attr]
+                                       and self._one_stack_check(step, groups)):
+            # a robust combiner, or outliers found: the general path leaves them out and records them
             call.pending.append(result)
             self._settle(call)
             self._finish(call)
             return self._result(call)
+        call.outliers_checked = groups is not None and len(groups) >= self.outliers.min_groups  # type: ignore[union-attr]
         with self._lock:
             self._health[step.stack].succeeded()
         call.stacks_run.append(step.stack)
@@ -936,6 +940,18 @@ class Predictor:
                 if call.left_out.get(group) != result.step.stack:
                     call.eta_sum += result.groups[i]
                     call.members += int(size)
+
+    def _one_stack_check(self, step: Step, groups: np.ndarray) -> bool:
+        """Whether a call of one stack has outlier groups (the hot path's test, before any bookkeeping)."""
+        key = ((step.stack, step.rows),)
+        check = self._checks.get(key)
+        if check is None:
+            layout = self._layouts[key[0]]
+            assert layout is not None
+            check = self._checks[key] = self._group_check(
+                [(step.stack, name, int(size), float(limit))
+                 for name, size, limit in zip(layout.names, layout.sizes, layout.limits, strict=True)])
+        return check.any_outlier(groups)
 
     def _groups_of(self, results: list[StackResult]) -> list[tuple[str, str, int, float]]:
         """``(stack, group, size, threshold)`` of every group the results hold, in the order of their sums."""
