@@ -4,11 +4,13 @@ Load-time checksums prove the file is intact, not the weights in memory afterwar
 whose outputs are known catches a change there. The tolerance is relative to the size of the stack's outputs (a
 lam = 0.99 member's logits reach ~250, where one float32 rounding is ~1e-5) and depends on what computes them:
 
-- ``fp32`` and ``int8`` graphs on CPU: ``1e-4 x`` the largest output magnitude. Different CPUs (AVX2, AVX-512,
-  another vendor) round float32 sums differently, by ~1e-6 of the output scale; a changed weight that matters moves
-  outputs by far more.
-- ``fp16`` graphs, GPUs and TensorRT engines (float16, TF32 or fused kernels): ``1e-2 x`` that magnitude, since the
-  reference was computed by onnxruntime on the export machine's CPU.
+- ``fp32`` graphs on CPU: ``1e-4 x`` the largest output magnitude. Different CPUs (AVX2, AVX-512, another vendor)
+  round float32 sums differently, by ~1e-6 of the output scale; a changed weight that matters moves outputs by far
+  more.
+- ``int8`` graphs, ``fp16`` graphs, GPUs and TensorRT engines: ``1e-2 x`` that magnitude, since the reference was
+  computed by onnxruntime on the export machine's CPU: float16, TF32 and fused kernels round differently, and int8
+  kernels differ between CPUs (without VNNI, onnxruntime's u8s8 products can saturate where VNNI's do not). A flipped
+  bit of an int8 weight moves it by 1 to 128 quantization steps; most show far above this tolerance.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-RELATIVE_TOLERANCE = {"fp32": 1e-4, "int8": 1e-4, "fp16": 1e-2, "gpu": 1e-2}
+RELATIVE_TOLERANCE = {"fp32": 1e-4, "int8": 1e-2, "fp16": 1e-2, "gpu": 1e-2}
 
 
 @dataclass(frozen=True)
