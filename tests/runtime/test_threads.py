@@ -79,3 +79,36 @@ def test_a_failing_stack_is_quarantined_once_under_concurrency(bundle: Synthetic
         health = predictor.health()["general-002"]
         assert health.status == "quarantined" and 3 <= health.failures <= 3 + THREADS - 1
         assert predictor.retry() == ["general-002"]
+
+
+def test_outlier_detection_under_concurrency(tmp_path, fast_switching: None) -> None:
+    from bundle_factory import make_bundle, make_data
+
+    from edgens.runtime.faults import Fault
+
+    guarded = make_bundle(tmp_path / "guarded", n_members=16, per_stack=4, hidden=8, prefixes=[8, 16],
+                          outliers=True)
+    x, _ = make_data(32, seed=8)
+    corrupted = guarded.manifest.stack("general-002").members
+    survivors = [m for m in guarded.order if m not in corrupted]
+    expected = {"all": guarded.expected(x, survivors), "deadline": guarded.expected(x, survivors),
+                "members": guarded.expected(x, guarded.order[:8])}  # prefix-0008: two groups, not checked
+    # the same member row corrupted in the general stack and in the prefix stack that holds it
+    row = guarded.manifest.stack("prefix-0016").members.index(corrupted[1])
+    with Predictor.load(guarded.path, quarantine_after=None) as predictor, \
+            inject_faults(predictor, {"general-002": Fault("flip", bit=28, row=1),
+                                      "prefix-0016": Fault("flip", bit=28, row=row)}):
+        def work(index: int) -> None:
+            for call in range(CALLS):
+                kind = ("all", "members", "deadline")[(index + call) % 3]
+                budget = {"all": {}, "members": {"members": 8}, "deadline": {"deadline_ms": 10_000}}[kind]
+                prediction = predictor.predict(x, **budget)
+                np.testing.assert_allclose(prediction.probabilities, expected[kind], atol=2e-5)
+                outliers = [f for f in prediction.failures if f.kind == "outlier"]
+                assert len(outliers) == (0 if kind == "members" else 1), prediction.failures
+
+        assert _in_threads(work) == []
+        health = predictor.health()
+    calls = {kind: sum(("all", "members", "deadline")[(i + c) % 3] == kind for i in range(THREADS)
+                       for c in range(CALLS)) for kind in ("all", "members", "deadline")}
+    assert health["prefix-0016"].failures == calls["all"] and health["general-002"].failures == calls["deadline"]
