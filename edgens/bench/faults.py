@@ -25,14 +25,18 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edgens.bench.analysis import Progress, no_progress
 from edgens.bench.report import markdown_table
 from edgens.errors import ConfigError
+
+if TYPE_CHECKING:
+    from edgens.runtime import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -251,27 +255,37 @@ def _clean(bench: _Bench, shuffles: int, rng: np.random.Generator, progress: Pro
 
 
 def _cost(bench: _Bench, progress: Progress, rounds: int) -> dict:
-    """Per-call time at full budget with detection off and on and with each robust combiner, in calls of
-    ``batch`` and of one example. One predictor is switched between the settings, so that every setting runs on the
-    same sessions and threads (separate predictors' spinning threads disturb each other's timings), in an order that
-    alternates by round."""
-    predictor = bench.predictors[("mean", True)]
+    return detection_cost(bench.predictors[("mean", True)], bench.x, sorted({1, bench.batch}), rounds,
+                          lambda done, total: progress(f"{bench.bundle.name}: cost", done, total))
+
+
+def detection_cost(predictor: Predictor, x: np.ndarray, batch_sizes: Sequence[int], rounds: int,
+                   progress: Callable[[int, int], None] | None = None) -> dict:
+    """Per-call time at full budget with detection off and on and with each robust combiner, per batch size.
+
+    One predictor is switched between the settings, so that every setting runs on the same sessions and threads
+    (separate predictors' spinning threads disturb each other's timings); the settings' order alternates by round,
+    and each ratio to the plain mean is the median over rounds of the per-round ratios.
+    """
     outliers = predictor.outliers
     configs = [("mean", False), ("mean", True), ("median", True), ("trimmed", True)]
     result: dict = {"rounds": rounds}
-    for batch in sorted({1, bench.batch}):
-        x = bench.x[:batch]
+    step = 0
+    for batch in batch_sizes:
+        xb = x[:batch]
         times: dict[tuple[str, bool], list[float]] = {c: [] for c in configs}
         calls = max(16, 1024 // batch)
         for r in range(rounds):
-            progress(f"{bench.bundle.name}: cost at batch {batch}", r, rounds)
+            if progress is not None:
+                progress(step, rounds * len(batch_sizes))
+            step += 1
             for config in configs if r % 2 == 0 else reversed(configs):
                 predictor.combiner, predictor.outliers = config[0], outliers if config[1] else None
                 for _ in range(5):  # settle the threads into this setting
-                    predictor.predict(x)
+                    predictor.predict(xb)
                 start = time.perf_counter()
                 for _ in range(calls):
-                    predictor.predict(x)
+                    predictor.predict(xb)
                 times[config].append((time.perf_counter() - start) * 1e3 / calls)
         base = np.array(times[("mean", False)])
         result[str(batch)] = {"ms_per_call": {_label(*c): float(np.median(v)) for c, v in times.items()},
