@@ -18,7 +18,8 @@ from edgens.runtime.manifest import OutlierInfo, SelfTestInfo, StackInfo
 from edgens.runtime.outliers import fit_thresholds
 
 SELF_TEST_FILE = "selftest.npz"
-SELF_TEST_EXAMPLES = 32
+SELF_TEST_EXAMPLES = 1000  # inputs whose per-member output sums are checked
+SELF_TEST_EXACT = 32  # of those, the first ones whose outputs are stored and checked value by value
 BATCH = 512
 
 
@@ -54,10 +55,17 @@ def fit_outliers(directory: Path, stacks: list[StackInfo], val_x: np.ndarray, fa
 
 def write_self_test(directory: Path, stacks: list[StackInfo], raw_x: np.ndarray, normalize: Callable[[np.ndarray],
                     np.ndarray]) -> SelfTestInfo:
-    """Store the first :data:`SELF_TEST_EXAMPLES` raw inputs and every stack's outputs on them."""
+    """Store the first :data:`SELF_TEST_EXAMPLES` raw inputs and, per stack, its outputs on the first
+    :data:`SELF_TEST_EXACT` of them and each member's sums and sums of squares of its outputs over all of them (a
+    corrupted weight may change outputs on some inputs only, such as those that switch its unit on)."""
     raw = raw_x[:SELF_TEST_EXAMPLES]
     x = normalize(raw).astype(np.float32)
-    arrays = {"x": raw, **{stack.name: stack_outputs(directory / stack.file, x) for stack in stacks}}
+    arrays: dict[str, np.ndarray] = {"x": raw}
+    for stack in stacks:
+        outputs = stack_outputs(directory / stack.file, x).astype(np.float64)
+        arrays[stack.name] = outputs[:, :SELF_TEST_EXACT].astype(np.float32)
+        arrays[f"{stack.name}.sum"] = outputs.sum(axis=1)
+        arrays[f"{stack.name}.square"] = (outputs * outputs).sum(axis=1)
     path = directory / SELF_TEST_FILE
     np.savez(path, **arrays)
     return SelfTestInfo(file=SELF_TEST_FILE, sha256=sha256_file(path), examples=len(raw))

@@ -313,11 +313,13 @@ class OutlierInfo:
 
 @dataclass(kw_only=True)
 class SelfTestInfo:
-    """Expected outputs of every stack on a few stored inputs (optional), for :meth:`Predictor.self_test`.
+    """Expected outputs of every stack on stored inputs (optional), for :meth:`Predictor.self_test`.
 
     Attributes:
-        file: path relative to the bundle of an ``.npz`` with ``x`` (raw inputs) and one array per stack, named by
-            the stack, of its outputs ``(members, examples, n_outputs)`` computed at export by onnxruntime on CPU.
+        file: path relative to the bundle of an ``.npz`` with ``x`` (raw inputs) and, per stack NAME, ``NAME`` (its
+            outputs on the first inputs, ``(members, n, K)`` float32), ``NAME.sum`` and ``NAME.square`` (each
+            member's sum and sum of squares of its outputs over all inputs, ``(members, K)`` float64), computed at
+            export by onnxruntime on CPU.
         sha256: hex digest of the file.
         examples: number of inputs.
     """
@@ -549,11 +551,28 @@ def read_calibration(bundle_dir: str | Path, manifest: Manifest) -> tuple[np.nda
                               f"{fix}") from None
 
 
-def read_self_test(bundle_dir: str | Path, manifest: Manifest) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
-    """The self-test's raw inputs and each stack's expected outputs on them, or None if the bundle has none.
+@dataclass(frozen=True)
+class SelfTestData:
+    """What ``selftest.npz`` holds (see :class:`SelfTestInfo`).
+
+    Attributes:
+        x: raw inputs ``(N, ...)``.
+        outputs: per stack, its outputs on the first few inputs ``(members, n, K)``.
+        sums: per stack, each member's sum of its outputs over all N inputs ``(members, K)``.
+        squares: per stack, each member's sum of squared outputs over all N inputs ``(members, K)``.
+    """
+
+    x: np.ndarray
+    outputs: dict[str, np.ndarray]
+    sums: dict[str, np.ndarray]
+    squares: dict[str, np.ndarray]
+
+
+def read_self_test(bundle_dir: str | Path, manifest: Manifest) -> SelfTestData | None:
+    """The self-test's inputs and every stack's expected outputs on them, or None if the bundle has none.
 
     Raises:
-        BundleError: the file is missing, does not match its sha256, or lacks ``x`` or a stack's outputs.
+        BundleError: the file is missing, does not match its sha256, or lacks ``x`` or a stack's arrays.
     """
     info = manifest.self_test
     if info is None:
@@ -565,12 +584,16 @@ def read_self_test(bundle_dir: str | Path, manifest: Manifest) -> tuple[np.ndarr
     data = load_array(Path(bundle_dir) / info.file, BundleError, fix)
     if not hasattr(data, "files"):
         raise BundleError(f"self-test data {info.file}: a single array, expected an .npz archive; {fix}")
+    names = [stack.name for stack in manifest.stacks]
     with data:
-        missing = [name for name in ["x", *(stack.name for stack in manifest.stacks)] if name not in data.files]
+        wanted = ["x", *names, *(f"{n}.sum" for n in names), *(f"{n}.square" for n in names)]
+        missing = [name for name in wanted if name not in data.files]
         if missing:
-            raise BundleError(f"self-test data {info.file}: lacks the arrays {', '.join(missing)}; {fix}")
+            raise BundleError(f"self-test data {info.file}: lacks the arrays {', '.join(missing[:6])}; {fix}")
         try:
-            return data["x"], {stack.name: data[stack.name] for stack in manifest.stacks}
+            return SelfTestData(x=data["x"], outputs={n: data[n] for n in names},
+                                sums={n: data[f"{n}.sum"] for n in names},
+                                squares={n: data[f"{n}.square"] for n in names})
         except UNREADABLE as err:
             raise BundleError(f"self-test data {info.file}: unreadable ({type(err).__name__}: {err}); {fix}") from None
 

@@ -54,7 +54,8 @@ from edgens.errors import unknown_choice
 from edgens.runtime.health import StackFailure, StackHealth
 from edgens.runtime.inputs import InputPreparer
 from edgens.runtime.lanes import LANE_MIN_MS, LANE_MIN_SPEEDUP, Lanes, LaneWork, StackResult, default_lanes
-from edgens.runtime.manifest import Manifest, check_file, check_stack_files, load_manifest, read_self_test
+from edgens.runtime.manifest import (Manifest, SelfTestData, check_file, check_stack_files, load_manifest,
+                                     read_self_test)
 from edgens.runtime.outliers import GroupCheck
 from edgens.runtime.policies import Budget, Step
 from edgens.runtime.selftest import SelfTestResult, compare_outputs
@@ -199,7 +200,7 @@ class Predictor:
         self._reload: set[str] = set()  # quarantined by the self-test: retry() loads them from their files again
         self._self_test_stop = threading.Event()
         self._self_test_thread: threading.Thread | None = None
-        self._self_test_cache: tuple[np.ndarray, dict[str, np.ndarray]] | None = None  # normalised inputs, outputs
+        self._self_test_cache: tuple[np.ndarray, SelfTestData] | None = None  # normalised inputs, expected
         # Calls may come from several threads at once (docs/runtime.md, "Threads"): each call's state is its own;
         # what calls share (health, observed latencies, the plan cache, worker pools) changes under this lock.
         self._lock = threading.Lock()
@@ -424,18 +425,19 @@ class Predictor:
         if runner is None:
             return SelfTestResult(name, False, math.inf, 0.0, "not loaded")
         try:
-            got = runner.run(x)
+            got = np.concatenate([runner.run(x[i:i + 256]) for i in range(0, len(x), 256)], axis=1)
         except Exception as err:  # noqa: BLE001  (any backend failure fails the test)
             return SelfTestResult(name, False, math.inf, 0.0, f"{type(err).__name__}: {err}")
-        return compare_outputs(name, got, expected[name], self._tolerance_class(runner))
+        return compare_outputs(name, got, expected.outputs[name], self._tolerance_class(runner),
+                               expected.sums[name], expected.squares[name])
 
-    def _self_test_data(self) -> tuple[np.ndarray, dict[str, np.ndarray]] | None:
+    def _self_test_data(self) -> tuple[np.ndarray, SelfTestData] | None:
         cached = self._self_test_cache
         if cached is None:
             data = read_self_test(self.bundle_dir, self.manifest)
             if data is None:
                 return None
-            cached = self._self_test_cache = (self._prepare(data[0]), data[1])
+            cached = self._self_test_cache = (self._prepare(data.x), data)
         return cached
 
     def _tolerance_class(self, runner: StackRunner) -> str:

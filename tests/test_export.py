@@ -138,12 +138,17 @@ def test_silent_fault_data_matches_the_runs_outputs(bundle: Path, tiny_run: Path
         want[stack.name] = float(np.sqrt((d ** 2).sum(1)).max())
     assert manifest.outliers is not None and manifest.outliers.examples == val_eta.shape[1]
     assert manifest.outliers.thresholds == pytest.approx(want, rel=1e-3)  # ONNX vs torch: ~1e-5 relative
-    # self-test: the first 32 raw validation images and every stack's outputs on them
-    x, expected = read_self_test(bundle, manifest)
+    # self-test: the first 1000 raw validation images, every stack's outputs on the first 32, and each member's
+    # sums and sums of squares over all 1000
+    stored = read_self_test(bundle, manifest)
     data = load_dataset("fashion-mnist", val_size=2000)
-    np.testing.assert_array_equal(x, data.val_x[:32])
+    np.testing.assert_array_equal(stored.x, data.val_x[:1000])
+    assert manifest.self_test.examples == 1000
     for stack in manifest.stacks:
-        np.testing.assert_allclose(expected[stack.name], val_eta[stack.members, :32], atol=1e-4)
+        eta = val_eta[stack.members, :1000]
+        np.testing.assert_allclose(stored.outputs[stack.name], eta[:, :32], atol=1e-4)
+        np.testing.assert_allclose(stored.sums[stack.name], eta.sum(axis=1), atol=1e-4 * 1000)
+        np.testing.assert_allclose(stored.squares[stack.name], (eta ** 2).sum(axis=1), rtol=1e-4)
 
 
 def test_greedy_order_beats_index_order_on_validation(bundle: Path, tiny_run: Path) -> None:

@@ -259,12 +259,16 @@ def make_bundle(path: str | Path, *, n_members: int = 6, per_stack: int | list[i
         positions = {m: i for i, m in enumerate(order)}
         manifest.outliers = fit_thresholds(eta, {s.name: [positions[m] for m in s.members]
                                                  for s in stacks if s.role == "general"}, family)
-    if self_test:
-        x_test, _ = make_data(8, seed + 6, n_classes=max(n_outputs, 2), shape=input_shape)
+    if self_test:  # 64 inputs: outputs of the first 8, members' sums and sums of squares over all
+        x_test, _ = make_data(64, seed + 6, n_classes=max(n_outputs, 2), shape=input_shape)
         bundle = SyntheticBundle(path=path, manifest=manifest, members=members, mean=mean, std=std, family=family)
-        np.savez(path / "selftest.npz", x=x_test,
-                 **{s.name: bundle.member_etas(x_test, s.members).astype(np.float32) for s in stacks})
-        manifest.self_test = SelfTestInfo(file="selftest.npz", sha256=sha256_file(path / "selftest.npz"), examples=8)
+        arrays: dict[str, np.ndarray] = {"x": x_test}
+        for s in stacks:
+            eta = bundle.member_etas(x_test, s.members)
+            arrays.update({s.name: eta[:, :8].astype(np.float32), f"{s.name}.sum": eta.sum(axis=1),
+                           f"{s.name}.square": (eta ** 2).sum(axis=1)})
+        np.savez(path / "selftest.npz", **arrays)
+        manifest.self_test = SelfTestInfo(file="selftest.npz", sha256=sha256_file(path / "selftest.npz"), examples=64)
     write_manifest(path, manifest)
     return SyntheticBundle(path=path, manifest=manifest, members=members, mean=mean, std=std, family=family,
                            stack_members={s.name: list(s.members) for s in stacks})

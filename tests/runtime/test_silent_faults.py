@@ -344,3 +344,30 @@ def test_periodic_self_test_runs_in_the_background(guarded: SyntheticBundle) -> 
             while predictor.health()["general-001"].status == "ok" and time.monotonic() < deadline:
                 time.sleep(0.02)
             assert predictor.health()["general-001"].status == "quarantined"
+
+
+def test_self_test_sees_a_change_on_inputs_beyond_the_stored_outputs(guarded: SyntheticBundle) -> None:
+    """A corrupted weight of a hidden unit that the first 8 self-test inputs leave off changes only the other
+    inputs' outputs: the members' sums over all 64 catch it."""
+    x = np.load(guarded.path / "selftest.npz")["x"]
+    xn = guarded.normalise(x)
+    stack = guarded.manifest.stack("general-001")
+    found = None
+    for row, member in enumerate(stack.members):
+        weights = guarded.members[member]
+        active = xn @ weights.w1.astype(np.float64) + weights.b1 > 0  # (64, hidden)
+        for unit in range(active.shape[1]):
+            if not active[:8, unit].any() and active[8:, unit].any():
+                found = (row, unit)
+                break
+        if found:
+            break
+    assert found is not None, "the synthetic members should have such a unit"
+    row, unit = found
+    fault = _boost("w2", row * 8 * 10 + unit * 10 + 3)
+    with Predictor.load(guarded.path, "onnxruntime", lanes=1) as predictor:
+        with inject_bit_faults(predictor, {"general-001": fault}) as runners:
+            first = runners["general-001"].run(predictor._prepare(x[:8]))
+            np.testing.assert_allclose(first, guarded.member_etas(x[:8], stack.members), rtol=1e-4, atol=1e-4)
+            result = predictor.self_test(["general-001"], quarantine=False)["general-001"]
+    assert not result.ok and "sums" in result.message
