@@ -525,30 +525,41 @@ def check_stack_files(bundle_dir: str | Path, manifest: Manifest) -> dict[str, s
     return problems
 
 
+def _read_arrays(bundle_dir: str | Path, info: CalibrationInfo | SelfTestInfo, what: str,
+                 names: list[str]) -> dict[str, np.ndarray]:
+    """The named arrays of a bundle's ``.npz`` file, after checking it against its sha256.
+
+    Raises:
+        BundleError: the file is missing, does not match, is not an archive, lacks an array or is unreadable.
+    """
+    problem = check_file(bundle_dir, info.file, info.sha256)
+    if problem is not None:
+        raise BundleError(f"{what}: {problem}")
+    fix = f"export the bundle again (or copy its {PurePath(info.file).name} again)"
+    data = load_array(Path(bundle_dir) / info.file, BundleError, fix)
+    if not hasattr(data, "files"):
+        raise BundleError(f"{what} {info.file}: a single array, expected an .npz archive; {fix}")
+    with data:
+        missing = [name for name in names if name not in data.files]
+        if missing:
+            raise BundleError(f"{what} {info.file}: expected arrays {', '.join(missing[:6])}, found "
+                              f"{', '.join(data.files[:12]) or 'none'}; {fix}")
+        try:
+            return {name: data[name] for name in names}
+        except UNREADABLE as err:
+            raise BundleError(f"{what} {info.file}: unreadable ({type(err).__name__}: {err}); {fix}") from None
+
+
 def read_calibration(bundle_dir: str | Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
     """The bundle's raw validation examples ``(x, y)``, or None if it has none.
 
     Raises:
         BundleError: the file is missing, does not match its sha256, or lacks the arrays x and y.
     """
-    info = manifest.calibration
-    if info is None:
+    if manifest.calibration is None:
         return None
-    problem = check_file(bundle_dir, info.file, info.sha256)
-    if problem is not None:
-        raise BundleError(f"calibration data: {problem}")
-    fix = "export the bundle again (or copy its calibration.npz again)"
-    data = load_array(Path(bundle_dir) / info.file, BundleError, fix)
-    if not hasattr(data, "files"):
-        raise BundleError(f"calibration data {info.file}: a single array, expected an .npz archive; {fix}")
-    with data:
-        if "x" not in data.files or "y" not in data.files:
-            raise BundleError(f"calibration data {info.file}: expected arrays x and y, found {', '.join(data.files)}")
-        try:
-            return data["x"], data["y"]
-        except UNREADABLE as err:
-            raise BundleError(f"calibration data {info.file}: unreadable ({type(err).__name__}: {err}); "
-                              f"{fix}") from None
+    arrays = _read_arrays(bundle_dir, manifest.calibration, "calibration data", ["x", "y"])
+    return arrays["x"], arrays["y"]
 
 
 @dataclass(frozen=True)
@@ -574,28 +585,13 @@ def read_self_test(bundle_dir: str | Path, manifest: Manifest) -> SelfTestData |
     Raises:
         BundleError: the file is missing, does not match its sha256, or lacks ``x`` or a stack's arrays.
     """
-    info = manifest.self_test
-    if info is None:
+    if manifest.self_test is None:
         return None
-    problem = check_file(bundle_dir, info.file, info.sha256)
-    if problem is not None:
-        raise BundleError(f"self-test data: {problem}")
-    fix = "export the bundle again (or copy its selftest.npz again)"
-    data = load_array(Path(bundle_dir) / info.file, BundleError, fix)
-    if not hasattr(data, "files"):
-        raise BundleError(f"self-test data {info.file}: a single array, expected an .npz archive; {fix}")
     names = [stack.name for stack in manifest.stacks]
-    with data:
-        wanted = ["x", *names, *(f"{n}.sum" for n in names), *(f"{n}.square" for n in names)]
-        missing = [name for name in wanted if name not in data.files]
-        if missing:
-            raise BundleError(f"self-test data {info.file}: lacks the arrays {', '.join(missing[:6])}; {fix}")
-        try:
-            return SelfTestData(x=data["x"], outputs={n: data[n] for n in names},
-                                sums={n: data[f"{n}.sum"] for n in names},
-                                squares={n: data[f"{n}.square"] for n in names})
-        except UNREADABLE as err:
-            raise BundleError(f"self-test data {info.file}: unreadable ({type(err).__name__}: {err}); {fix}") from None
+    arrays = _read_arrays(bundle_dir, manifest.self_test, "self-test data",
+                          ["x", *names, *(f"{n}.sum" for n in names), *(f"{n}.square" for n in names)])
+    return SelfTestData(x=arrays["x"], outputs={n: arrays[n] for n in names},
+                        sums={n: arrays[f"{n}.sum"] for n in names}, squares={n: arrays[f"{n}.square"] for n in names})
 
 
 # ----------------------------------------------------------------------------------------------------------------
