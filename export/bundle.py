@@ -141,6 +141,9 @@ class ExportReport:
                 "precision": {s.name: {"precision": s.precision, "val_error_change": s.val_error_change,
                                        "note": s.precision_note} for s in self.manifest.stacks},
                 "specialists": len(self.manifest.specialists),
+                "outlier_thresholds": (dict(self.manifest.outliers.thresholds) if self.manifest.outliers is not None
+                                       else None),
+                "self_test_examples": self.manifest.self_test.examples if self.manifest.self_test else None,
                 "parity": [{"stack": r.name, "max_abs_diff": r.max_abs_diff, "ok": r.ok} for r in self.parity],
                 "stage_seconds": {k: round(v, 2) for k, v in self.stages.items()},
                 "val_error": self.manifest.metrics.val.error, "test_error": self.manifest.metrics.test.error}

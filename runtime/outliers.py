@@ -9,8 +9,9 @@ The statistic, and why:
   prefix stack's output rows split into the groups it holds. A group's mean is far less noisy than one member's
   (lam = 0.99 members have logits of magnitude up to ~250 on clean data, their groups' means deviate by at most
   ~30), so a corrupted member stands out more against its group's clean spread than against its own; the statistic
-  costs a few operations on ``(groups, B, K)`` sums instead of a pass over every member's outputs (<= 5% of a
-  call); and leaving out one group is exactly what the runtime does when a stack fails loudly.
+  costs a few operations on ``(groups, B, K)`` sums instead of passes over every member's outputs (measured: 7-11%
+  of a full-budget call at batch 64 on 2 cores, benchmarks/README.md); and leaving out one group is exactly what
+  the runtime does when a stack fails loudly.
 - **Distance to the leave-one-out mean**: ``D_g = || c(mean of group g - mean of the other groups' members) ||``
   per example, L2 over the outputs, where ``c`` removes the per-example mean over classes for categorical
   bundles (softmax ignores it, so only the centred part can change a prediction).
@@ -29,6 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
 import numpy as np
 
 from edgens.runtime.manifest import OutlierInfo
@@ -165,5 +167,5 @@ def fit_thresholds(eta: np.ndarray, groups: dict[str, Sequence[int]], family: st
     for n in range(min_groups, len(names) + 1):
         d = np.sqrt(np.maximum(worst_deviations(sums[:n], sizes[:n], family == "categorical"), 0.0))
         worst[:n] = np.maximum(worst[:n], d)
-    return OutlierInfo(thresholds={name: float(t) for name, t in zip(names, worst, strict=True)},
-                             margin=margin, min_groups=min_groups, examples=int(eta.shape[1]))
+    return OutlierInfo(thresholds={name: float(t) for name, t in zip(names, worst, strict=True)}, margin=margin,
+                       min_groups=min_groups, statistic=STATISTIC, examples=int(eta.shape[1]))

@@ -267,6 +267,8 @@ def test_cli_export_then_infer_matches_the_runs_own_outputs(tiny_run: Path, tmp_
                                "0", "--json"))
     assert report["general_stacks"] == 3 and all(row["ok"] for row in report["parity"])
     manifest = load_manifest(out)
+    assert report["outlier_thresholds"] == pytest.approx(manifest.outliers.thresholds)
+    assert report["self_test_examples"] == manifest.self_test.examples == 2000 // 2  # 1000 of the 2000 validation
     test_eta = np.load(tiny_run / "outputs" / "test_eta.npy")
     test_y = np.load(tiny_run / "outputs" / "test_y.npy")
     for k in (3, 12):
