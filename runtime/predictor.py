@@ -904,22 +904,20 @@ class Predictor:
             return
         call.outliers_checked = True
         sums = checked[0].groups if len(checked) == 1 else np.concatenate([r.groups for r in checked])
+        steps = [r.step for r in checked]
         groups = None  # built only when needed: this runs in every call
         if call.left_out:  # rare: groups found earlier in the call stay out
-            groups = self._groups_of(checked)
+            groups = self._groups_of(steps)
             keep = [i for i, g in enumerate(groups) if call.left_out.get(g[1]) != g[0]]
             groups, sums = [groups[i] for i in keep], sums[keep]
             check = self._group_check(groups)
         else:
-            key = tuple((r.step.stack, r.step.rows) for r in checked)
-            check = self._checks.get(key)
-            if check is None:
-                check = self._checks[key] = self._group_check(self._groups_of(checked))
+            check = self._cached_check(steps)
         found = check.outliers(sums)
         if not found:
             return
         if groups is None:
-            groups = self._groups_of(checked)
+            groups = self._groups_of(steps)
         for index, ratio in found:
             stack, group, size, _ = groups[index]
             call.left_out[group] = stack
@@ -945,23 +943,23 @@ class Predictor:
 
     def _one_stack_check(self, step: Step, groups: np.ndarray) -> bool:
         """Whether a call of one stack has outlier groups (the hot path's test, before any bookkeeping)."""
-        key = ((step.stack, step.rows),)
+        return self._cached_check([step]).any_outlier(groups)
+
+    def _cached_check(self, steps: list[Step]) -> GroupCheck:
+        """The outlier test of the groups these steps hold, built once per sequence of steps."""
+        key = tuple((step.stack, step.rows) for step in steps)
         check = self._checks.get(key)
         if check is None:
-            layout = self._layouts[key[0]]
-            assert layout is not None
-            check = self._checks[key] = self._group_check(
-                [(step.stack, name, int(size), float(limit))
-                 for name, size, limit in zip(layout.names, layout.sizes, layout.limits, strict=True)])
-        return check.any_outlier(groups)
+            check = self._checks[key] = self._group_check(self._groups_of(steps))
+        return check
 
-    def _groups_of(self, results: list[StackResult]) -> list[tuple[str, str, int, float]]:
-        """``(stack, group, size, threshold)`` of every group the results hold, in the order of their sums."""
+    def _groups_of(self, steps: list[Step]) -> list[tuple[str, str, int, float]]:
+        """``(stack, group, size, threshold)`` of every group the steps hold, in the order of their sums."""
         groups = []
-        for result in results:
-            layout = self._layouts[(result.step.stack, result.step.rows)]
+        for step in steps:
+            layout = self._layouts[(step.stack, step.rows)]
             assert layout is not None
-            groups += [(result.step.stack, name, int(size), float(limit))
+            groups += [(step.stack, name, int(size), float(limit))
                        for name, size, limit in zip(layout.names, layout.sizes, layout.limits, strict=True)]
         return groups
 
