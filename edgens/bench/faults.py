@@ -72,16 +72,15 @@ class _Bench:
         full = [s for s in self.manifest.prefix_stacks if len(s.members) == len(self.manifest.members)]
         self.all_stack = full[0].name if full else None  # what an all-members call runs
         self.xn = reference._prepare(x)
-        outputs = reference.stack_outputs(x, self.general, batch_size=512)
-        self.group_sums = {g: outputs[g].sum(axis=0, dtype=np.float64) for g in self.general}
-        total = sum(self.group_sums.values())
-        self.left_out_accuracy = {g: float((np.argmax(total - s, axis=1) == y).mean())
-                                  for g, s in self.group_sums.items()}
-        self.sweep_n = min(sweep_examples, len(x))
-        self.clean: dict[tuple[str, bool, str, int], np.ndarray] = {}
-        # the fault-free outputs on the test set of every stack a draw corrupts (for the self-test's measure)
+        # the fault-free outputs on the test set of every stack a draw corrupts (for the self-test's measure, and
+        # the general stacks' for the left-out baselines)
         targets = self.general + ([self.all_stack] if self.all_stack else [])
         self.clean_outputs = reference.stack_outputs(x, targets, batch_size=1000)
+        group_sums = {g: self.clean_outputs[g].sum(axis=0, dtype=np.float64) for g in self.general}
+        total = sum(group_sums.values())
+        self.left_out_accuracy = {g: float((np.argmax(total - s, axis=1) == y).mean()) for g, s in group_sums.items()}
+        self.sweep_n = min(sweep_examples, len(x))
+        self.clean: dict[tuple[str, bool, str, int], np.ndarray] = {}
 
     def close(self) -> None:
         for predictor in self.predictors.values():
@@ -221,12 +220,12 @@ def _bundle(bench: _Bench, spec: str, draws: int, random_draws: int, sweep_draws
             progress(stage, i, draws)
             rows.append(bench.draw(budget, "harmful", detection, rng, self_test=True))
         progress(stage, draws, draws)
-        out["harmful"][budget] = {"summary": _summary(rows, bench), "draws": rows}
+        out["harmful"][budget] = {"summary": _summary(rows), "draws": rows}
     rows = []
     for i in range(random_draws):
         progress(f"{bench.bundle.name}: random flips", i, random_draws)
         rows.append(bench.draw("all", "random", detection, rng, self_test=True))
-    out["random"] = {"summary": _summary(rows, bench), "draws": rows}
+    out["random"] = {"summary": _summary(rows), "draws": rows}
     out["self_test"] = _self_test_summary(out)
     out["sweep"] = _sweep(bench, sweep_draws, rng, progress)
     return out
@@ -295,7 +294,7 @@ def detection_cost(predictor: Predictor, x: np.ndarray, batch_sizes: Sequence[in
     return result
 
 
-def _summary(rows: list[dict], bench: _Bench) -> dict:
+def _summary(rows: list[dict]) -> dict:
     off, on = _label("mean", False), _label("mean", True)
     with_group = [r for r in rows if r["left_out_accuracy"] is not None]
     gap_on = np.array([r[on]["accuracy"] - r["left_out_accuracy"] for r in with_group])
