@@ -43,6 +43,21 @@ def _in_threads(work: Callable[[int], None]) -> list[BaseException]:
     return errors
 
 
+KINDS = ("all", "members", "deadline")
+
+
+def _budget(index: int, call: int, members: int) -> tuple[str, dict]:
+    """The budget thread ``index`` uses in its ``call``-th call: all members, the first ``members``, or a deadline
+    long enough for every stack, in turn."""
+    kind = KINDS[(index + call) % 3]
+    return kind, {"all": {}, "members": {"members": members}, "deadline": {"deadline_ms": 10_000}}[kind]
+
+
+def _calls_of(kind: str) -> int:
+    """How many of all threads' calls use budget ``kind``."""
+    return sum(KINDS[(i + c) % 3] == kind for i in range(THREADS) for c in range(CALLS))
+
+
 def test_shared_predictor_answers_every_call_right(bundle: SyntheticBundle, data, fast_switching: None) -> None:
     x, _ = data
     survivors = [0, 1, 4, 5]  # general-001 (members 2, 3) raises in every call
@@ -52,15 +67,14 @@ def test_shared_predictor_answers_every_call_right(bundle: SyntheticBundle, data
             inject_faults(predictor, {"general-001": "raise"}):
         def work(index: int) -> None:
             for call in range(CALLS):
-                kind = ("all", "members", "deadline")[(index + call) % 3]
-                budget = {"all": {}, "members": {"members": 2}, "deadline": {"deadline_ms": 10_000}}[kind]
+                kind, budget = _budget(index, call, 2)
                 prediction = predictor.predict(x, **budget)
                 np.testing.assert_allclose(prediction.probabilities, expected[kind], atol=2e-5)
 
         assert _in_threads(work) == []
         health = predictor.health()
     calls = THREADS * CALLS
-    members_calls = sum(((i + c) % 3) == 1 for i in range(THREADS) for c in range(CALLS))
+    members_calls = _calls_of("members")
     assert (health["general-000"].calls, health["general-000"].failures) == (calls, 0)
     assert (health["general-001"].calls, health["general-001"].failures) == (calls - members_calls,) * 2
     assert health["general-002"].calls == calls - members_calls and health["general-002"].failures == 0
@@ -100,8 +114,7 @@ def test_outlier_detection_under_concurrency(tmp_path, fast_switching: None) -> 
                                       "prefix-0016": Fault("flip", bit=28, row=row)}):
         def work(index: int) -> None:
             for call in range(CALLS):
-                kind = ("all", "members", "deadline")[(index + call) % 3]
-                budget = {"all": {}, "members": {"members": 8}, "deadline": {"deadline_ms": 10_000}}[kind]
+                kind, budget = _budget(index, call, 8)
                 prediction = predictor.predict(x, **budget)
                 np.testing.assert_allclose(prediction.probabilities, expected[kind], atol=2e-5)
                 outliers = [f for f in prediction.failures if f.kind == "outlier"]
@@ -109,6 +122,5 @@ def test_outlier_detection_under_concurrency(tmp_path, fast_switching: None) -> 
 
         assert _in_threads(work) == []
         health = predictor.health()
-    calls = {kind: sum(("all", "members", "deadline")[(i + c) % 3] == kind for i in range(THREADS)
-                       for c in range(CALLS)) for kind in ("all", "members", "deadline")}
-    assert health["prefix-0016"].failures == calls["all"] and health["general-002"].failures == calls["deadline"]
+    assert health["prefix-0016"].failures == _calls_of("all")
+    assert health["general-002"].failures == _calls_of("deadline")
