@@ -53,6 +53,14 @@ class NoMembersAvailableError(EdgensError, RuntimeError):
     """No member of the ensemble could answer (all stacks failed or were excluded)."""
 
 
+class OverloadedError(EdgensError, RuntimeError):
+    """A bounded queue is full (the serving batcher refuses the request at once instead of queueing it)."""
+
+
+class ServiceStoppingError(EdgensError, RuntimeError):
+    """A service is draining or stopped and accepts no new requests."""
+
+
 class TrainingDivergedError(EdgensError, FloatingPointError):
     """Training produced a non-finite loss; the learning rate is usually too high."""
 

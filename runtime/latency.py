@@ -11,6 +11,8 @@ combining members) is not in it (tens of microseconds; see ``benchmarks/runtime_
 
 from __future__ import annotations
 
+import bisect
+
 import json
 from collections import deque
 from dataclasses import dataclass, field
@@ -221,17 +223,27 @@ class ObservedLatency:
     the deadline has not passed), and the new measurement enters the window. While those measurements stay slow
     the wait doubles (up to ``max_probe_after`` calls), so a stack that really is slow costs an overrun rarely.
 
+    A batch size not seen yet borrows the estimate of the next larger one seen (an upper bound: a smaller batch is
+    not slower), so a server whose merged batches vary in size has estimates after a warm-up at its largest batch.
+
     Recording a run costs an append (every call does it); the median is computed when a deadline call asks.
     """
 
     def __init__(self, window: int = 8, probe_after: int = 4, max_probe_after: int = 256) -> None:
         self.window, self.first_probe, self.max_probe = window, probe_after, max_probe_after
         self._entries: dict[tuple[str, int], _Observations] = {}
+        self._batches: dict[str, list[int]] = {}  # per stack, the batch sizes observed, ascending
 
     def estimate(self, stack: str, batch: int) -> float | None:
         """The expected latency (ms) of ``stack`` at ``batch``; None when unknown or due to be measured again."""
         entry = self._entries.get((stack, batch))
-        if entry is None or entry.skips >= entry.probe_after:
+        if entry is None:
+            seen = self._batches.get(stack)
+            i = bisect.bisect_right(seen, batch) if seen else 0
+            if not seen or i == len(seen):
+                return None
+            entry = self._entries[(stack, seen[i])]
+        if entry.skips >= entry.probe_after:
             return None
         return entry.typical()
 
@@ -240,6 +252,7 @@ class ObservedLatency:
         entry = self._entries.get((stack, batch))
         if entry is None:
             entry = self._entries[(stack, batch)] = _Observations(self.window, self.first_probe)
+            bisect.insort(self._batches.setdefault(stack, []), batch)
         elif entry.skips:
             if entry.skips >= entry.probe_after:  # a re-measurement: back off while the stack stays slow
                 still_slow = ms >= 0.5 * entry.typical()

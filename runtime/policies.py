@@ -6,10 +6,11 @@ One budget per call (none: every member):
   (0, 1], rounded to the nearest count, at least 1). A stack cut by k runs whole; only its first rows are used.
 - ``flops=F``: as many whole stacks, in order, as fit F flops per example.
 - ``latency_ms=T``: as many whole stacks as fit T by the profiled latency table of this device (``edgens profile``).
-- ``deadline_ms=T``: anytime. Stacks run in order until the wall-clock deadline, counted from the call's start; a
-  stack is not started when the latency table (or, without one, the times this predictor observed at this batch
-  size: :class:`~edgens.runtime.latency.ObservedLatency`, robust to a slow call and re-measured when it keeps a
-  stack out) says it cannot finish in time, so the deadline is overrun by at most one stack's latency. The first
+- ``deadline_ms=T``: anytime. Stacks run in order until the wall-clock deadline, counted from the call's start
+  (first the largest prefix stack expected to fit in T, if any: :func:`prefix_within`); a stack is not started
+  when the latency table (or, without one, the times this predictor observed at this batch size:
+  :class:`~edgens.runtime.latency.ObservedLatency`, robust to a slow call and re-measured when it keeps a stack
+  out) says it cannot finish in time, so the deadline is overrun by at most one stack's latency. The first
   stack that answers is always waited for: a prediction needs at least one member.
 - ``confidence=p``: per example, stop adding stacks once the largest class probability of the running ensemble
   reaches p (categorical bundles only); later stacks run only on the examples still below p.
@@ -142,6 +143,28 @@ def _with_prefix(steps: list[Step], manifest: Manifest, available: Callable[[str
         step = Step(prefix.name, None if len(rows) == len(prefix.members) else rows,
                     tuple(prefix.members[i] for i in rows), fallback=tuple(steps[:count]))
         return [step, *steps[count:]]
+    return steps
+
+
+def prefix_within(steps: list[Step], manifest: Manifest, available: Callable[[str], bool],
+                  estimate: Callable[[str], float | None], limit_ms: float) -> list[Step]:
+    """A deadline call's steps before it starts: the largest available prefix stack that holds exactly the first
+    general stacks of ``steps`` and is expected to finish within ``limit_ms`` replaces them (the same members in
+    one call, several times faster than their general stacks one after another); the replaced steps become its
+    fallback. ``steps`` unchanged when no prefix stack fits or has an estimate."""
+    for prefix in reversed(manifest.prefix_stacks):
+        expected = estimate(prefix.name) if available(prefix.name) else None
+        if expected is None or expected > limit_ms:
+            continue
+        covered: list[int] = []
+        count = 0
+        for step in steps:
+            if len(covered) >= len(prefix.members) or step.rows is not None:
+                break
+            covered.extend(step.members)
+            count += 1
+        if covered == list(prefix.members):
+            return [Step(prefix.name, None, tuple(prefix.members), fallback=tuple(steps[:count])), *steps[count:]]
     return steps
 
 

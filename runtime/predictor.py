@@ -34,10 +34,10 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -115,6 +115,30 @@ class Prediction:
         """How far past its deadline the call finished (0 if in time or without a deadline)."""
         return max(0.0, self.elapsed_ms - self.deadline_ms) if self.deadline_ms is not None else 0.0
 
+    def select(self, rows: slice | np.ndarray, **changes: Any) -> Prediction:
+        """The prediction of some examples only (e.g. one request's rows of a merged batch), with ``changes`` to
+        its other fields (``elapsed_ms``, ``budget``...)."""
+        return replace(self, mean=self.mean[rows], eta=self.eta[rows],
+                       labels=None if self.labels is None else self.labels[rows],
+                       members_used=self.members_used[rows], stacks_run=list(self.stacks_run),
+                       failures=list(self.failures), stack_ms=dict(self.stack_ms), **changes)
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """A batch :meth:`Predictor.prepare` checked and normalised; ``predict``, ``anytime`` and ``stepwise`` take it
+    without checking it again (the serving batcher prepares each request as it arrives, then merges them)."""
+
+    array: np.ndarray  # (B, *input.shape) float32, normalised
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @staticmethod
+    def concatenate(parts: Sequence[PreparedInput]) -> PreparedInput:
+        """One batch of several prepared batches, in order."""
+        return parts[0] if len(parts) == 1 else PreparedInput(np.concatenate([part.array for part in parts]))
+
 
 @dataclass
 class _Call:
@@ -142,6 +166,7 @@ class _Call:
     # Confidence budgets only: indices of the examples still running, and members answered per example.
     active: np.ndarray | None = None
     counts: np.ndarray | None = None
+    todo: deque[tuple[Step, bool]] | None = None  # in-order runs: the steps still to run (and if they are fallbacks)
     pending: list[StackResult] = field(default_factory=list)
     settled: list[StackResult] = field(default_factory=list)  # those added to eta_sum
     # Outlier detection: the stacks whose rows form groups (general stacks' members), and the groups left out
@@ -535,6 +560,78 @@ class Predictor:
 
         return iterate()
 
+    def prepare(self, x: Any) -> PreparedInput:
+        """Check and normalise raw inputs once, for calls that take them later (see :class:`PreparedInput`).
+
+        Raises:
+            InputError: bad input (shape, dtype, NaN/Inf, empty batch).
+        """
+        return x if isinstance(x, PreparedInput) else PreparedInput(self._prepare(x))
+
+    def check_budget(self, budget: Budget, batch: int = 1) -> None:
+        """Raise what a call with this budget and batch size would raise before running a stack, without running
+        one (the serving batcher checks each request as it arrives, so that one bad request cannot fail a merged
+        batch).
+
+        Raises:
+            ConfigError: a budget no stack fits, a latency budget without a latency table, an unknown task, or
+                confidence on a non-categorical bundle or with a robust combiner.
+            NoMembersAvailableError: no stack is available for it.
+            PredictorClosedError: the predictor was closed.
+        """
+        self._check_open()
+        self._steps_for(budget, batch)
+
+    def estimate_ms(self, budget: Budget, batch: int) -> float | None:
+        """The expected time of a call with this budget at this batch size: the sum of its planned stacks'
+        latencies (the latency table's, else observed here); None while some stack has no estimate. Deadline
+        and confidence budgets are estimated as if every general stack ran."""
+        total = 0.0
+        for step in self._steps_for(budget, batch):
+            estimate = self._estimate(step.stack, batch)
+            if estimate is None:
+                return None
+            total += estimate
+        return total
+
+    def first_stack(self) -> str | None:
+        """The first available general stack of the anytime order (what a deadline call runs first)."""
+        return next((s.name for s in self.manifest.general_stacks if self.available(s.name)), None)
+
+    def stack_ms(self, name: str, batch: int) -> float | None:
+        """The expected latency of stack ``name`` at this batch size: the latency table's, else what this predictor
+        observed (None: neither yet)."""
+        return self._estimate(name, batch)
+
+    def warm_up(self, batch_sizes: Sequence[int] = (1,), repeats: int = 3) -> None:
+        """Run every available stack a few times at each batch size (on zeros) and record how long it took: the
+        first runs of a session are slow (allocation), and deadline calls without a latency table then have
+        estimates from the start (a batch size not warmed up borrows the next larger one's)."""
+        self._check_open()
+        shape = tuple(self.manifest.input.shape)
+        for batch in batch_sizes:
+            x = np.zeros((batch, *shape), dtype=np.float32)
+            for name, runner in list(self._runners.items()):
+                if not self.available(name):
+                    continue
+                runner.run(x)  # allocation, not measured
+                for _ in range(repeats):
+                    start = time.perf_counter()
+                    runner.run(x)
+                    with self._lock:
+                        self._observed.observe(name, batch, (time.perf_counter() - start) * 1e3)
+
+    def stepwise(self, x: Any) -> StepwiseCall:
+        """An anytime call over the general stacks in order, that runs one stack each time its owner says (see
+        :class:`StepwiseCall`). Close it when done: that records the stacks' health.
+
+        Raises:
+            InputError: bad input, before any stack runs.
+            NoMembersAvailableError: no stack is available.
+            PredictorClosedError: the predictor was closed.
+        """
+        return StepwiseCall(self, self._begin(x, _EVERY_GENERAL, eager=True))
+
     def stack_outputs(self, x: Any, stacks: list[str] | None = None, batch_size: int | None = None
                       ) -> dict[str, np.ndarray]:
         """The raw natural parameters ``(members, B, K)`` of stacks, without combining (for analysis and fitting).
@@ -584,23 +681,9 @@ class Predictor:
     def _begin(self, x: Any, budget: Budget, eager: bool = False) -> _Call:
         start = time.perf_counter()
         self._check_open()
-        if budget.kind == "confidence" and self.manifest.family != "categorical":
-            raise ConfigError(f"confidence budgets need a categorical bundle, this one is {self.manifest.family}")
-        if budget.kind == "confidence" and self.combiner != "mean":
-            raise ConfigError(f"confidence budgets combine members by the mean; this predictor was loaded with "
-                              f"combiner {self.combiner!r} (load one with combiner='mean' for early exit)")
-        xn = self._prepare(x)
+        xn = x.array if isinstance(x, PreparedInput) else self._prepare(x)
         batch = len(xn)
-        estimate = None
-        if self.latency_table is not None:
-            table = self.latency_table
-            estimate = lambda name: table.estimate(name, batch)  # noqa: E731
-        elif budget.kind == "latency_ms" and self._latency_problem:
-            raise ConfigError(f"latency_ms budgets need this device's latency table: {self._latency_problem}")
-        steps = self._plan(budget, batch, estimate)
-        if not steps:
-            raise NoMembersAvailableError(f"no stack is available for {budget}: {self.describe_health()}; "
-                                          f"Predictor.retry() tries them again")
+        steps = self._steps_for(budget, batch)
         k = self.manifest.n_outputs
         call = _Call(x=xn, budget=budget, steps=steps, start=start, eta_sum=np.zeros((batch, k)), eager=eager,
                      streaming=eager)
@@ -613,6 +696,25 @@ class Predictor:
         elif budget.kind == "task":
             call.task = policies.resolve_task(self.manifest, budget.value).task
         return call
+
+    def _steps_for(self, budget: Budget, batch: int) -> list[Step]:
+        """The plan of a call with this budget and batch size, or the error the call raises before any stack runs."""
+        if budget.kind == "confidence" and self.manifest.family != "categorical":
+            raise ConfigError(f"confidence budgets need a categorical bundle, this one is {self.manifest.family}")
+        if budget.kind == "confidence" and self.combiner != "mean":
+            raise ConfigError(f"confidence budgets combine members by the mean; this predictor was loaded with "
+                              f"combiner {self.combiner!r} (load one with combiner='mean' for early exit)")
+        estimate = None
+        if self.latency_table is not None:
+            table = self.latency_table
+            estimate = lambda name: table.estimate(name, batch)  # noqa: E731
+        elif budget.kind == "latency_ms" and self._latency_problem:
+            raise ConfigError(f"latency_ms budgets need this device's latency table: {self._latency_problem}")
+        steps = self._plan(budget, batch, estimate)
+        if not steps:
+            raise NoMembersAvailableError(f"no stack is available for {budget}: {self.describe_health()}; "
+                                          f"Predictor.retry() tries them again")
+        return steps
 
     def _plan(self, budget: Budget, batch: int, estimate: Callable[[str], float | None] | None) -> list[Step]:
         """The budget's plan, cached: it changes only with the stacks' availability and, for latency budgets, the
@@ -705,7 +807,11 @@ class Predictor:
 
     def _execute_in_order(self, call: _Call) -> Iterator[None]:
         """Run the stacks one after another in the calling thread."""
-        todo = deque((step, call.replanned) for step in call.steps)
+        if call.todo is None:
+            call.todo = deque((step, call.replanned) for step in call.steps)
+            if call.deadline is not None and not call.replanned:  # a deadline call starts with what fits in it
+                self._prefix_within(call, (call.deadline - time.perf_counter()) * 1e3)
+        todo = call.todo
         while todo:
             step, is_fallback = todo.popleft()
             if not self._may_start(call, step, is_fallback, bool(call.stacks_run or call.pending)):
@@ -733,6 +839,19 @@ class Predictor:
             yield
             if call.active is not None and not len(call.active):
                 break
+
+    def _prefix_within(self, call: _Call, limit_ms: float) -> None:
+        """Start a call that has not run a stack yet with the largest prefix stack expected to fit ``limit_ms``
+        (:func:`~edgens.runtime.policies.prefix_within`)."""
+        assert call.todo is not None
+        if not self.manifest.prefix_stacks or not math.isfinite(limit_ms) or call.stacks_run or call.pending:
+            return
+        steps = [step for step, _ in call.todo]
+        batch = len(call.x)
+        chosen = policies.prefix_within(steps, self.manifest, self.available, lambda n: self._estimate(n, batch),
+                                        limit_ms)
+        if chosen is not steps:
+            call.todo = deque((step, False) for step in chosen)
 
     def _execute_in_lanes(self, call: _Call, lanes: Lanes, steps: list[Step] | tuple[Step, ...],
                           fallback: bool = False) -> Iterator[None]:
@@ -1099,6 +1218,79 @@ class Predictor:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                  traceback: TracebackType | None) -> None:
         self.close()
+
+
+class StepwiseCall:
+    """An anytime call over the general stacks in the anytime order, run one stack at a time by its owner.
+
+    Made by :meth:`Predictor.stepwise`. The owner decides when (and whether) the next stack runs; the serving
+    batcher (:mod:`edgens.runtime.batching`) interleaves several such calls by their requests' deadlines. Each
+    :meth:`step` runs as :meth:`Predictor.anytime` would: failed stacks are dropped, and groups of members that
+    deviate are left out (silent faults).
+    """
+
+    def __init__(self, predictor: Predictor, call: _Call):
+        self._predictor = predictor
+        self._call = call
+        call.todo = deque((step, False) for step in call.steps)
+        self._steps = predictor._execute_in_order(call)
+        self._started = self._closed = False
+
+    def __len__(self) -> int:
+        """The batch size."""
+        return len(self._call.x)
+
+    @property
+    def members(self) -> int:
+        """Members answered so far (for every example)."""
+        return self._call.members
+
+    @property
+    def next_stack(self) -> str | None:
+        """The stack the next :meth:`step` starts with (None: none left)."""
+        todo = self._call.todo
+        return todo[0][0].stack if todo else None
+
+    def next_stack_ms(self) -> float | None:
+        """The expected latency of the next stack at this batch size (None: none left, or no estimate yet)."""
+        name = self.next_stack
+        return None if name is None else self._predictor.stack_ms(name, len(self._call.x))
+
+    def step(self, within_ms: float | None = None) -> bool:
+        """Run stacks until one answers (stacks that fail on the way are dropped); False if none is left.
+
+        Args:
+            within_ms: for the first step only: the time its answer must come within; the largest prefix stack
+                expected to fit runs instead of the first general stacks (the same members in one call).
+        """
+        if self._closed:
+            return False
+        if within_ms is not None and not self._started:
+            self._predictor._prefix_within(self._call, within_ms)
+        self._started = True
+        try:
+            next(self._steps)
+        except StopIteration:
+            return False
+        return True
+
+    def prediction(self) -> Prediction:
+        """The prediction of the members answered so far.
+
+        Raises:
+            NoMembersAvailableError: no member has answered.
+        """
+        return self._predictor._result(self._call)
+
+    def close(self) -> None:
+        """Stop the call and record its stacks' health (once)."""
+        if not self._closed:
+            self._closed = True
+            self._steps.close()
+            self._predictor._finish(self._call)
+
+
+_EVERY_GENERAL = Budget("deadline_ms", math.inf)  # plans every available general stack, in order
 
 
 def _finite_sum(part: np.ndarray) -> bool:

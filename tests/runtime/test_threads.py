@@ -122,5 +122,7 @@ def test_outlier_detection_under_concurrency(tmp_path, fast_switching: None) -> 
 
         assert _in_threads(work) == []
         health = predictor.health()
-    assert health["prefix-0016"].failures == _calls_of("all")
-    assert health["general-002"].failures == _calls_of("deadline")
+    # every call but "members" found one outlier group: all-members calls in prefix-0016, deadline calls in
+    # general-002 or, where the prefix stack was expected to fit the deadline, in prefix-0016
+    assert health["prefix-0016"].failures >= _calls_of("all")
+    assert health["prefix-0016"].failures + health["general-002"].failures == _calls_of("all") + _calls_of("deadline")
