@@ -502,7 +502,8 @@ class Predictor:
         """Predict for a batch of raw inputs within one budget (see :mod:`edgens.runtime.policies`).
 
         Args:
-            x: raw inputs as the data set stores them, ``(B, *input.shape)`` (or without a single channel axis).
+            x: raw inputs as the data set stores them, ``(B, *input.shape)`` (or without a single channel axis), or
+                a :class:`PreparedInput` from :meth:`prepare`.
             members: the first k members of the anytime order, or a fraction of all members.
             flops: as many stacks as fit this many flops per example.
             latency_ms: as many stacks as fit this latency by the device's latency table.

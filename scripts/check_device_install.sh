@@ -10,7 +10,8 @@ cd "$(dirname "$0")/.."
 ROOT=$(pwd)
 PYTHON=${PYTHON:-python3}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/edgens-device-install.XXXXXX")
-trap 'rm -rf "$WORK"' EXIT
+SERVER=""
+trap '[ -z "$SERVER" ] || kill "$SERVER" 2>/dev/null; rm -rf "$WORK"' EXIT
 FASHION=/usr/share/datasets/fashion-mnist
 
 echo "== device install check in $WORK"
@@ -95,4 +96,49 @@ for command in "train --epochs 1 --out run2" "export run -o bundle2"; do
   [ ! -e run2 ] && [ ! -e bundle2 ] || { echo "edgens $command left files behind" >&2; exit 1; }
   echo "device venv: edgens ${command%% *} says: $(cat err.txt)"
 done
+# 4. `edgens serve` needs the serve extra: without it, one line naming it; with it (still no torch), a real server
+#    answers an infer request like the Predictor, and SIGTERM stops it with status 0.
+status=0
+"$EDGENS" serve bundle --port 0 > out.txt 2> err.txt || status=$?
+if [ "$status" != 2 ] || ! grep -q "pip install 'edgens\[serve\]'" err.txt; then
+  echo "edgens serve without the serve extra: expected a one-line error naming edgens[serve], got exit $status:" >&2
+  cat err.txt >&2
+  exit 1
+fi
+if ! "$VENV_PY" -m pip install -q "$ROOT[runtime,serve]" > "$WORK/pip-serve.log" 2>&1; then
+  cat "$WORK/pip-serve.log" >&2
+  exit 1
+fi
+"$EDGENS" serve bundle --port 0 --port-file port.txt --no-access-log 2> serve.log &
+SERVER=$!
+for _ in $(seq 300); do [ -s port.txt ] && break; sleep 0.1; done
+"$VENV_PY" - <<'EOF'
+import importlib.util, json, urllib.request
+import numpy as np
+from edgens.runtime import Predictor
+assert importlib.util.find_spec("torch") is None, "the serve extra pulled in torch"
+port = int(open("port.txt").read())
+x = np.load("x.npy")[:8]
+body = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
+        "parameters": {"members": 8}}
+request = urllib.request.Request(f"http://127.0.0.1:{port}/v2/models/bundle/infer", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+answer = json.load(urllib.request.urlopen(request, timeout=30))
+probabilities = np.asarray(answer["outputs"][0]["data"]).reshape(answer["outputs"][0]["shape"])
+with Predictor.load("bundle") as predictor:
+    expected = predictor.predict(x, members=8).probabilities
+np.testing.assert_allclose(probabilities, expected, atol=1e-5)
+print(f"device venv: edgens serve answered like the Predictor (max difference "
+      f"{np.abs(probabilities - expected).max():.1e}), without torch")
+EOF
+kill -TERM "$SERVER"
+status=0
+wait "$SERVER" || status=$?
+SERVER=""
+if [ "$status" != 0 ]; then
+  echo "edgens serve exited with $status after SIGTERM, expected 0:" >&2
+  cat serve.log >&2
+  exit 1
+fi
+echo "device venv: edgens serve drained and exited 0 on SIGTERM"
 echo "device install check passed"

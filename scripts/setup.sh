@@ -30,5 +30,5 @@ if ! "$PYTHON" -c "import torch" 2>/dev/null; then
 fi
 
 # 3. edgens (editable) with training/export, plots and test extras.
-"$PYTHON" -m pip install -q -e ".[train,plots,test]"
+"$PYTHON" -m pip install -q -e ".[train,plots,serve,test]"
 "$PYTHON" -c "import torch, edgens; print(f'edgens {edgens.__version__} ready (torch {torch.__version__}, CUDA: {torch.cuda.is_available()})')"

@@ -25,6 +25,7 @@ COMMANDS = {
     "infer": "edgens.cli.infer_cmd:infer",
     "profile": "edgens.cli.profile_cmd:profile",
     "bench": "edgens.cli.bench_cmd:bench",
+    "serve": "edgens.cli.serve_cmd:serve",
 }
 
 
@@ -33,6 +34,7 @@ COMMANDS = {
 OPTIONAL_PACKAGES = {
     "torch": "train", "onnx": "train", "onnxscript": "train", "onnxruntime": "runtime", "matplotlib": "plots",
     "tensorrt": "tensorrt", "cuda": "tensorrt",
+    "starlette": "serve", "uvicorn": "serve", "prometheus_client": "serve", "anyio": "serve",
 }
 
 

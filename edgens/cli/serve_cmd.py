@@ -1,0 +1,73 @@
+"""``edgens serve``: the bundle as an HTTP service (Open Inference Protocol), with per-request deadlines.
+
+Only click and the standard library are imported here; the server (:mod:`edgens.serve.server`: Starlette, uvicorn,
+prometheus-client, the runtime) is imported when the command runs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from edgens.cli.infer_cmd import BACKEND_CHOICES
+
+
+@click.command()
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Beyond loopback, --token-file (or --insecure) is required.")
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
+              help="Port to listen on (0: any free port; see --port-file).")
+@click.option("--model-name", help="The model's name in the protocol's URLs (default: the bundle folder's name).")
+@click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most examples one merged stack call takes (and one request may send).")
+@click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
+              help="Most requests waiting to start; beyond it, requests get 503 at once.")
+@click.option("--token-file", type=click.Path(path_type=Path),
+              help="File holding the bearer token clients must send (Authorization: Bearer TOKEN).")
+@click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
+@click.option("--min-available", type=float, default=0.5, show_default=True,
+              help="Readiness turns false when fewer than this fraction of the members are available.")
+@click.option("--stack-timeout-ms", type=float, default=1000.0, show_default=True,
+              help="Drop a stack from a call when it takes longer than this (a hung stack; 0: no timeout).")
+@click.option("--max-request-bytes", type=click.IntRange(min=1024), default=16 * 1024 * 1024, show_default=True,
+              help="Largest request body accepted (after decompression); larger ones get 413.")
+@click.option("--drain-timeout-s", type=float, default=30.0, show_default=True,
+              help="On SIGTERM, wait at most this long for the requests in flight.")
+@click.option("--self-test-interval-s", type=float,
+              help="Rerun every stack on the bundle's stored self-test inputs this often (silent faults).")
+@click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per stack's session.")
+@click.option("--allow-fault-injection", is_flag=True,
+              help="Enable POST /edgens/faults, which makes stacks fail on purpose (tests and benchmarks only).")
+@click.option("--access-log/--no-access-log", default=True, show_default=True,
+              help="Log one line per infer request.")
+@click.option("--log-format", type=click.Choice(["json", "text"]), default="json", show_default=True)
+@click.option("--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info",
+              show_default=True)
+@click.option("--port-file", type=click.Path(path_type=Path),
+              help="Write the port here once the server accepts connections (removed at exit).")
+def serve(bundle: Path, host: str, port: int, model_name: str | None, backend: str, max_batch: int, max_queue: int,
+          token_file: Path | None, insecure: bool, min_available: float, stack_timeout_ms: float,
+          max_request_bytes: int, drain_timeout_s: float, self_test_interval_s: float | None, threads: int | None,
+          allow_fault_injection: bool, access_log: bool, log_format: str, log_level: str,
+          port_file: Path | None) -> None:
+    """Serve BUNDLE over HTTP with the Open Inference Protocol (KServe v2, as Triton speaks it).
+
+    Budgets travel as request parameters (deadline_ms, members, flops, latency_ms, confidence, task); concurrent
+    requests are merged into batched stack calls, and each deadline request is answered when its own deadline
+    allows no further stack. SIGTERM drains: new requests are refused, those in flight are answered, exit 0.
+    See docs/serve.md.
+    """
+    from edgens.serve.server import ServeOptions
+    from edgens.serve.server import serve as run
+
+    options = ServeOptions(
+        bundle=bundle, host=host, port=port, model_name=model_name, backend=backend, max_batch=max_batch,
+        max_queue=max_queue, token_file=token_file, insecure=insecure, min_available=min_available,
+        stack_timeout_ms=stack_timeout_ms or None, max_request_bytes=max_request_bytes,
+        drain_timeout_s=drain_timeout_s, self_test_interval_s=self_test_interval_s, threads=threads,
+        allow_fault_injection=allow_fault_injection, access_log=access_log, log_format=log_format,
+        log_level=log_level, port_file=port_file)
+    raise SystemExit(run(options))

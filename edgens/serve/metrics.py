@@ -1,0 +1,86 @@
+"""Prometheus metrics of ``edgens serve`` (``GET /metrics``), in a registry of the server's own.
+
+Names start with ``edgens_``. Counters: requests by outcome, deadline overruns, stack failures by stack and kind.
+Histograms: request latency (from arrival to the answer), members used per request, examples per merged call.
+Gauges read at scrape time: queue depth, requests in flight, quarantined and unavailable stacks, the fraction of
+members available.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+from edgens.runtime.batching import Batcher
+from edgens.runtime.predictor import Prediction, Predictor
+
+OUTCOMES = ("ok", "bad_request", "unauthorized", "not_found", "too_large", "overloaded", "stopping", "unavailable",
+            "error")
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.0075, 0.01, 0.015, 0.02, 0.03, 0.05, 0.1,
+                     0.25, 0.5, 1.0, 2.5)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+def members_available(predictor: Predictor) -> float:
+    """The fraction of the bundle's members in available general stacks: what deadline and member budgets plan
+    from (a prefix stack stands in for general stacks only while they are all available)."""
+    general = predictor.manifest.general_stacks
+    available = sum(len(stack.members) for stack in general if predictor.available(stack.name))
+    return available / sum(len(stack.members) for stack in general)
+
+
+class ServeMetrics:
+    """The server's metrics; :meth:`answered` and :meth:`refused` record each request."""
+
+    def __init__(self, predictor: Predictor, batcher: Batcher):
+        disable_created_metrics()  # the *_created series (start times) only clutter a device's scrape
+        self.registry = registry = CollectorRegistry()
+        self.requests = Counter("edgens_requests", "Infer requests by outcome", ["outcome"], registry=registry)
+        for outcome in OUTCOMES:
+            self.requests.labels(outcome)  # every outcome is exported from the start, at 0
+        self.latency = Histogram("edgens_request_latency_seconds", "Infer latency from arrival to the answer",
+                                 buckets=LATENCY_BUCKETS_S, registry=registry)
+        total = len(predictor.manifest.members)
+        sizes = sorted({len(s.members) for s in predictor.manifest.general_stacks})
+        step = sizes[0] if sizes else 1
+        member_buckets = sorted({*range(step, total + 1, step), total})
+        self.members = Histogram("edgens_members_used", "Members averaged per answered request (the fewest of its "
+                                 "examples)", buckets=member_buckets, registry=registry)
+        self.overruns = Counter("edgens_deadline_overruns", "Answers that came after their request's deadline",
+                                registry=registry)
+        self.overrun_seconds = Histogram("edgens_deadline_overrun_seconds", "How far past the deadline late answers "
+                                         "came", buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.stack_failures = Counter("edgens_stack_failures", "Stacks that failed in a call, by kind",
+                                      ["stack", "kind"], registry=registry)
+        self.batch = Histogram("edgens_batch_examples", "Examples per merged stack or predict call",
+                               buckets=BATCH_BUCKETS, registry=registry)
+        Gauge("edgens_queue_depth", "Requests waiting to start", registry=registry).set_function(
+            lambda: batcher.queue_depth)
+        Gauge("edgens_requests_in_flight", "Requests started and not yet answered", registry=registry).set_function(
+            lambda: batcher.in_flight)
+        Gauge("edgens_quarantined_stacks", "Stacks quarantined after failing", registry=registry).set_function(
+            lambda: sum(h.status == "quarantined" for h in predictor.health().values()))
+        Gauge("edgens_excluded_stacks", "Stacks excluded at load (missing, corrupt or unloadable)",
+              registry=registry).set_function(lambda: sum(h.status == "excluded" for h in predictor.health().values()))
+        Gauge("edgens_members_available_ratio", "Fraction of the members in available general stacks",
+              registry=registry).set_function(lambda: members_available(predictor))
+
+    def answered(self, prediction: Prediction, latency_s: float) -> None:
+        self.requests.labels("ok").inc()
+        self.latency.observe(latency_s)
+        self.members.observe(int(prediction.members_used.min()))
+        if prediction.overrun_ms > 0:
+            self.overruns.inc()
+            self.overrun_seconds.observe(prediction.overrun_ms / 1e3)
+        for failure in prediction.failures:
+            self.stack_failures.labels(failure.stack, failure.kind).inc()
+
+    def refused(self, outcome: str) -> None:
+        self.requests.labels(outcome).inc()
+
+    def merged_call(self, examples: int, requests: int) -> None:
+        self.batch.observe(examples)
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)

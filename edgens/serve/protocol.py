@@ -1,0 +1,320 @@
+"""The Open Inference Protocol (KServe v2, as Triton speaks it) for one edgens bundle: model metadata, infer
+requests with JSON tensors or the binary tensor data extension, and infer responses.
+
+Pure functions over bytes and numpy arrays, without a web framework (:mod:`edgens.serve.app` serves them), so the
+protocol's edge cases are tested directly. Everything a client can get wrong raises :class:`ProtocolError`: an HTTP
+status and a one-line message naming what was received and what was expected.
+
+Binary tensor data extension: the body is the JSON header followed by raw little-endian tensor bytes; the header
+``Inference-Header-Content-Length`` gives the JSON's length, and each binary tensor says ``"parameters":
+{"binary_data_size": N}``. Inputs may be binary (``tritonclient.http`` sends them so by default) or JSON; outputs
+are binary when the request asks (``binary_data`` per output, or ``binary_data_output`` for all of them).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from edgens.errors import ConfigError
+from edgens.runtime.manifest import Manifest
+from edgens.runtime.policies import Budget
+from edgens.runtime.predictor import Prediction
+
+# Numeric tensor datatypes of the protocol and their little-endian numpy types (BOOL, BYTES and BF16 carry no
+# image data edgens can take).
+DATATYPES = {
+    "UINT8": "<u1", "UINT16": "<u2", "UINT32": "<u4", "UINT64": "<u8", "INT8": "<i1", "INT16": "<i2",
+    "INT32": "<i4", "INT64": "<i8", "FP16": "<f2", "FP32": "<f4", "FP64": "<f8",
+}
+BUDGET_PARAMETERS = ("deadline_ms", "members", "flops", "latency_ms", "confidence", "task")
+# timeout: Triton's request timeout in microseconds (tritonclient's infer(timeout=)); edgens reads it as a deadline.
+REQUEST_PARAMETERS = (*BUDGET_PARAMETERS, "binary_data_output", "timeout")
+HEADER_LENGTH = "inference-header-content-length"
+VERSION = "1"  # a bundle is one model version
+
+
+class ProtocolError(Exception):
+    """A request the protocol cannot take: ``status`` (400 unless said) and a one-line message."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the model's metadata."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]  # -1: any size
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the protocol says about the bundle: its name, input and outputs."""
+
+    name: str
+    input: TensorInfo
+    outputs: tuple[TensorInfo, ...]
+    example_shapes: tuple[tuple[int, ...], ...]  # accepted shapes of one example
+    family: str
+
+    @classmethod
+    def from_manifest(cls, manifest: Manifest, name: str) -> ModelInfo:
+        shape = tuple(manifest.input.shape)
+        by_dtype = {np.dtype(code).name: datatype for datatype, code in DATATYPES.items()}
+        raw = by_dtype.get(np.dtype(manifest.input.raw_dtype).name, "FP32")
+        k = manifest.n_outputs
+        main = "probabilities" if manifest.family == "categorical" else "mean"
+        outputs = [TensorInfo(main, "FP32", (-1, k))]
+        if manifest.family == "categorical":
+            outputs.append(TensorInfo("labels", "INT64", (-1,)))
+        outputs.append(TensorInfo("members_used", "INT32", (-1,)))
+        shapes = [shape] + ([shape[1:]] if len(shape) > 1 and shape[0] == 1 else [])
+        return cls(name, TensorInfo(manifest.input.name, raw, (-1, *shape)), tuple(outputs), tuple(shapes),
+                   manifest.family)
+
+    def metadata(self) -> dict[str, Any]:
+        """The model metadata response (``GET /v2/models/{name}``)."""
+        return {"name": self.name, "versions": [VERSION], "platform": "edgens",
+                "inputs": [self.input.to_dict()], "outputs": [o.to_dict() for o in self.outputs]}
+
+
+@dataclass(frozen=True)
+class RequestedOutput:
+    name: str
+    binary: bool
+
+
+@dataclass(frozen=True)
+class InferRequest:
+    """A parsed infer request: raw inputs ``x`` (B, *example shape), the budget, and the outputs wanted."""
+
+    id: str | None
+    x: np.ndarray
+    budget: Budget
+    outputs: tuple[RequestedOutput, ...]
+
+
+def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> InferRequest:
+    """Parse an infer request's body (``header_length``: the ``Inference-Header-Content-Length`` header, if any).
+
+    Raises:
+        ProtocolError: anything malformed, with what was expected.
+    """
+    header, binary = _split_body(body, header_length)
+    try:
+        request = json.loads(header)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ProtocolError(f"malformed JSON in the request: {err}") from None
+    if not isinstance(request, dict):
+        raise ProtocolError(f"the request must be a JSON object, got {type(request).__name__}")
+    unknown = sorted(set(request) - {"id", "parameters", "inputs", "outputs"})
+    if unknown:
+        raise ProtocolError(f"unknown request field(s) {', '.join(map(repr, unknown))}; expected id, parameters, "
+                            f"inputs, outputs")
+    request_id = request.get("id")
+    if request_id is not None and not isinstance(request_id, str):
+        raise ProtocolError(f"id: expected a string, got {type(request_id).__name__}")
+    parameters = _object(request.get("parameters", {}), "parameters")
+    budget, binary_default = _parse_parameters(parameters)
+    x = _parse_input(request.get("inputs"), binary, model)
+    outputs = _parse_outputs(request.get("outputs"), binary_default, model)
+    return InferRequest(request_id, x, budget, outputs)
+
+
+def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
+    if header_length is None:
+        return body, memoryview(b"")
+    try:
+        length = int(header_length)
+    except ValueError:
+        raise ProtocolError(f"Inference-Header-Content-Length: expected the JSON header's length in bytes, got "
+                            f"{header_length!r}") from None
+    if not 0 < length <= len(body):
+        raise ProtocolError(f"Inference-Header-Content-Length: {length} is not within the body's {len(body)} bytes")
+    view = memoryview(body)
+    return bytes(view[:length]), view[length:]
+
+
+def _object(value: Any, where: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{where}: expected a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget, bool]:
+    unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+    if unknown:
+        raise ProtocolError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; expected budgets "
+                            f"({', '.join(BUDGET_PARAMETERS)}), timeout or binary_data_output")
+    binary_default = parameters.get("binary_data_output", False)
+    if not isinstance(binary_default, bool):
+        raise ProtocolError(f"binary_data_output: expected true or false, got {binary_default!r}")
+    budget = {key: parameters[key] for key in BUDGET_PARAMETERS if key in parameters}
+    if "timeout" in parameters:
+        timeout = parameters["timeout"]
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
+            raise ProtocolError(f"timeout: expected microseconds > 0, got {timeout!r}")
+        if "deadline_ms" in budget:
+            raise ProtocolError("give timeout (microseconds) or deadline_ms, not both")
+        budget["deadline_ms"] = timeout / 1e3
+    for key, value in budget.items():
+        if key == "task":
+            if isinstance(value, bool) or not isinstance(value, str | int):
+                raise ProtocolError(f"task: expected a task name, class index or class name, got {value!r}")
+        elif isinstance(value, bool) or not isinstance(value, int | float):
+            raise ProtocolError(f"{key}: expected a number, got {value!r}")
+    try:
+        return Budget.parse(**budget), binary_default
+    except ConfigError as err:
+        raise ProtocolError(str(err)) from None
+
+
+def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarray:
+    expected = model.input.name
+    if inputs is None:
+        raise ProtocolError(f"the request has no inputs; expected one tensor named {expected!r}")
+    if not isinstance(inputs, list) or len(inputs) != 1:
+        got = f"{len(inputs)} tensors" if isinstance(inputs, list) else type(inputs).__name__
+        raise ProtocolError(f"inputs: expected a list of one tensor named {expected!r}, got {got}")
+    tensor = _object(inputs[0], "inputs[0]")
+    name = tensor.get("name")
+    if name != expected:
+        raise ProtocolError(f"unknown input {name!r}; this model's input is {expected!r}")
+    datatype = tensor.get("datatype")
+    if datatype not in DATATYPES:
+        raise ProtocolError(f"input {name}: datatype {datatype!r} is not supported; expected one of "
+                            f"{', '.join(DATATYPES)} ({model.input.datatype} is the data set's own)")
+    shape = tensor.get("shape")
+    if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
+                                                           for d in shape):
+        raise ProtocolError(f"input {name}: shape must be a non-empty list of sizes >= 0, got {shape!r}")
+    accepted = " or ".join("[B, " + ", ".join(map(str, s)) + "]" for s in model.example_shapes)
+    if tuple(shape[1:]) not in model.example_shapes:
+        raise ProtocolError(f"input {name}: shape {shape} does not fit the model; expected {accepted}")
+    if shape[0] == 0:
+        raise ProtocolError(f"input {name}: the batch is empty (shape {shape}); expected at least one example")
+    dtype = np.dtype(DATATYPES[datatype])
+    count = math.prod(shape)
+    parameters = _object(tensor.get("parameters", {}), f"input {name} parameters")
+    if "binary_data_size" in parameters:
+        size = parameters["binary_data_size"]
+        if "data" in tensor:
+            raise ProtocolError(f"input {name}: give data or binary_data_size, not both")
+        if size != count * dtype.itemsize:
+            raise ProtocolError(f"input {name}: binary_data_size {size!r} does not match shape {shape} of "
+                                f"{datatype} ({count * dtype.itemsize} bytes)")
+        if len(binary) != size:
+            raise ProtocolError(f"input {name}: the body holds {len(binary)} bytes of binary data after the JSON "
+                                f"header, expected binary_data_size {size}")
+        return np.frombuffer(binary, dtype=dtype).reshape(shape)
+    if len(binary):
+        raise ProtocolError(f"the body holds {len(binary)} bytes after the JSON header, but no input declares "
+                            f"binary_data_size")
+    if "data" not in tensor:
+        raise ProtocolError(f"input {name}: no data; expected data (a list of {count} numbers) or binary_data_size")
+    return _json_tensor(tensor["data"], shape, dtype, name, datatype)
+
+
+def _json_tensor(data: Any, shape: list[int], dtype: np.dtype, name: str, datatype: str) -> np.ndarray:
+    try:
+        values = np.asarray(data)
+    except ValueError:  # ragged nesting
+        raise ProtocolError(f"input {name}: data is not a regular array of numbers") from None
+    integer = dtype.kind in "ui"
+    if values.dtype.kind not in ("iu" if integer else "iuf") or values.dtype == bool:
+        kind = "integers" if integer else "numbers"
+        raise ProtocolError(f"input {name}: data must hold {kind} for {datatype}, got {values.dtype.kind!r} "
+                            f"values ({str(values.flat[0])[:20] if values.size else 'empty'}...)")
+    if values.size != math.prod(shape):
+        raise ProtocolError(f"input {name}: data holds {values.size} values, expected {math.prod(shape)} for shape "
+                            f"{shape}")
+    if integer and values.size:
+        limits = np.iinfo(dtype)
+        low, high = int(values.min()), int(values.max())
+        if low < limits.min or high > limits.max:
+            raise ProtocolError(f"input {name}: values from {low} to {high} do not fit {datatype} "
+                                f"({limits.min}..{limits.max})")
+    return values.astype(dtype, copy=False).reshape(shape)
+
+
+def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo) -> tuple[RequestedOutput, ...]:
+    known = [o.name for o in model.outputs]
+    if outputs is None:
+        return tuple(RequestedOutput(name, binary_default) for name in known)
+    if not isinstance(outputs, list) or not outputs:
+        raise ProtocolError(f"outputs: expected a non-empty list of outputs by name ({', '.join(known)}), got "
+                            f"{outputs!r}"[:200])
+    wanted = []
+    for i, output in enumerate(outputs):
+        output = _object(output, f"outputs[{i}]")
+        name = output.get("name")
+        if name not in known:
+            raise ProtocolError(f"unknown output {name!r}; this model's outputs are {', '.join(known)}")
+        parameters = _object(output.get("parameters", {}), f"output {name} parameters")
+        extra = sorted(set(parameters) - {"binary_data"})
+        if extra:
+            raise ProtocolError(f"output {name}: unsupported parameter(s) {', '.join(map(repr, extra))}; expected "
+                                f"binary_data")
+        binary = parameters.get("binary_data", binary_default)
+        if not isinstance(binary, bool):
+            raise ProtocolError(f"output {name}: binary_data must be true or false, got {binary!r}")
+        if any(w.name == name for w in wanted):
+            raise ProtocolError(f"output {name} is asked for twice")
+        wanted.append(RequestedOutput(name, binary))
+    return tuple(wanted)
+
+
+def response_parameters(prediction: Prediction) -> dict[str, Any]:
+    """What the response says about the call: members used (the fewest any example got), stacks run, failures,
+    the deadline and how far past it the answer came."""
+    parameters: dict[str, Any] = {
+        "budget": prediction.budget,
+        "members_used": int(prediction.members_used.min()),
+        "stacks_run": ",".join(prediction.stacks_run),
+        "failure_count": len(prediction.failures),
+        "failures": "; ".join(str(f) for f in prediction.failures),
+        "outliers_checked": prediction.outliers_checked,
+        "elapsed_ms": round(prediction.elapsed_ms, 3),
+    }
+    if prediction.deadline_ms is not None:
+        parameters["deadline_ms"] = prediction.deadline_ms
+        parameters["overrun_ms"] = round(prediction.overrun_ms, 3)
+    return parameters
+
+
+def encode_infer(request: InferRequest, prediction: Prediction, model: ModelInfo) -> tuple[bytes, int | None]:
+    """The response body of an infer request, and the JSON header's length when binary outputs follow it."""
+    arrays = {"probabilities": prediction.mean, "mean": prediction.mean, "labels": prediction.labels,
+              "members_used": prediction.members_used}
+    datatypes = {o.name: o.datatype for o in model.outputs}
+    tensors, blobs = [], []
+    for output in request.outputs:
+        array = np.ascontiguousarray(arrays[output.name], dtype=DATATYPES[datatypes[output.name]])
+        tensor: dict[str, Any] = {"name": output.name, "datatype": datatypes[output.name], "shape": list(array.shape)}
+        if output.binary:
+            blob = array.tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            blobs.append(blob)
+        else:
+            tensor["data"] = array.reshape(-1).tolist()
+        tensors.append(tensor)
+    response: dict[str, Any] = {"model_name": model.name, "model_version": VERSION}
+    if request.id is not None:
+        response["id"] = request.id
+    response["parameters"] = response_parameters(prediction)
+    response["outputs"] = tensors
+    header = json.dumps(response, separators=(",", ":")).encode()
+    if not blobs:
+        return header, None
+    return b"".join([header, *blobs]), len(header)

@@ -1,0 +1,231 @@
+"""Run ``edgens serve``: load the bundle, start the batcher, and serve the application with uvicorn until SIGTERM or
+SIGINT, then drain.
+
+Draining: readiness turns false and new infer requests get 503 at once; the requests in flight are answered; then
+the batcher and the predictor stop and the process exits with status 0. Logs are JSON lines on stderr (one per
+infer request with ``access_log``), or plain text.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import os
+import signal
+import socket
+import stat
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import uvicorn
+
+from edgens.errors import ConfigError, DataNotFoundError
+from edgens.fileio import atomic_write_text
+from edgens.runtime.batching import Batcher
+from edgens.runtime.predictor import Predictor
+from edgens.serve.app import ServeState, create_app
+from edgens.serve.metrics import ServeMetrics
+from edgens.serve.protocol import ModelInfo
+
+log = logging.getLogger("edgens.serve")
+
+
+@dataclass
+class ServeOptions:
+    """The settings of one server (``edgens serve --help`` describes each)."""
+
+    bundle: Path
+    host: str = "127.0.0.1"
+    port: int = 8000
+    model_name: str | None = None
+    backend: str = "auto"
+    max_batch: int = 64
+    max_queue: int = 64
+    token_file: Path | None = None
+    insecure: bool = False
+    min_available: float = 0.5
+    stack_timeout_ms: float | None = 1000.0
+    max_request_bytes: int = 16 * 1024 * 1024
+    drain_timeout_s: float = 30.0
+    self_test_interval_s: float | None = None
+    allow_fault_injection: bool = False
+    access_log: bool = True
+    log_format: str = "json"
+    log_level: str = "info"
+    port_file: Path | None = None
+    threads: int | None = None
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and the record's ``fields`` if any."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+                                 + f".{int(record.msecs):03d}Z", "level": record.levelname.lower(),
+                                 "logger": record.name, "message": record.getMessage()}
+        entry.update(getattr(record, "fields", {}))
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, default=str)
+
+
+def setup_logging(log_format: str, level: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def read_token(path: Path) -> str:
+    """The bearer token in ``path`` (surrounding whitespace stripped).
+
+    Raises:
+        DataNotFoundError: no such file.
+        ConfigError: the file is empty or shorter than 16 characters.
+    """
+    try:
+        token = path.read_text(encoding="utf-8").strip()
+    except FileNotFoundError:
+        raise DataNotFoundError(f"--token-file {path} does not exist; write a random token into it, e.g. "
+                                f"python3 -c 'import secrets; print(secrets.token_urlsafe(32))' > {path}") from None
+    if len(token) < 16 or any(c.isspace() for c in token):
+        raise ConfigError(f"--token-file {path}: expected one token of at least 16 characters without spaces, got "
+                          f"{len(token)} characters")
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRGRP | stat.S_IROTH):
+        log.warning("token file %s is readable by other users; chmod 600 it", path)
+    return token
+
+
+def check_bind(options: ServeOptions) -> None:
+    """A non-loopback address needs a token unless ``insecure``.
+
+    Raises:
+        ConfigError: binding beyond loopback without --token-file or --insecure.
+    """
+    if not is_loopback(options.host) and options.token_file is None and not options.insecure:
+        raise ConfigError(f"--host {options.host} is reachable from other machines: give --token-file FILE (clients "
+                          f"then send Authorization: Bearer TOKEN), or --insecure to serve without authentication")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, but a signal starts the drain and, once drained, the process exits with status 0 (uvicorn
+    itself re-raises the signal after its graceful shutdown)."""
+
+    def __init__(self, config: uvicorn.Config, state: ServeState, url: str, port_file: Path | None):
+        super().__init__(config)
+        self.state = state
+        self.url = url
+        self.port_file = port_file
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        if self.should_exit and sig == signal.SIGINT:
+            self.force_exit = True  # a second Ctrl-C: stop without waiting
+            return
+        if not self.state.draining:
+            log.info("draining", extra={"fields": {"event": "draining", "signal": signal.Signals(sig).name,
+                                                   "in_flight": self.state.batcher.in_flight,
+                                                   "queued": self.state.batcher.queue_depth}})
+        self.state.draining = True
+        self.should_exit = True
+
+    async def startup(self, sockets: Any = None) -> None:
+        await super().startup(sockets)
+        if self.port_file is not None:  # written once the server accepts connections
+            atomic_write_text(self.port_file, f"{self.url.rsplit(':', 1)[1]}\n")
+        log.info("listening", extra={"fields": {"event": "listening", "url": self.url, "model": self.state.model.name}})
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the bundle loads, so that a busy port fails at once in one line.
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # proto IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on sockets that say so, and without it a response's
+    # header and body writes wait ~40 ms for the client's delayed ACK (Nagle's algorithm).
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind((host, port))
+        sock.listen(2048)
+    except OSError as err:
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
+def serve(options: ServeOptions) -> int:
+    """Serve until a signal; returns the exit status (0 after a clean drain).
+
+    Raises:
+        ConfigError, DataNotFoundError, BundleError, BackendUnavailableError: bad options or bundle, before
+            anything listens.
+    """
+    setup_logging(options.log_format, options.log_level)
+    check_bind(options)
+    token = read_token(options.token_file) if options.token_file is not None else None
+    if not 0.0 <= options.min_available <= 1.0:
+        raise ConfigError(f"--min-available: expected a fraction in [0, 1], got {options.min_available}")
+    sock = bind(options.host, options.port)
+    host, port = sock.getsockname()[:2]
+    url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    backend_options = {"threads": options.threads} if options.threads else {}
+    try:
+        predictor = Predictor.load(options.bundle, options.backend, stack_timeout_ms=options.stack_timeout_ms,
+                                   self_test_interval_s=options.self_test_interval_s, **backend_options)
+    except BaseException:
+        sock.close()
+        raise
+    try:
+        state = _start(options, predictor, token)
+        config = uvicorn.Config(create_app(state), log_config=None, access_log=False, lifespan="off",
+                                server_header=False, timeout_graceful_shutdown=options.drain_timeout_s)
+        server = _Server(config, state, url, options.port_file)
+        server.run(sockets=[sock])
+        drained = state.batcher.close(timeout=options.drain_timeout_s)
+        log.info("stopped", extra={"fields": {"event": "stopped", "drained": drained}})
+        return 0 if drained else 1
+    finally:
+        sock.close()
+        predictor.close()
+        if options.port_file is not None:
+            options.port_file.unlink(missing_ok=True)
+
+
+def _start(options: ServeOptions, predictor: Predictor, token: str | None) -> ServeState:
+    name = options.model_name or options.bundle.resolve().name
+    metrics_holder: list[ServeMetrics] = []
+    batcher = Batcher(predictor, options.max_batch, options.max_queue,
+                      on_batch=lambda examples, requests: metrics_holder[0].merged_call(examples, requests))
+    metrics = ServeMetrics(predictor, batcher)
+    metrics_holder.append(metrics)
+    # First runs of a session are slow (allocation); and without a latency table, deadlines need observed latencies
+    # (a batch size not seen borrows the next larger one's, so warming up at the largest batch covers all).
+    predictor.warm_up(sorted({1, options.max_batch}))
+    if predictor.latency_table is None:
+        log.warning("%s has no latency table for this device: deadlines use the latencies observed here; run "
+                    "`edgens profile %s` for estimates measured at every batch size", options.bundle, options.bundle)
+    log.info("loaded", extra={"fields": {"event": "loaded", "bundle": str(options.bundle), "model": name,
+                                         "pid": os.getpid(), **predictor.describe()}})
+    return ServeState(predictor, batcher, ModelInfo.from_manifest(predictor.manifest, name), metrics, token,
+                      options.max_request_bytes, options.min_available, options.allow_fault_injection,
+                      options.access_log)

@@ -1,0 +1,54 @@
+"""A real `edgens serve` process for the server's tests and benchmarks: started on a free loopback port (the
+server writes the port it bound into --port-file), logging JSON lines to a file, stopped with SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+
+class Server:
+    """One `edgens serve` process: started with ``args``, stopped with SIGTERM."""
+
+    def __init__(self, bundle: Path, tmp: Path, *args: str):
+        self.port_file = tmp / "port"
+        self.log_path = tmp / "serve.log"
+        self.log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
+        command = [sys.executable, "-m", "edgens", "serve", str(bundle), "--port", "0", "--port-file",
+                   str(self.port_file), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
+        deadline = time.monotonic() + 60
+        while not self.port_file.exists():
+            if self.process.poll() is not None:
+                raise RuntimeError(f"edgens serve exited with {self.process.returncode}: {self.stderr()}")
+            if time.monotonic() > deadline:
+                self.process.kill()
+                raise RuntimeError(f"edgens serve did not start in 60 s: {self.stderr()}")
+            time.sleep(0.05)
+        self.port = int(self.port_file.read_text())
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def stderr(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def log_entries(self) -> list[dict]:
+        return [json.loads(line) for line in self.stderr().splitlines() if line.startswith("{")]
+
+    def stop(self, timeout: float = 30) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode

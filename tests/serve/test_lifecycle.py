@@ -1,0 +1,169 @@
+"""`edgens serve` processes around requests: bearer tokens, refusing to bind beyond loopback without one, a full
+queue answered with 503 at once, and SIGTERM draining the requests in flight before exiting with status 0."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+from bundle_factory import SyntheticBundle, make_data
+from server_process import Server
+
+MODEL = "model"
+
+
+def _request(x: np.ndarray, parameters: dict | None = None) -> dict:
+    return {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
+            "parameters": parameters or {}}
+
+
+def _in_threads(count: int, call) -> list:
+    results: list = [None] * count
+
+    def run(i: int) -> None:
+        try:
+            results[i] = call(i)
+        except Exception as err:  # noqa: BLE001  (the test looks at it)
+            results[i] = err
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for thread in threads:
+        thread.start()
+    return [threads, results]
+
+
+def _serve_command(bundle: Path, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "edgens", "serve", str(bundle), *args], capture_output=True,
+                          text=True, timeout=60)
+
+
+def test_a_token_guards_everything_but_the_health_checks(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    token = "s3cret-token-for-tests-0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    server = Server(served_bundle.path, tmp_path, "--token-file", str(token_file))
+    try:
+        x, _ = make_data(2, seed=31)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/v2/health/live").status_code == 200
+            assert http.get("/v2/health/ready").status_code == 200
+            for path in ("/v2", f"/v2/models/{MODEL}", "/metrics"):
+                response = http.get(path)
+                assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", path
+                assert "no Authorization header" in response.json()["error"]
+            wrong = http.post(f"/v2/models/{MODEL}/infer", json=_request(x), headers={"Authorization": "Bearer no"})
+            assert wrong.status_code == 401 and "token is wrong" in wrong.json()["error"]
+            right = {"Authorization": f"Bearer {token}"}
+            assert http.post(f"/v2/models/{MODEL}/infer", json=_request(x), headers=right).status_code == 200
+            assert 'edgens_requests_total{outcome="unauthorized"} 1.0' in http.get("/metrics", headers=right).text
+        client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
+        tensor = triton.InferInput("x", list(x.shape), "UINT8")
+        tensor.set_data_from_numpy(x)
+        result = client.infer(MODEL, [tensor], headers=right)
+        assert result.as_numpy("members_used").tolist() == [16, 16]
+        client.close()
+    finally:
+        assert server.stop() == 0
+
+
+def test_binding_beyond_loopback_needs_a_token(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    result = _serve_command(served_bundle.path, "--host", "0.0.0.0", "--port", "0")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("Error: --host 0.0.0.0 is reachable from other "
+                                                             "machines: give --token-file FILE")
+    short = tmp_path / "short"
+    short.write_text("abc")
+    result = _serve_command(served_bundle.path, "--host", "0.0.0.0", "--port", "0", "--token-file", str(short))
+    assert result.returncode == 2 and "at least 16 characters" in result.stderr
+    result = _serve_command(served_bundle.path, "--token-file", str(tmp_path / "missing"))
+    assert result.returncode == 2 and "does not exist" in result.stderr
+
+
+def test_a_busy_port_fails_in_one_line(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    server = Server(served_bundle.path, tmp_path)
+    try:
+        result = _serve_command(served_bundle.path, "--port", str(server.port))
+        assert result.returncode == 2
+        assert f"cannot listen on 127.0.0.1:{server.port}" in result.stderr.strip().splitlines()[-1]
+    finally:
+        server.stop()
+
+
+def test_a_full_queue_is_refused_at_once(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    server = Server(served_bundle.path, tmp_path, "--allow-fault-injection", "--max-queue", "2")
+    try:
+        x, _ = make_data(1, seed=32)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            http.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "sleep", "sleep_ms": 400})
+
+        def call(i: int) -> tuple[int, float, dict]:
+            with httpx.Client(base_url=server.url, timeout=30) as http:
+                start = time.perf_counter()
+                response = http.post(f"/v2/models/{MODEL}/infer", json=_request(x))
+                return response.status_code, time.perf_counter() - start, response.json()
+
+        threads, results = _in_threads(8, call)
+        for thread in threads:
+            thread.join(60)
+        statuses = sorted(r[0] for r in results)
+        refused = [r for r in results if r[0] == 503]
+        # one runs (400 ms), two wait behind it, the rest are refused
+        assert 3 <= statuses.count(200) and len(refused) >= 3, statuses
+        assert all(r[1] < 0.3 and "queue is full (2 requests waiting)" in r[2]["error"] for r in refused)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            metrics = http.get("/metrics").text
+        assert f'edgens_requests_total{{outcome="overloaded"}} {float(len(refused))}' in metrics
+    finally:
+        assert server.stop() == 0
+
+
+def test_sigterm_answers_the_requests_in_flight_then_exits_0(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    server = Server(served_bundle.path, tmp_path, "--allow-fault-injection")
+    x, _ = make_data(1, seed=33)
+    with httpx.Client(base_url=server.url, timeout=30) as http:
+        http.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "sleep", "sleep_ms": 300})
+
+    def call(i: int) -> int:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            return http.post(f"/v2/models/{MODEL}/infer", json=_request(x)).status_code
+
+    threads, results = _in_threads(4, call)
+    time.sleep(0.15)  # all four are in flight: one in the sleeping stack, three queued behind it
+    server.process.send_signal(signal.SIGTERM)
+    time.sleep(0.1)
+    with pytest.raises(httpx.TransportError):  # no longer accepting connections
+        httpx.get(f"{server.url}/v2/health/live", timeout=5)
+    for thread in threads:
+        thread.join(60)
+    assert results == [200, 200, 200, 200]
+    assert server.stop() == 0
+    events = [entry.get("event") for entry in server.log_entries()]
+    assert events.index("draining") < events.index("stopped")
+    assert sum(e == "infer" for e in events[events.index("draining"):]) == 4
+
+
+def test_serve_help_names_its_options() -> None:
+    result = subprocess.run([sys.executable, "-m", "edgens", "serve", "--help"], capture_output=True, text=True,
+                            timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert result.returncode == 0
+    for option in ("--max-batch", "--max-queue", "--token-file", "--insecure", "--min-available",
+                   "--stack-timeout-ms", "--max-request-bytes", "--allow-fault-injection"):
+        assert option in result.stdout
+
+
+def test_the_server_modules_import_without_torch() -> None:
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "import edgens.serve.server, edgens.serve.app, edgens.cli.serve_cmd\n"
+            "assert 'onnx' not in sys.modules, 'the server imported onnx'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
