@@ -91,7 +91,7 @@ def test_health_and_metadata_endpoints(client: httpx.Client, served_bundle: Synt
     assert metadata["outputs"][0]["shape"] == [-1, 10]
     assert client.get(f"/v2/models/{MODEL}/versions/1").json() == metadata
     assert client.get(f"/v2/models/{MODEL}/ready").status_code == 200
-    for path, status in ((f"/v2/models/other", 404), (f"/v2/models/{MODEL}/versions/2", 404), ("/v3", 404)):
+    for path, status in (("/v2/models/other", 404), (f"/v2/models/{MODEL}/versions/2", 404), ("/v3", 404)):
         response = client.get(path)
         assert response.status_code == status and "error" in response.json(), path
     response = client.get(f"/v2/models/{MODEL}/infer")
