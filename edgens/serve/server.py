@@ -59,6 +59,7 @@ class ServeOptions:
     log_level: str = "info"
     port_file: Path | None = None
     threads: int | None = None
+    solo_threads: int | None = 1
 
 
 class JsonFormatter(logging.Formatter):
@@ -188,7 +189,8 @@ def serve(options: ServeOptions) -> int:
     sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
-    backend_options = {"threads": options.threads} if options.threads else {}
+    backend_options = {key: value for key, value in (("threads", options.threads),
+                                                      ("solo_threads", options.solo_threads)) if value}
     try:
         predictor = Predictor.load(options.bundle, options.backend, stack_timeout_ms=options.stack_timeout_ms,
                                    self_test_interval_s=options.self_test_interval_s, **backend_options)
