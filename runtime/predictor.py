@@ -583,18 +583,6 @@ class Predictor:
         self._check_open()
         self._steps_for(budget, batch)
 
-    def estimate_ms(self, budget: Budget, batch: int) -> float | None:
-        """The expected time of a call with this budget at this batch size: the sum of its planned stacks'
-        latencies (the latency table's, else observed here); None while some stack has no estimate. Deadline
-        and confidence budgets are estimated as if every general stack ran."""
-        total = 0.0
-        for step in self._steps_for(budget, batch):
-            estimate = self._estimate(step.stack, batch)
-            if estimate is None:
-                return None
-            total += estimate
-        return total
-
     def first_stack(self) -> str | None:
         """The first available general stack of the anytime order (what a deadline call runs first)."""
         return next((s.name for s in self.manifest.general_stacks if self.available(s.name)), None)
@@ -615,12 +603,16 @@ class Predictor:
             for name, runner in list(self._runners.items()):
                 if not self.available(name):
                     continue
-                runner.run(x)  # allocation, not measured
-                for _ in range(repeats):
-                    start = time.perf_counter()
-                    runner.run(x)
-                    with self._lock:
-                        self._observed.observe(name, batch, (time.perf_counter() - start) * 1e3)
+                try:
+                    runner.run(x)  # allocation, not measured
+                    for _ in range(repeats):
+                        start = time.perf_counter()
+                        runner.run(x)
+                        with self._lock:
+                            self._observed.observe(name, batch, (time.perf_counter() - start) * 1e3)
+                except Exception as err:  # noqa: BLE001  (a failing stack fails the calls that plan it, not this)
+                    log.warning("warm-up of stack %s at batch %d failed: %s: %s", name, batch, type(err).__name__,
+                                err)
 
     def stepwise(self, x: Any) -> StepwiseCall:
         """An anytime call over the general stacks in order, that runs one stack each time its owner says (see

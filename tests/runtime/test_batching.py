@@ -228,3 +228,12 @@ def test_observed_latency_borrows_the_next_larger_batch() -> None:
     assert observed.estimate("s", 2) == 1.0  # borrowed from 8
     assert observed.estimate("s", 128) is None  # nothing larger was seen
     assert observed.estimate("t", 8) is None
+
+
+def test_warm_up_measures_every_stack_and_survives_a_failing_one(guarded: SyntheticBundle) -> None:
+    with Predictor.load(guarded.path, "onnxruntime", lanes=1) as predictor, \
+            inject_faults(predictor, {"general-001": "raise"}):
+        predictor.warm_up((1, 8), repeats=2)
+        assert predictor.stack_ms("general-001", 8) is None
+        for name in ("general-000", "prefix-0016", "specialist-3"):
+            assert predictor.stack_ms(name, 8) > 0 and predictor.stack_ms(name, 4) == predictor.stack_ms(name, 8)
