@@ -117,6 +117,12 @@ def test_ctrl_c_stops_export_and_leaves_nothing(small_run: Path, tmp_path: Path,
         assert [p.name for p in tmp_path.iterdir()] == ["bundle"]
         assert load_manifest(tmp_path / "bundle").stacks
         return
+    if process.returncode == -signal.SIGABRT and "site-packages/torch/" in stderr:
+        # the interrupt landed inside a C++ callback of torch's ONNX exporter, which cannot carry it and aborts the
+        # process (seen once, at 55%): a death like a kill, where no cleanup runs; what is left is the dead export's
+        # partial bundle only, which the next export removes (test_sigkill_during_export_then_export_again)
+        assert [p.name for p in tmp_path.iterdir()] in ([], [f".bundle.partial-{process.pid}"])
+        return
     last = stderr.strip().splitlines()[-1] if stderr.strip() else ""
     if process.returncode == -signal.SIGINT and last != "Error: interrupted":
         # still starting Python (importing edgens): Python's own KeyboardInterrupt, which a shell reports as 130
