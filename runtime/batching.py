@@ -74,7 +74,7 @@ class Batcher:
         max_batch: the most examples one stack call takes; a request may not have more.
         max_queue: the most requests that may wait to start.
         on_batch: called from the worker with ``(examples, requests)`` of every merged stack or predict call
-            (``edgens serve`` turns it into a metric).
+            (``edgens serve`` turns it into a metric); an attribute, so that it may be set after construction.
     """
 
     def __init__(self, predictor: Predictor, max_batch: int = 64, max_queue: int = 64,
@@ -84,7 +84,7 @@ class Batcher:
         self.predictor = predictor
         self.max_batch = max_batch
         self.max_queue = max_queue
-        self._on_batch = on_batch
+        self.on_batch = on_batch
         self._deadline_queue: deque[_Request] = deque()
         self._fixed_queue: deque[_Request] = deque()
         self._cohorts: list[_Cohort] = []
@@ -186,6 +186,8 @@ class Batcher:
 
     def _run_fixed(self, group: list[_Request]) -> None:
         x = self._merge(group)
+        if self.on_batch is not None:
+            self.on_batch(len(x), len(group))
         budget = group[0].budget
         try:
             prediction = self.predictor.predict(x, **({budget.kind: budget.value} if budget.kind else {}))
@@ -236,17 +238,14 @@ class Batcher:
                        if not has_next or not may_start(start, r.deadline, estimate, True)]  # type: ignore[arg-type]
             if not leaving:
                 continue
+            error = None
             if cohort.prediction is None:
                 try:
                     cohort.prediction = cohort.call.prediction()
                 except Exception as err:  # noqa: BLE001  (no member answered: the callers get the error)
-                    for request in leaving:
-                        self._deliver(request, error=err)
-                    cohort.open = [r for r in cohort.open if r not in leaving]
-                    self._close_if_done(cohort)
-                    continue
+                    error = err
             for request in leaving:
-                self._deliver(request, cohort.prediction)
+                self._deliver(request, cohort.prediction, error)
             cohort.open = [r for r in cohort.open if r not in leaving]
             self._close_if_done(cohort)
 
@@ -281,8 +280,8 @@ class Batcher:
         self._advance(cohort, (cohort.urgency() - time.perf_counter()) * 1e3)
 
     def _advance(self, cohort: _Cohort, within_ms: float | None = None) -> None:
-        if self._on_batch is not None:
-            self._on_batch(len(cohort.call), len(cohort.open))
+        if self.on_batch is not None:
+            self.on_batch(len(cohort.call), len(cohort.open))
         cohort.call.step(within_ms)
         cohort.prediction = None
 
@@ -291,8 +290,6 @@ class Batcher:
         for request in requests:
             request.rows = slice(start, start + len(request.x))
             start += len(request.x)
-        if self._on_batch is not None and requests and requests[0].deadline is None:
-            self._on_batch(start, len(requests))
         return PreparedInput.concatenate([request.x for request in requests])
 
     def _deliver(self, request: _Request, prediction: Prediction | None = None,

@@ -1234,11 +1234,6 @@ class StepwiseCall:
         return len(self._call.x)
 
     @property
-    def members(self) -> int:
-        """Members answered so far (for every example)."""
-        return self._call.members
-
-    @property
     def next_stack(self) -> str | None:
         """The stack the next :meth:`step` starts with (None: none left)."""
         todo = self._call.todo

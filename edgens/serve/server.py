@@ -215,11 +215,9 @@ def serve(options: ServeOptions) -> int:
 
 def _start(options: ServeOptions, predictor: Predictor, token: str | None) -> ServeState:
     name = options.model_name or options.bundle.resolve().name
-    metrics_holder: list[ServeMetrics] = []
-    batcher = Batcher(predictor, options.max_batch, options.max_queue,
-                      on_batch=lambda examples, requests: metrics_holder[0].merged_call(examples, requests))
-    metrics = ServeMetrics(predictor, batcher)
-    metrics_holder.append(metrics)
+    batcher = Batcher(predictor, options.max_batch, options.max_queue)
+    metrics = ServeMetrics(predictor, batcher)  # its gauges read the batcher, which reports batch sizes to it
+    batcher.on_batch = metrics.merged_call
     # First runs of a session are slow (allocation); and without a latency table, deadlines need observed latencies
     # (a batch size not seen borrows the next larger one's, so warming up at the largest batch covers all).
     predictor.warm_up(sorted({1, options.max_batch}))

@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 
 class Server:
     """One `edgens serve` process: started with ``args``, stopped with SIGTERM."""
@@ -52,3 +54,15 @@ class Server:
                 self.process.wait()
         self.log.close()
         return self.process.returncode
+
+
+def json_request(x: np.ndarray, parameters: dict | None = None, outputs: list | None = None,
+                 nested: bool = False) -> dict:
+    """An infer request with the input as JSON data (flat, or ``nested`` lists)."""
+    data = x.tolist() if nested else x.reshape(-1).tolist()
+    request: dict = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(x.shape), "data": data}]}
+    if parameters:
+        request["parameters"] = parameters
+    if outputs:
+        request["outputs"] = outputs
+    return request

@@ -12,18 +12,12 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import pytest
 import tritonclient.http as triton
 from bundle_factory import SyntheticBundle, make_data
-from server_process import Server
+from server_process import Server, json_request
 
 MODEL = "model"
-
-
-def _request(x: np.ndarray, parameters: dict | None = None) -> dict:
-    return {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
-            "parameters": parameters or {}}
 
 
 def _in_threads(count: int, call) -> list:
@@ -61,10 +55,10 @@ def test_a_token_guards_everything_but_the_health_checks(served_bundle: Syntheti
                 response = http.get(path)
                 assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer", path
                 assert "no Authorization header" in response.json()["error"]
-            wrong = http.post(f"/v2/models/{MODEL}/infer", json=_request(x), headers={"Authorization": "Bearer no"})
+            wrong = http.post(f"/v2/models/{MODEL}/infer", json=json_request(x), headers={"Authorization": "Bearer no"})
             assert wrong.status_code == 401 and "token is wrong" in wrong.json()["error"]
             right = {"Authorization": f"Bearer {token}"}
-            assert http.post(f"/v2/models/{MODEL}/infer", json=_request(x), headers=right).status_code == 200
+            assert http.post(f"/v2/models/{MODEL}/infer", json=json_request(x), headers=right).status_code == 200
             assert 'edgens_requests_total{outcome="unauthorized"} 1.0' in http.get("/metrics", headers=right).text
         client = triton.InferenceServerClient(url=server.url.removeprefix("http://"))
         tensor = triton.InferInput("x", list(x.shape), "UINT8")
@@ -109,7 +103,7 @@ def test_a_full_queue_is_refused_at_once(served_bundle: SyntheticBundle, tmp_pat
         def call(i: int) -> tuple[int, float, dict]:
             with httpx.Client(base_url=server.url, timeout=30) as http:
                 start = time.perf_counter()
-                response = http.post(f"/v2/models/{MODEL}/infer", json=_request(x))
+                response = http.post(f"/v2/models/{MODEL}/infer", json=json_request(x))
                 return response.status_code, time.perf_counter() - start, response.json()
 
         threads, results = _in_threads(8, call)
@@ -135,7 +129,7 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(served_bundle: Synt
 
     def call(i: int) -> int:
         with httpx.Client(base_url=server.url, timeout=30) as http:
-            return http.post(f"/v2/models/{MODEL}/infer", json=_request(x)).status_code
+            return http.post(f"/v2/models/{MODEL}/infer", json=json_request(x)).status_code
 
     threads, results = _in_threads(4, call)
     time.sleep(0.15)  # all four are in flight: one in the sleeping stack, three queued behind it

@@ -13,23 +13,12 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from bundle_factory import SyntheticBundle, make_data
-from server_process import Server
+from server_process import Server, json_request
 from tritonclient.utils import InferenceServerException
 
 from edgens.runtime import Predictor
 
 MODEL = "model"  # the bundle folder's name
-
-
-def _json_request(x: np.ndarray, parameters: dict | None = None, outputs: list | None = None,
-                  nested: bool = False) -> dict:
-    data = x.tolist() if nested else x.reshape(-1).tolist()
-    request: dict = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(x.shape), "data": data}]}
-    if parameters:
-        request["parameters"] = parameters
-    if outputs:
-        request["outputs"] = outputs
-    return request
 
 
 def _binary_body(x: np.ndarray, parameters: dict | None = None, outputs: list | None = None) -> tuple[bytes, dict]:
@@ -105,7 +94,7 @@ def test_json_and_binary_tensors_give_the_ensemble_numpy_computes(client: httpx.
     in_process = local.predict(x, members=8)
     for nested in (False, True):
         response = client.post(f"/v2/models/{MODEL}/infer",
-                               json=_json_request(x, {"members": 8}, nested=nested))
+                               json=json_request(x, {"members": 8}, nested=nested))
         assert response.status_code == 200, response.text
         body = response.json()
         outputs = _outputs(body)
@@ -166,7 +155,7 @@ def test_a_stock_tritonclient_works(server: Server, local: Predictor, served_bun
                                     {"confidence": 0.3}, {"task": 3}, {}])
 def test_budgets_as_request_parameters_match_predict(client: httpx.Client, local: Predictor, budget: dict) -> None:
     x, _ = make_data(7, seed=23)
-    response = client.post(f"/v2/models/{MODEL}/infer", json=_json_request(x, budget))
+    response = client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, budget))
     assert response.status_code == 200, response.text
     outputs = _outputs(response.json())
     in_process = local.predict(x, **budget)
@@ -178,7 +167,7 @@ def test_a_deadline_answer_is_the_ensemble_of_the_stacks_it_reports(client: http
                                                                     served_bundle: SyntheticBundle) -> None:
     x, _ = make_data(4, seed=24)
     for deadline in (0.01, 5, 1000):
-        response = client.post(f"/v2/models/{MODEL}/infer", json=_json_request(x, {"deadline_ms": deadline}))
+        response = client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, {"deadline_ms": deadline}))
         body = response.json()
         parameters = body["parameters"]
         members = _members_of(served_bundle, parameters["stacks_run"])
@@ -263,8 +252,8 @@ def test_a_failing_stack_is_dropped_and_readiness_reports_it(client: httpx.Clien
             assert client.post("/edgens/faults", json={"stack": stack, "kind": "raise"}).status_code == 200
         for _ in range(4):  # quarantined after three failed calls
             for budget in ({"members": 8}, {}):  # these run prefix-0008 and prefix-0016
-                client.post(f"/v2/models/{MODEL}/infer", json=_json_request(x, budget))
-            response = client.post(f"/v2/models/{MODEL}/infer", json=_json_request(x, {"deadline_ms": 1000}))
+                client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, budget))
+            response = client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, {"deadline_ms": 1000}))
             body = response.json()
             assert response.status_code == 200 and body["parameters"]["members_used"] == 12
             np.testing.assert_allclose(_outputs(body)["probabilities"], served_bundle.expected(x, survivors),
@@ -281,7 +270,7 @@ def test_a_failing_stack_is_dropped_and_readiness_reports_it(client: httpx.Clien
         for stack in ("general-000", "general-002"):
             client.post("/edgens/faults", json={"stack": stack, "kind": "raise"})
         for _ in range(3):
-            client.post(f"/v2/models/{MODEL}/infer", json=_json_request(x, {"deadline_ms": 1000}))
+            client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, {"deadline_ms": 1000}))
         ready = client.get("/v2/health/ready")
         assert ready.status_code == 400 and not ready.json()["ready"]
         assert ready.json()["members_available"] == 0.25
@@ -299,7 +288,7 @@ def test_a_silently_corrupted_stack_is_outvoted(client: httpx.Client, served_bun
     try:
         client.post("/edgens/faults", json={"stack": "general-002", "kind": "flip", "bit": 28, "row": 1})
         client.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "raise"})  # deadline calls: general
-        response = client.post(f"/v2/models/{MODEL}/infer", json=_json_request(x, {"deadline_ms": 1000}))
+        response = client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, {"deadline_ms": 1000}))
         body = response.json()
         assert "outlier" in body["parameters"]["failures"] and body["parameters"]["outliers_checked"]
         np.testing.assert_allclose(_outputs(body)["probabilities"], served_bundle.expected(x, survivors), atol=2e-5)
@@ -322,7 +311,7 @@ def test_metrics_and_structured_logs(client: httpx.Client, server: Server) -> No
     ok_before = float(next(line.split()[-1] for line in before.splitlines()
                            if line.startswith('edgens_requests_total{outcome="ok"}')))
     for _ in range(3):
-        client.post(f"/v2/models/{MODEL}/infer", json=_json_request(x, {"members": 4}))
+        client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, {"members": 4}))
     client.post(f"/v2/models/{MODEL}/infer", content=b"{")
     metrics = client.get("/metrics").text
     assert f'edgens_requests_total{{outcome="ok"}} {ok_before + 3}' in metrics
@@ -345,7 +334,7 @@ def test_concurrent_clients_each_get_their_own_answer(server: Server, served_bun
     def call(i: int) -> None:
         with httpx.Client(base_url=server.url, timeout=30) as http:
             body = http.post(f"/v2/models/{MODEL}/infer",
-                             json=_json_request(x[i:i + 1], {"deadline_ms": 200} if i % 2 else {"members": 8})).json()
+                             json=json_request(x[i:i + 1], {"deadline_ms": 200} if i % 2 else {"members": 8})).json()
             results[i] = body
 
     threads = [threading.Thread(target=call, args=(i,)) for i in range(40)]
