@@ -100,7 +100,8 @@ def test_json_and_binary_tensors_give_the_ensemble_numpy_computes(client: httpx.
         outputs = _outputs(body)
         np.testing.assert_allclose(outputs["probabilities"], expected, atol=2e-5)
         np.testing.assert_allclose(outputs["probabilities"], in_process.probabilities, atol=1e-5)
-        assert outputs["labels"].tolist() == in_process.labels.tolist()
+        # labels: the argmax of the probabilities (which match in-process; two processes' labels could differ on ties)
+        assert outputs["labels"].tolist() == outputs["probabilities"].argmax(axis=1).tolist()
         assert outputs["members_used"].tolist() == [8] * 5
         assert body["parameters"]["members_used"] == 8 and body["parameters"]["budget"] == "members=8"
         assert body["model_name"] == MODEL and body["model_version"] == "1"
@@ -116,7 +117,7 @@ def test_json_and_binary_tensors_give_the_ensemble_numpy_computes(client: httpx.
     body, arrays = _parse_binary_response(response)
     assert body["id"] == "req-7" and [o["name"] for o in body["outputs"]] == ["probabilities", "labels"]
     np.testing.assert_allclose(arrays["probabilities"], expected, atol=2e-5)
-    assert body["outputs"][1]["data"] == in_process.labels.tolist()
+    assert body["outputs"][1]["data"] == arrays["probabilities"].argmax(axis=1).tolist()
     # float32 raw inputs (the data set's units) are accepted too
     content, headers = _binary_body(x.astype(np.float32), {"members": 8})
     response = client.post(f"/v2/models/{MODEL}/infer", content=content, headers=headers)
@@ -139,7 +140,7 @@ def test_a_stock_tritonclient_works(server: Server, local: Predictor, served_bun
     wanted = [triton.InferRequestedOutput("labels", binary_data=False), triton.InferRequestedOutput("probabilities")]
     result = triton_client.infer(MODEL, [tensor], outputs=wanted, parameters={"task": "class-3"}, request_id="t1")
     in_process = local.predict(x, task="class-3")
-    assert result.as_numpy("labels").tolist() == in_process.labels.tolist()
+    assert result.as_numpy("labels").tolist() == result.as_numpy("probabilities").argmax(axis=1).tolist()
     np.testing.assert_allclose(result.as_numpy("probabilities"), in_process.probabilities, atol=1e-5)
     response = result.get_response()
     assert response["id"] == "t1" and response["parameters"]["members_used"] == 2
@@ -153,14 +154,33 @@ def test_a_stock_tritonclient_works(server: Server, local: Predictor, served_bun
 
 @pytest.mark.parametrize("budget", [{"members": 4}, {"members": 0.5}, {"flops": 110_000},
                                     {"confidence": 0.3}, {"task": 3}, {}])
-def test_budgets_as_request_parameters_match_predict(client: httpx.Client, local: Predictor, budget: dict) -> None:
+def test_budgets_as_request_parameters_match_predict(client: httpx.Client, local: Predictor, budget: dict,
+                                                     served_bundle: SyntheticBundle) -> None:
     x, _ = make_data(7, seed=23)
     response = client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, budget))
     assert response.status_code == 200, response.text
     outputs = _outputs(response.json())
+    if "confidence" in budget:  # per example: where an example stops depends on float rounding near p
+        _check_early_exit(outputs, x, budget["confidence"], served_bundle)
+        return
     in_process = local.predict(x, **budget)
     np.testing.assert_allclose(outputs["probabilities"], in_process.probabilities, atol=1e-5)
     assert outputs["members_used"].tolist() == in_process.members_used.tolist()
+
+
+def _check_early_exit(outputs: dict[str, np.ndarray], x: np.ndarray, p: float, bundle: SyntheticBundle) -> None:
+    """Each example's answer is numpy's ensemble of its first members, and it stopped at the first stack where
+    that ensemble's largest probability reached p (examples within 1e-4 of p at a stack are not judged)."""
+    order, sizes = bundle.order, [len(s.members) for s in bundle.manifest.general_stacks]
+    ends = np.cumsum(sizes)
+    for i, used in enumerate(outputs["members_used"].tolist()):
+        np.testing.assert_allclose(outputs["probabilities"][i], bundle.expected(x[i:i + 1], order[:used])[0],
+                                   atol=2e-5)
+        confidences = [bundle.expected(x[i:i + 1], order[:k]).max() for k in ends]
+        if min(abs(c - p) for c in confidences) < 1e-4:
+            continue
+        expected_stop = next((int(k) for k, c in zip(ends, confidences, strict=True) if c >= p), int(ends[-1]))
+        assert used == expected_stop, (i, used, confidences)
 
 
 def test_a_deadline_answer_is_the_ensemble_of_the_stacks_it_reports(client: httpx.Client,
