@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from edgens.errors import InputError
+from edgens.runtime.device_info import cpu_name, device_model
 from edgens.runtime.manifest import Manifest, StackInfo
 
 
@@ -174,18 +175,13 @@ class Backend(ABC):
 def describe_device() -> str:
     """A short name of this machine's processor (a Jetson's model name where there is one).
 
-    Latency tables are kept per device under this name, so it must be stable on one machine.
+    Latency tables are kept per device under this name, so it must be stable on one machine. Read below
+    :func:`edgens.runtime.device_info.system_root` (``$EDGENS_SYSTEM_ROOT`` reads a recorded device).
     """
-    model = Path("/proc/device-tree/model")  # Jetson and other ARM boards
-    try:
-        if model.is_file():
-            return model.read_text(errors="replace").strip("\x00\n ")
-    except OSError:
-        pass
-    try:
-        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
-            if line.lower().startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} x{os.cpu_count()}"
-    except OSError:
-        pass
+    model = device_model()  # Jetson and other ARM boards
+    if model:
+        return model
+    name = cpu_name()
+    if name:
+        return f"{name} x{os.cpu_count()}"
     return f"{platform.machine() or 'unknown'} {platform.processor()} x{os.cpu_count()}".strip()

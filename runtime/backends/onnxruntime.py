@@ -29,6 +29,7 @@ import numpy as np
 
 from edgens.errors import BackendUnavailableError, BundleError, unknown_choice
 from edgens.runtime.backends.base import Backend, StackRunner, describe_device
+from edgens.runtime.device_info import JETSON_ONNXRUNTIME_INSTALL, nvidia_gpu_name, on_jetson
 from edgens.runtime.lanes import default_lanes
 from edgens.runtime.manifest import Manifest, StackInfo
 
@@ -42,6 +43,10 @@ def _ort() -> Any:
     try:
         import onnxruntime
     except ImportError as err:
+        if on_jetson():
+            raise BackendUnavailableError(
+                f"the onnxruntime backend needs onnxruntime, which is not importable ({err}); on a Jetson install "
+                f"NVIDIA's GPU build: `{JETSON_ONNXRUNTIME_INSTALL}` (docs/jetson.md)") from None
         raise BackendUnavailableError(
             f"the onnxruntime backend needs onnxruntime, which is not importable ({err}); install it with "
             f"`pip install edgens[runtime]` (CPU) or `pip install edgens[runtime-gpu]` (CUDA), not both") from None
@@ -71,19 +76,6 @@ def default_threads() -> int:
 def default_solo_threads() -> int:
     """Intra-op threads of a prefix stack's session, which runs alone: every core, at most 8."""
     return max(1, min(8, os.cpu_count() or 1))
-
-
-def gpu_name() -> str | None:
-    """The first NVIDIA GPU's model name from the driver's /proc entry, if there is one (no CUDA import)."""
-    root = Path("/proc/driver/nvidia/gpus")
-    try:
-        for info in sorted(root.glob("*/information")):
-            for line in info.read_text(errors="replace").splitlines():
-                if line.startswith("Model:"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return None
 
 
 class OnnxRuntimeRunner(StackRunner):
@@ -237,5 +229,5 @@ class OnnxRuntimeBackend(Backend):
         providers = self.providers_in_use() or [p if isinstance(p, str) else p[0] for p in self.providers]
         device = describe_device()
         if any(p in GPU_PROVIDERS for p in providers):
-            device = f"{device} + {gpu_name() or 'GPU'}"
+            device = f"{device} + {nvidia_gpu_name() or 'GPU'}"
         return {"backend": self.name, "providers": list(providers), "device": device}
