@@ -1,9 +1,14 @@
 """Latency tables: how long each stack takes on this device, per backend, providers and batch size.
 
 :func:`edgens.runtime.profile.profile_stacks` measures them; ``save_latency_table`` stores a table in
-``BUNDLE/latency.json`` atomically, replacing the table of the same (backend, providers, device). ``latency_ms``
-budgets plan with the table that matches the predictor's backend, providers and device, and deadlines use it to
-avoid starting a stack that cannot finish in time.
+``BUNDLE/latency.json`` atomically, replacing the table of the same (backend, providers, device, power mode).
+``latency_ms`` budgets plan with the table that matches the predictor's backend, providers, device and the device's
+current power mode, and deadlines use it to avoid starting a stack that cannot finish in time.
+
+Power modes: a Jetson's latency changes several-fold between its modes (7 W and MAXN), so a table records the mode
+(``nvpmodel``'s name, :mod:`edgens.runtime.device_info`) and the clocks it was measured under, and a table of another
+mode is never used: without a table for the current mode, ``latency_ms`` budgets refuse and deadlines fall back to
+the latencies the predictor observes. Machines without power modes record none and match tables without one.
 
 The table times the stack graphs alone; the runtime's own work per call (checking and normalising the input,
 combining members) is not in it (tens of microseconds; see ``benchmarks/runtime_bench.py``).
@@ -21,6 +26,7 @@ from typing import Any
 
 from edgens.errors import BundleError
 from edgens.fileio import atomic_write_json
+from edgens.runtime.device_info import PowerMode
 from edgens.runtime.manifest import utc_now
 
 LATENCY_FILE = "latency.json"
@@ -62,6 +68,10 @@ class LatencyTable:
         repeats: timed runs per stack and batch size.
         lanes: ``{batch size: ChainLatency}``: every general stack run in order and on the predictor's lanes, as
             measured by ``edgens profile`` (what the lanes achieve on this device; empty in older tables).
+        power_mode: the power mode it was measured in (:attr:`PowerMode.key`, e.g. ``MAXN_SUPER``); None where the
+            machine has none (or an older edgens measured it).
+        clocks: the clocks and temperatures as the measurement ended (:class:`~edgens.runtime.device_info.Clocks`
+            as a dict), for the record; None where not read.
     """
 
     backend: str
@@ -72,9 +82,16 @@ class LatencyTable:
     warmup: int = 0
     repeats: int = 0
     lanes: dict[int, ChainLatency] = field(default_factory=dict)
+    power_mode: str | None = None
+    clocks: dict[str, Any] | None = None
 
-    def matches(self, description: dict[str, Any]) -> bool:
-        """Whether this table was measured with the backend, providers and device in ``description``."""
+    def matches(self, description: dict[str, Any], power_mode: str | None = None) -> bool:
+        """Whether this table was measured with the backend, providers and device in ``description``, in
+        ``power_mode`` (a :attr:`PowerMode.key`, None for a machine without power modes)."""
+        return self.same_setup(description) and self.power_mode == power_mode
+
+    def same_setup(self, description: dict[str, Any]) -> bool:
+        """Whether backend, providers and device match ``description``, whatever the power mode."""
         return (self.backend == description["backend"] and list(self.providers) == list(description["providers"])
                 and self.device == description["device"])
 
@@ -126,7 +143,9 @@ class LatencyTable:
                            for name, sizes in self.stacks.items()},
                 **({"lanes": {str(batch): {"lanes": c.lanes, "in_order_ms": round(c.in_order_ms, 6),
                                            "lanes_ms": round(c.lanes_ms, 6)}
-                              for batch, c in sorted(self.lanes.items())}} if self.lanes else {})}
+                              for batch, c in sorted(self.lanes.items())}} if self.lanes else {}),
+                **({"power_mode": self.power_mode} if self.power_mode is not None else {}),
+                **({"clocks": self.clocks} if self.clocks is not None else {})}
 
     @classmethod
     def from_dict(cls, data: Any, where: str = "latency table") -> LatencyTable:
@@ -143,7 +162,9 @@ class LatencyTable:
                      for batch, v in data.get("lanes", {}).items()}
             return cls(backend=str(data["backend"]), providers=[str(p) for p in data["providers"]],
                        device=str(data["device"]), stacks=stacks, created=str(data.get("created", "")),
-                       warmup=int(data.get("warmup", 0)), repeats=int(data.get("repeats", 0)), lanes=lanes)
+                       warmup=int(data.get("warmup", 0)), repeats=int(data.get("repeats", 0)), lanes=lanes,
+                       power_mode=None if data.get("power_mode") is None else str(data["power_mode"]),
+                       clocks=dict(data["clocks"]) if isinstance(data.get("clocks"), dict) else None)
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             raise BundleError(f"{where}: malformed ({type(err).__name__}: {err}); expected backend, providers, "
                               f"device and stacks {{name: {{batch: {{median_ms, p90_ms}}}}}}; run `edgens profile` "
@@ -173,14 +194,27 @@ def load_latency_tables(bundle_dir: str | Path) -> list[LatencyTable]:
     return [LatencyTable.from_dict(table, f"{path}: tables[{i}]") for i, table in enumerate(tables)]
 
 
-def find_table(tables: list[LatencyTable], description: dict[str, Any]) -> LatencyTable | None:
-    """The table measured with ``description``'s backend, providers and device, if any."""
-    return next((table for table in tables if table.matches(description)), None)
+def power_mode_matches(table_mode: str | None, current: PowerMode | None) -> bool:
+    """Whether a table measured in ``table_mode`` holds for the current power mode."""
+    return table_mode == (None if current is None else current.key)
+
+
+def find_table(tables: list[LatencyTable], description: dict[str, Any],
+               power_mode: str | None = None) -> LatencyTable | None:
+    """The table measured with ``description``'s backend, providers and device in ``power_mode``, if any."""
+    return next((table for table in tables if table.matches(description, power_mode)), None)
+
+
+def other_modes(tables: list[LatencyTable], description: dict[str, Any], power_mode: str | None) -> list[str]:
+    """The power modes of tables with ``description``'s setup but not ``power_mode`` (None shown as "none
+    recorded"): what to tell a user whose device has no table for its current mode."""
+    return sorted({t.power_mode or "none recorded" for t in tables
+                   if t.same_setup(description) and t.power_mode != power_mode})
 
 
 def save_latency_table(bundle_dir: str | Path, table: LatencyTable) -> Path:
-    """Add ``table`` to ``BUNDLE/latency.json`` atomically, replacing the table of the same backend, providers and
-    device.
+    """Add ``table`` to ``BUNDLE/latency.json`` atomically, replacing the table of the same backend, providers,
+    device and power mode.
 
     A malformed existing file is replaced rather than kept (the tables are cheap to measure again).
 
@@ -192,7 +226,7 @@ def save_latency_table(bundle_dir: str | Path, table: LatencyTable) -> Path:
     except BundleError:
         tables = []
     key = {"backend": table.backend, "providers": table.providers, "device": table.device}
-    kept = [t for t in tables if not t.matches(key)]
+    kept = [t for t in tables if not t.matches(key, table.power_mode)]
     data = {"format_version": LATENCY_FORMAT_VERSION, "tables": [t.to_dict() for t in [*kept, table]]}
     return atomic_write_json(Path(bundle_dir) / LATENCY_FILE, data)
 

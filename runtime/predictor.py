@@ -59,9 +59,13 @@ from edgens.runtime.manifest import (Manifest, SelfTestData, check_file, check_s
 from edgens.runtime.outliers import GroupCheck
 from edgens.runtime.policies import Budget, Step
 from edgens.runtime.selftest import SelfTestResult, compare_outputs
-from edgens.runtime.latency import LatencyTable, ObservedLatency, find_table, load_latency_tables
+from edgens.runtime.device_info import read_power_mode
+from edgens.runtime.latency import LatencyTable, ObservedLatency, find_table, load_latency_tables, other_modes
 
 log = logging.getLogger(__name__)
+
+# How often (at most) latency and deadline calls read the device's power mode, to follow `nvpmodel -m` at run time.
+POWER_MODE_CHECK_S = 2.0
 
 
 @dataclass
@@ -188,7 +192,10 @@ class Predictor:
         bundle_dir: the bundle.
         manifest: its manifest.
         backend: what runs the stacks.
-        latency_table: this device's latency table for the backend (None until ``edgens profile`` ran).
+        latency_table: this device's latency table for the backend and power mode (None until ``edgens profile``
+            ran in that mode).
+        power_mode: the device's power mode (:attr:`~edgens.runtime.device_info.PowerMode.key`) as last read by
+            :meth:`reload_latency` (at load); None where the machine has none.
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, strict: bool = False,
@@ -209,6 +216,8 @@ class Predictor:
         self._observed = ObservedLatency()  # deadlines without a latency table
         self._plans: dict[tuple[Budget, int], list[Step]] = {}
         self.latency_table: LatencyTable | None = None
+        self.power_mode: str | None = None  # the device's power mode when the latency table was picked
+        self._power_check_due = 0.0  # time.monotonic() after which latency and deadline calls read the mode again
         self._latency_problem: str | None = None
         self._closed = False
         self.lanes = lanes or default_lanes()
@@ -327,14 +336,28 @@ class Predictor:
         self._plans.clear()
 
     def reload_latency(self) -> None:
-        """Read ``latency.json`` again and pick the table of this backend, providers and device."""
+        """Read ``latency.json`` and the device's power mode again, and pick the table of this backend, providers,
+        device and power mode. Tables of other power modes are never used (their latencies can be several times
+        off); finding only those is logged as a warning, and ``latency_ms`` budgets then refuse with the fix."""
         self.latency_table, self._latency_problem = None, None
         self._plans.clear()
+        self._power_check_due = time.monotonic() + POWER_MODE_CHECK_S
+        mode = read_power_mode()
+        self.power_mode = None if mode is None else mode.key
+        description = self.backend.describe()
         try:
-            self.latency_table = find_table(load_latency_tables(self.bundle_dir), self.backend.describe())
+            tables = load_latency_tables(self.bundle_dir)
         except BundleError as err:
             self._latency_problem = str(err)
             log.warning("latency table ignored: %s", err)
+            return
+        self.latency_table = find_table(tables, description, self.power_mode)
+        others = other_modes(tables, description, self.power_mode)
+        if self.latency_table is None and others:
+            self._latency_problem = (f"{self.bundle_dir}/latency.json has tables for this backend and device in power "
+                                     f"mode {', '.join(others)}, none for the current mode {self.power_mode or 'none'}"
+                                     f"; run `edgens profile {self.bundle_dir}` in this mode")
+            log.warning("no latency table for the current power mode: %s", self._latency_problem)
 
     # ------------------------------------------------------------------------------------------------- properties
 
@@ -690,8 +713,23 @@ class Predictor:
             call.task = policies.resolve_task(self.manifest, budget.value).task
         return call
 
+    def _follow_power_mode(self) -> None:
+        """Pick the latency table again when the device's power mode changed (``nvpmodel -m`` while running); read
+        at most every :data:`POWER_MODE_CHECK_S` seconds, so a call pays one clock read."""
+        now = time.monotonic()
+        if now < self._power_check_due:
+            return
+        self._power_check_due = now + POWER_MODE_CHECK_S
+        mode = read_power_mode()
+        if (None if mode is None else mode.key) != self.power_mode:
+            log.warning("power mode changed from %s to %s: picking the latency table again", self.power_mode,
+                        None if mode is None else mode.key)
+            self.reload_latency()
+
     def _steps_for(self, budget: Budget, batch: int) -> list[Step]:
         """The plan of a call with this budget and batch size, or the error the call raises before any stack runs."""
+        if budget.kind in ("latency_ms", "deadline_ms"):
+            self._follow_power_mode()
         if budget.kind == "confidence" and self.manifest.family != "categorical":
             raise ConfigError(f"confidence budgets need a categorical bundle, this one is {self.manifest.family}")
         if budget.kind == "confidence" and self.combiner != "mean":

@@ -13,6 +13,7 @@ import numpy as np
 
 from edgens.checks import check_number
 from edgens.errors import ConfigError, NoMembersAvailableError
+from edgens.runtime.device_info import read_clocks, read_power_mode
 from edgens.runtime.lanes import Lanes, LaneWork, StackResult
 from edgens.runtime.latency import ChainLatency, LatencyTable, StackLatency
 from edgens.runtime.policies import Step
@@ -35,6 +36,8 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
     instead keeps its weights in cache and underestimated a 4-stack call by 10-20% on a small CPU. Input is random
     normalised data of the bundle's shape (latency does not depend on the values for these graphs). With two or more
     lanes, each batch size also times every general stack run in order and on the lanes (``LatencyTable.lanes``).
+    The table records the device's power mode (a Jetson's ``nvpmodel`` mode) and, as the measurement ends, its clocks
+    and temperatures; a mode change during the measurement makes it refuse.
 
     Args:
         predictor: a loaded predictor; its backend and sessions are what gets measured.
@@ -57,7 +60,9 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
         raise NoMembersAvailableError(f"profile: no stack of {predictor.bundle_dir} is loaded; "
                                       f"{predictor.describe_health()}")
     rng = np.random.default_rng(0)
-    table = LatencyTable(warmup=warmup, repeats=repeats, **predictor.backend.describe())
+    mode = read_power_mode()
+    table = LatencyTable(warmup=warmup, repeats=repeats, power_mode=None if mode is None else mode.key,
+                         **predictor.backend.describe())
     for batch in sorted({int(b) for b in batch_sizes}):
         x = rng.standard_normal((batch, *predictor.manifest.input.shape)).astype(np.float32)
         for runner in runners.values():
@@ -78,6 +83,12 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
         chain = _chain_latency(predictor, x, warmup, repeats)
         if chain is not None:
             table.lanes[batch] = chain
+    clocks = read_clocks()  # as the measurement ends, while the load still holds the clocks up
+    table.clocks = clocks.to_dict() if clocks.cpu_mhz or clocks.gpu_mhz is not None else None
+    after = read_power_mode()
+    if (None if after is None else after.key) != table.power_mode:
+        raise ConfigError(f"profile: the power mode changed from {table.power_mode} to "
+                          f"{None if after is None else after.key} while measuring; profile again in one mode")
     return table
 
 

@@ -13,6 +13,20 @@ import click
 from edgens.cli.infer_cmd import BACKEND_CHOICES
 
 
+def describe_clocks(clocks: dict | None) -> str:
+    """``clocks: CPU 730-1344 of 1344 MHz, GPU 306 of 918 MHz (not pinned: sudo jetson_clocks ...)``."""
+    if not clocks or not clocks.get("cpu_mhz"):
+        return "clocks not readable"
+    cpu, top = clocks["cpu_mhz"], clocks["cpu_max_mhz"]
+    parts = [f"CPU {min(cpu):.0f}-{max(cpu):.0f} of {max(top):.0f} MHz"]
+    pinned = all(c >= 0.98 * t for c, t in zip(cpu, top))
+    if clocks.get("gpu_mhz") is not None:
+        parts.append(f"GPU {clocks['gpu_mhz']:.0f} of {clocks['gpu_max_mhz']:.0f} MHz")
+        pinned = pinned and clocks["gpu_mhz"] >= 0.98 * clocks["gpu_max_mhz"]
+    hint = "" if pinned else " (not pinned: `sudo jetson_clocks` gives steadier latencies)"
+    return "clocks as it ended: " + ", ".join(parts) + hint
+
+
 def parse_batch_sizes(text: str) -> list[int]:
     """``"1,8,64"`` -> ``[1, 8, 64]``.
 
@@ -44,9 +58,11 @@ def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: 
             lanes: int | None, as_json: bool) -> None:
     """Measure each stack of BUNDLE on this device (median and p90 latency) and save BUNDLE/latency.json.
 
-    The table is kept per backend, providers and device; profiling again replaces the matching table. Budgets
-    given in milliseconds (`edgens infer --latency-ms`) use it. With two or more lanes it also times every general
-    stack run one after another and on the lanes, which shows what parallel lanes achieve on this device.
+    The table is kept per backend, providers, device and power mode (a Jetson's nvpmodel mode, recorded with the
+    clocks); profiling again replaces the matching table. Budgets given in milliseconds (`edgens infer
+    --latency-ms`) use the table of the device's current mode only: profile once in each mode you run in. With two
+    or more lanes it also times every general stack run one after another and on the lanes, which shows what
+    parallel lanes achieve on this device.
     """
     from tqdm import tqdm
 
@@ -71,6 +87,8 @@ def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: 
         return
     click.echo(f"{table.backend} [{', '.join(table.providers)}] on {table.device}; {warmup} warm-up, {repeats} "
                f"timed runs")
+    if table.power_mode is not None:
+        click.echo(f"power mode {table.power_mode}; {describe_clocks(table.clocks)}")
     click.echo(f"{'stack':<20} {'batch':>6} {'median ms':>10} {'p90 ms':>10}")
     for name, rows in table.stacks.items():
         for batch, latency in sorted(rows.items()):
