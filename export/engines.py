@@ -29,6 +29,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MIN_BATCH, OPT_BATCH, MAX_BATCH = 1, 8, 64
+DLA_BATCH = 8  # a DLA engine's one batch size: smaller batches are padded to it, larger ones cut into chunks
 
 
 def _calibration(bundle_dir: Path, manifest: Manifest) -> tuple[np.ndarray, np.ndarray] | None:
@@ -58,16 +59,17 @@ def _error_change(bundle_dir: Path, manifest: Manifest, stack: StackInfo, engine
     reference = session.run(None, {stack.input_name: x})[0]
     runner = TensorRTRunner(stack, engine, bundle_dir / engine.file, tuple(manifest.input.shape), manifest.n_outputs)
     with runner:
-        got = np.concatenate([runner.run(np.ascontiguousarray(x[i:i + MAX_BATCH]))
-                              for i in range(0, len(x), MAX_BATCH)], axis=1)
+        got = np.concatenate([runner.run(np.ascontiguousarray(x[i:i + engine.max_batch]))
+                              for i in range(0, len(x), engine.max_batch)], axis=1)
     return _stack_error(got, y) - _stack_error(reference, y)
 
 
 def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
-                progress: Callable[[str, int, int], None] | None = None, loaded: LoadedRun | None = None) -> None:
+                progress: Callable[[str, int, int], None] | None = None, loaded: LoadedRun | None = None,
+                dla_core: int | None = None, dla_batch: int = DLA_BATCH) -> None:
     """Build an engine of ``precision`` for every stack of ``manifest`` and record it (in memory).
 
-    An engine with the same precision, TensorRT version and compute capability replaces the old entry.
+    An engine with the same precision, TensorRT version, compute capability and DLA core replaces the old entry.
 
     Args:
         bundle_dir: the bundle (or the export's temporary directory).
@@ -76,6 +78,7 @@ def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
         progress: ``(stage, done, total)`` callback.
         loaded: the training run, when called from export: TensorRT >= 11 builds FP16 from float16 graphs, which
             only the run (with torch) can produce.
+        dla_core: build for this DLA core (GPU fallback), each engine with the one batch size ``dla_batch``.
 
     Raises:
         BackendUnavailableError: no TensorRT or GPU; ConfigError: a precision this TensorRT cannot build here;
@@ -85,7 +88,9 @@ def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
     trt = import_tensorrt("building TensorRT engines")
     device = target_device(trt)
     for stack in manifest.stacks:
-        check_precision(precision, device.tensorrt_version, quantized_graph=stack.precision == "int8")
+        check_precision(precision, device.tensorrt_version, quantized_graph=stack.precision == "int8",
+                        dla_core=dla_core)
+    low, opt, high = (MIN_BATCH, OPT_BATCH, MAX_BATCH) if dla_core is None else (dla_batch,) * 3
     # A stack exported in fp16 already is a float16 graph; only fp32 ones need one made from the run.
     float16_graph = needs_float16_graph(precision, device.tensorrt_version) and any(
         stack.precision != "fp16" for stack in manifest.stacks)
@@ -103,32 +108,35 @@ def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
 
                 assert loaded is not None
                 source = export_stack(loaded.stack.subset(stack.members), Path(scratch) / "fp16.onnx", float16=True)
-            blob = build_engine(source, stack.input_name, tuple(manifest.input.shape), precision, MIN_BATCH,
-                                OPT_BATCH, MAX_BATCH, calibration=None if data is None else data[0],
-                                quantized_graph=stack.precision == "int8")
-        relative = device.engine_file(stack.name, precision)
+            blob = build_engine(source, stack.input_name, tuple(manifest.input.shape), precision, low, opt, high,
+                                calibration=None if data is None else data[0],
+                                quantized_graph=stack.precision == "int8", dla_core=dla_core)
+        relative = device.engine_file(stack.name, precision, dla_core)
         atomic_write_bytes(bundle_dir / relative, blob)
         engine = EngineInfo(file=relative, sha256=sha256_file(bundle_dir / relative), precision=precision,
                             tensorrt_version=device.tensorrt_version, device_name=device.name,
-                            compute_capability=device.compute_capability, min_batch=MIN_BATCH, max_batch=MAX_BATCH)
+                            compute_capability=device.compute_capability, min_batch=low, max_batch=high,
+                            dla_core=dla_core)
         engine.val_error_change = _error_change(bundle_dir, manifest, stack, engine, data)
         stack.engines = [e for e in stack.engines
-                         if (e.precision, e.tensorrt_version, e.compute_capability)
-                         != (precision, device.tensorrt_version, device.compute_capability)] + [engine]
-        log.info("%s: %s engine for %s (TensorRT %s), validation error change %s", stack.name, precision,
-                 device.name, device.tensorrt_version, engine.val_error_change)
+                         if (e.precision, e.tensorrt_version, e.compute_capability, e.dla_core)
+                         != (precision, device.tensorrt_version, device.compute_capability, dla_core)] + [engine]
+        log.info("%s: %s engine for %s %s (TensorRT %s), validation error change %s", stack.name, precision,
+                 device.name, engine.accelerator, device.tensorrt_version, engine.val_error_change)
     progress("tensorrt engines", len(manifest.stacks), len(manifest.stacks))
 
 
 def add_tensorrt(bundle_dir: str | Path, precision: str = "fp16",
-                 progress: Callable[[str, int, int], None] | None = None) -> Manifest:
-    """Build engines for an existing bundle on this device and rewrite its manifest atomically.
+                 progress: Callable[[str, int, int], None] | None = None, dla_core: int | None = None,
+                 dla_batch: int = DLA_BATCH) -> Manifest:
+    """Build engines for an existing bundle on this device (on DLA core ``dla_core`` if given) and rewrite its
+    manifest atomically.
 
     Raises:
         See :func:`add_engines`; DataNotFoundError / BundleError for a missing or broken bundle.
     """
     bundle_dir = Path(bundle_dir)
     manifest = load_manifest(bundle_dir)
-    add_engines(bundle_dir, manifest, precision, progress)
+    add_engines(bundle_dir, manifest, precision, progress, dla_core=dla_core, dla_batch=dla_batch)
     write_manifest(bundle_dir, manifest)
     return manifest

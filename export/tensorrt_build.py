@@ -13,7 +13,12 @@ Versions take different paths:
   edgens does not write yet, so it is refused with a clear message.
 
 Engines only load on the GPU (compute capability) and TensorRT version that built them, so their file names and
-manifest entries carry both, plus the precision.
+manifest entries carry both, plus the precision and, for DLA engines, the DLA core.
+
+DLA (AGX Orin and Orin NX have two cores, Orin Nano none): ``dla_core=N`` builds with the DLA as the default device
+and GPU fallback for layers it cannot run; FP16 or INT8 only (INT8 calibrated: the DLA takes no quantize/dequantize
+nodes); one batch size, because the DLA has no dynamic shapes (min = opt = max). TensorRT 10.8 to 11.4.0 have no DLA
+(10.7 was the last before 11.4.1); JetPack 6 ships 10.3.
 """
 
 from __future__ import annotations
@@ -42,10 +47,11 @@ class TargetDevice:
     compute_capability: str
     tensorrt_version: str
 
-    def engine_file(self, stack_name: str, precision: str) -> str:
-        """Bundle-relative file name keyed by stack, precision, TensorRT version and compute capability."""
+    def engine_file(self, stack_name: str, precision: str, dla_core: int | None = None) -> str:
+        """Bundle-relative file name keyed by stack, precision, TensorRT version, compute capability and DLA core."""
         cc = self.compute_capability.replace(".", "")
-        return f"engines/{stack_name}.{precision}.trt{self.tensorrt_version}.sm{cc}.engine"
+        dla = "" if dla_core is None else f".dla{dla_core}"
+        return f"engines/{stack_name}.{precision}.trt{self.tensorrt_version}.sm{cc}{dla}.engine"
 
 
 def target_device(tensorrt: Any) -> TargetDevice:
@@ -63,17 +69,37 @@ def target_device(tensorrt: Any) -> TargetDevice:
     return TargetDevice(torch.cuda.get_device_name(0), f"{major}.{minor}", str(tensorrt.__version__))
 
 
-def check_precision(precision: str, tensorrt_version: str, quantized_graph: bool = False) -> None:
+def dla_supported(tensorrt_version: str) -> bool:
+    """Whether this TensorRT builds DLA engines: up to 10.7, and again from 11.4.1."""
+    parts = [int(p) for p in str(tensorrt_version).split(".")[:3] if p.isdigit()] + [0, 0, 0]
+    return tuple(parts[:2]) <= (10, 7) or tuple(parts[:3]) >= (11, 4, 1)
+
+
+def check_precision(precision: str, tensorrt_version: str, quantized_graph: bool = False,
+                    dla_core: int | None = None) -> None:
     """Refuse precisions this TensorRT cannot build from our graphs.
 
     Args:
         quantized_graph: the ONNX graph already holds quantize/dequantize nodes (an int8 stack of the bundle).
+        dla_core: the engine is for this DLA core (None: the GPU).
 
     Raises:
-        ConfigError: unknown precision, or INT8 from a float graph with TensorRT >= 11.
+        ConfigError: unknown precision, INT8 from a float graph with TensorRT >= 11, or a DLA engine in FP32, from
+            a quantized graph, or with a TensorRT that has no DLA.
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"unknown precision {precision!r}; expected one of {', '.join(PRECISIONS)}")
+    if dla_core is not None:
+        if dla_core < 0:
+            raise ConfigError(f"--dla-core must be 0 or more (a DLA core's index), got {dla_core}")
+        if precision == "fp32":
+            raise ConfigError("the DLA runs FP16 and INT8 only: give --fp16 or --int8 with --dla-core")
+        if quantized_graph:
+            raise ConfigError("the DLA takes no quantize/dequantize nodes: build DLA engines from an fp32 or fp16 "
+                              "bundle (with --int8, TensorRT 10 calibrates on the bundle's examples)")
+        if not dla_supported(tensorrt_version):
+            raise ConfigError(f"TensorRT {tensorrt_version} has no DLA support (10.7 was the last release with it "
+                              f"before 11.4.1); JetPack 6's TensorRT 10.3 has it")
     if precision == "int8" and major_version(tensorrt_version) >= 11 and not quantized_graph:
         raise ConfigError(f"TensorRT {tensorrt_version} takes INT8 only from quantize/dequantize nodes in the ONNX "
                           f"graph: export the bundle with --precision int8, which writes them")
@@ -125,7 +151,8 @@ class _EntropyCalibrator:
 
 def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...], precision: str,
                  min_batch: int = 1, opt_batch: int = 8, max_batch: int = 64,
-                 calibration: np.ndarray | None = None, quantized_graph: bool = False) -> bytes:
+                 calibration: np.ndarray | None = None, quantized_graph: bool = False,
+                 dla_core: int | None = None) -> bytes:
     """Build a serialized engine from an ONNX stack with an optimisation profile over ``min..max_batch``.
 
     Args:
@@ -136,6 +163,7 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
         calibration: normalised float32 inputs for INT8 calibration (TensorRT 10, float graphs only).
         quantized_graph: the graph holds quantize/dequantize nodes (``--precision int8`` stacks): TensorRT takes the
             scales from them (explicit quantization) and needs no calibration.
+        dla_core: build for this DLA core with GPU fallback; needs ``min_batch == opt_batch == max_batch``.
 
     Raises:
         BackendUnavailableError: no TensorRT or no GPU.
@@ -144,7 +172,10 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
     """
     trt = import_tensorrt("building TensorRT engines")
     version = str(trt.__version__)
-    check_precision(precision, version, quantized_graph)
+    check_precision(precision, version, quantized_graph, dla_core)
+    if dla_core is not None and not min_batch == opt_batch == max_batch:
+        raise ConfigError(f"a DLA engine has one batch size (the DLA has no dynamic shapes), got {min_batch}, "
+                          f"{opt_batch}, {max_batch}")
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     flags = 0
@@ -160,6 +191,12 @@ def build_engine(onnx_path: Path, input_name: str, input_shape: tuple[int, ...],
     profile = builder.create_optimization_profile()
     profile.set_shape(input_name, (min_batch, *input_shape), (opt_batch, *input_shape), (max_batch, *input_shape))
     config.add_optimization_profile(profile)
+    if dla_core is not None:
+        if dla_core >= builder.num_DLA_cores:
+            raise ConfigError(f"--dla-core {dla_core}: this device has {builder.num_DLA_cores} DLA cores")
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = dla_core
+        config.set_flag(trt.BuilderFlag.GPU_FALLBACK)  # layers the DLA cannot run go to the GPU, not an error
     calibrator = None
     if major_version(version) < 11:
         if precision in ("fp16", "int8"):

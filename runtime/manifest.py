@@ -141,6 +141,8 @@ class EngineInfo:
         min_batch: smallest batch size of the optimisation profile.
         max_batch: largest batch size of the optimisation profile.
         val_error_change: validation error minus the fp32 ONNX stack's, or None if not measured.
+        dla_core: the DLA core it was built for (layers the DLA cannot run fall back to the GPU), None for a GPU
+            engine. DLA engines are FP16 or INT8 and have one batch size (``min_batch == max_batch``).
     """
 
     file: str
@@ -152,12 +154,18 @@ class EngineInfo:
     min_batch: int
     max_batch: int
     val_error_change: float | None = None
+    dla_core: int | None = None
+
+    @property
+    def accelerator(self) -> str:
+        """Where it runs: ``gpu`` or ``dla0``, ``dla1``."""
+        return "gpu" if self.dla_core is None else f"dla{self.dla_core}"
 
     def to_dict(self) -> dict[str, Any]:
         return {"file": self.file, "sha256": self.sha256, "precision": self.precision,
                 "tensorrt_version": self.tensorrt_version, "device_name": self.device_name,
                 "compute_capability": self.compute_capability, "min_batch": self.min_batch,
-                "max_batch": self.max_batch, "val_error_change": self.val_error_change}
+                "max_batch": self.max_batch, "val_error_change": self.val_error_change, "dla_core": self.dla_core}
 
 
 @dataclass(kw_only=True)
@@ -817,6 +825,10 @@ def _parse_engine(r: _Reader, obj: dict[str, Any], path: str) -> EngineInfo:
                         val_error_change=r.optional_float(obj, "val_error_change", path))
     if engine.max_batch < engine.min_batch:
         raise r.fail(f"{path}.max_batch", f"an integer >= min_batch ({engine.min_batch})", engine.max_batch)
+    if obj.get("dla_core") is not None:  # optional: bundles written before DLA engines have none
+        engine.dla_core = r.int_value(obj["dla_core"], f"{path}.dla_core", minimum=0)
+        if engine.precision == "fp32":
+            raise r.fail(f"{path}.precision", "fp16 or int8 for a DLA engine", engine.precision)
     return engine
 
 

@@ -32,13 +32,19 @@ import click
 @click.option("--fp16", "engine_precision", flag_value="fp16", help="With --add-tensorrt: FP16 engines.")
 @click.option("--int8", "engine_precision", flag_value="int8",
               help="With --add-tensorrt: INT8 engines (TensorRT 10, calibrated).")
+@click.option("--dla-core", type=click.IntRange(min=0), default=None,
+              help="With --add-tensorrt: build the engines for this DLA core (AGX Orin, Orin NX: 0 or 1), with GPU "
+                   "fallback for layers the DLA cannot run; needs --fp16 or --int8.")
+@click.option("--dla-batch", type=click.IntRange(min=1), default=8, show_default=True,
+              help="With --dla-core: the engines' one batch size (the DLA has no dynamic shapes).")
 @click.option("--add-tensorrt", "add_to", type=click.Path(file_okay=False), default=None,
               help="Instead of exporting: build engines for this existing bundle on this device.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(run_dir: str | None, out: str | None, stack_size: int | None, prefix_stacks: str, order: str,
            specialist_size: int, opset: int, tensorrt: bool, precision: str | None, precision_tolerance: float,
-           engine_precision: str | None, add_to: str | None, force: bool, as_json: bool) -> None:
+           engine_precision: str | None, dla_core: int | None, dla_batch: int, add_to: str | None, force: bool,
+           as_json: bool) -> None:
     """Export RUN_DIR as a deployment bundle of member stacks (ONNX, optionally TensorRT) plus a manifest.
 
     Members are ordered for anytime use, cut into stacks, and each class gets a specialist sub-ensemble. Every
@@ -51,12 +57,17 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, prefix_
       edgens export runs/default -o bundle --precision int8
       edgens export runs/default -o bundle --tensorrt --precision fp16
       edgens export --add-tensorrt bundle --fp16      # on the target device
+      edgens export --add-tensorrt bundle --fp16 --dla-core 0   # on a Jetson's DLA core 0
     """
     from edgens.cli.progress import StageProgress
 
     if precision is not None and engine_precision is not None and precision != engine_precision:
         raise click.UsageError(f"--precision {precision} and --{engine_precision} disagree; give one")
     precision = precision or engine_precision or "fp32"
+    if dla_core is not None and add_to is None:
+        raise click.UsageError("--dla-core builds engines on the device: give it with --add-tensorrt BUNDLE")
+    if dla_core is not None and precision == "fp32":
+        raise click.UsageError("the DLA runs FP16 and INT8 only: give --fp16 or --int8 with --dla-core")
     progress = StageProgress(quiet=as_json)
     if add_to is not None:
         if run_dir is not None or out is not None:
@@ -64,7 +75,7 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, prefix_
         from edgens.export import add_tensorrt
 
         try:
-            manifest = add_tensorrt(add_to, precision, progress)
+            manifest = add_tensorrt(add_to, precision, progress, dla_core=dla_core, dla_batch=dla_batch)
         finally:  # an error or Ctrl-C must not print after a half-drawn bar
             progress.close()
         engines = [e.to_dict() for s in manifest.stacks for e in s.engines]

@@ -12,6 +12,13 @@ from float16 graphs) get float16 input and give float16 output, converted here. 
 (compute capability) and a TensorRT version; a stack without an engine for this device cannot run on this backend
 (use onnxruntime, or ``backend="auto"``, which picks TensorRT only when every general stack has an engine here).
 
+DLA (Jetson AGX Orin and Orin NX): engines built for a DLA core (``edgens export --add-tensorrt --dla-core N``)
+are deserialised with the runtime's ``DLA_core`` set to theirs. ``accelerators=("gpu", "dla0", "dla1")`` places the
+general stacks on those in turn (round robin, in the members' order), each stack on its engine for that accelerator
+or, lacking one, on its GPU engine; prefix and specialist stacks stay on the GPU. The predictor's lanes then run
+stacks on the GPU and the DLA cores at once. Which accelerator each stack runs on is in ``providers`` (and so keys
+the latency table).
+
 Buffers go through cuda-python (``pip install cuda-python``, NVIDIA's official bindings), imported as
 ``cuda.bindings.runtime`` (cuda-python >= 12.6) or ``cuda.cudart`` (older); the ``tensorrt`` extra must include it.
 """
@@ -25,14 +32,16 @@ from typing import Any
 
 import numpy as np
 
-from edgens.errors import BackendUnavailableError, BundleError, unknown_choice
+from edgens.errors import BackendUnavailableError, BundleError, ConfigError, unknown_choice
 from edgens.runtime.backends.base import Backend, StackRunner
 from edgens.runtime.manifest import EngineInfo, Manifest, StackInfo, check_file
 
 log = logging.getLogger(__name__)
 
-INSTALL = ("install it with `pip install edgens[tensorrt]` (on a Jetson, TensorRT comes with JetPack: use the "
-           "system Python or `apt-get install python3-libnvinfer`)")
+INSTALL = "install it with `pip install 'edgens[tensorrt]'` (x86-64 with an NVIDIA GPU)"
+# On a Jetson TensorRT's Python bindings come with JetPack, never from pip (docs/jetson.md).
+JETSON_INSTALL = ("on a Jetson TensorRT comes with JetPack: `sudo apt-get install python3-libnvinfer`, in a venv made "
+                  "with `python3 -m venv --system-site-packages` (JetPack 6: Python 3.10)")
 PREFERENCE = ("fp16", "fp32", "int8")  # int8 may cost accuracy: only when nothing else was built
 MIN_TENSORRT = 10  # the tensor-address API (set_tensor_address / execute_async_v3)
 
@@ -42,6 +51,13 @@ def major_version(version: str) -> int:
     return int(str(version).split(".")[0])
 
 
+def install_hint() -> str:
+    """How to get TensorRT on this machine: JetPack's package on a Jetson, the pip extra elsewhere."""
+    from edgens.runtime.device_info import on_jetson
+
+    return JETSON_INSTALL if on_jetson() else INSTALL
+
+
 def import_tensorrt(purpose: str = "the tensorrt backend") -> Any:
     """Import TensorRT (>= 10) or explain how to get it; the one place edgens imports it (export uses it too).
 
@@ -49,16 +65,17 @@ def import_tensorrt(purpose: str = "the tensorrt backend") -> Any:
         purpose: what needs TensorRT, for the message (``building TensorRT engines``).
 
     Raises:
-        BackendUnavailableError: not importable, or older than 10.
+        BackendUnavailableError: not importable, or older than 10; the message names JetPack's
+            ``python3-libnvinfer`` on a Jetson and the ``tensorrt`` extra elsewhere.
     """
     try:
         import tensorrt
     except ImportError as err:
         raise BackendUnavailableError(f"{purpose} needs TensorRT >= {MIN_TENSORRT}, which is not importable ({err}); "
-                                      f"{INSTALL}") from None
+                                      f"{install_hint()}") from None
     if major_version(tensorrt.__version__) < MIN_TENSORRT:
         raise BackendUnavailableError(f"{purpose} needs TensorRT >= {MIN_TENSORRT} (the tensor-address API), found "
-                                      f"{tensorrt.__version__}; {INSTALL}")
+                                      f"{tensorrt.__version__}; {install_hint()}")
     return tensorrt
 
 
@@ -70,7 +87,8 @@ def _cudart() -> Any:
             from cuda import cudart  # older cuda-python
         except ImportError as err:
             raise BackendUnavailableError(f"the tensorrt backend needs cuda-python for device buffers, which is not "
-                                          f"importable ({err}); {INSTALL}") from None
+                                          f"importable ({err}); install it with `pip install 'cuda-python>=12,<13'` "
+                                          f"(the CUDA 12 bindings; the tensorrt extra has it)") from None
     return cudart
 
 
@@ -85,6 +103,48 @@ def _check(cudart: Any, result: Any) -> Any:
 def _version_key(version: str) -> tuple[str, ...]:
     # Engines load only in the TensorRT version that built them; compare major.minor.patch.
     return tuple(version.split(".")[:3])
+
+
+ACCELERATOR_PATTERN = "gpu, dla0, dla1..."
+
+
+def parse_accelerators(accelerators: Any) -> tuple[str, ...]:
+    """``"gpu,dla0"`` or ``["gpu", "dla0"]`` -> ``("gpu", "dla0")``.
+
+    Raises:
+        ConfigError: empty, repeated, or not ``gpu`` / ``dlaN``.
+    """
+    names = accelerators.split(",") if isinstance(accelerators, str) else list(accelerators)
+    names = [str(n).strip().lower() for n in names if str(n).strip()]
+    bad = [n for n in names if n != "gpu" and not (n.startswith("dla") and n[3:].isdigit())]
+    if not names or bad or len(set(names)) != len(names):
+        raise ConfigError(f"accelerators: expected distinct names among {ACCELERATOR_PATTERN} such as gpu,dla0,dla1, "
+                          f"got {accelerators!r}")
+    return tuple(names)
+
+
+def select_engine(stack: StackInfo, compute_capability: str, tensorrt_version: str, precision: str | None = None,
+                  accelerator: str = "gpu") -> EngineInfo | None:
+    """The engine of ``stack`` built for this GPU, TensorRT version and accelerator (``gpu``, ``dla0``...), by
+    precision preference (fp16, fp32, int8) unless ``precision`` names one; None if there is none."""
+    fitting = [e for e in stack.engines if e.compute_capability == compute_capability
+               and _version_key(e.tensorrt_version) == _version_key(tensorrt_version)
+               and e.accelerator == accelerator]
+    for wanted in ([precision] if precision else PREFERENCE):
+        for engine in fitting:
+            if engine.precision == wanted:
+                return engine
+    return None
+
+
+def place_stacks(manifest: Manifest, accelerators: tuple[str, ...]) -> dict[str, str]:
+    """Which accelerator each stack is meant for: the general stacks in turn over ``accelerators``, in the members'
+    order (so consecutive stacks, which a call runs side by side on its lanes, land on different ones); prefix and
+    specialist stacks on the first (a prefix stack runs alone)."""
+    placement = {stack.name: accelerators[0] for stack in manifest.stacks}
+    for i, stack in enumerate(manifest.general_stacks):
+        placement[stack.name] = accelerators[i % len(accelerators)]
+    return placement
 
 
 class TensorRTRunner(StackRunner):
@@ -109,7 +169,8 @@ class TensorRTRunner(StackRunner):
 
     @property
     def providers(self) -> list[str]:
-        return [f"TensorRT {self.engine_info.tensorrt_version} {self.engine_info.precision}"] if self.is_active else []
+        info = self.engine_info
+        return [f"TensorRT {info.tensorrt_version} {info.precision} {info.accelerator}"] if self.is_active else []
 
     def activate(self) -> None:
         if self._context is not None:
@@ -117,6 +178,11 @@ class TensorRTRunner(StackRunner):
         trt, cudart = import_tensorrt(), _cudart()
         _check(cudart, cudart.cudaSetDevice(self.device))
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+        if self.engine_info.dla_core is not None:
+            if self.engine_info.dla_core >= runtime.num_DLA_cores:
+                raise BundleError(f"stack {self.name}: its engine is for DLA core {self.engine_info.dla_core}, this "
+                                  f"device has {runtime.num_DLA_cores} DLA cores")
+            runtime.DLA_core = self.engine_info.dla_core
         engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
         if engine is None:
             raise BundleError(f"stack {self.name}: TensorRT {trt.__version__} cannot deserialise {self.path} (built "
@@ -191,18 +257,23 @@ class TensorRTBackend(Backend):
         manifest: its manifest.
         precision: use engines of this precision only (default: the first of fp16, fp32, int8 that exists).
         device: CUDA device index.
+        accelerators: where the stacks run, e.g. ``("gpu", "dla0", "dla1")`` (see :func:`place_stacks`; default:
+            the GPU only).
 
     Raises:
         BackendUnavailableError: TensorRT >= 10 or cuda-python is not installed, or there is no CUDA device.
-        ConfigError: an unknown precision.
+        ConfigError: an unknown precision or accelerator name.
     """
 
     name = "tensorrt"
 
-    def __init__(self, bundle_dir: str | Path, manifest: Manifest, precision: str | None = None, device: int = 0):
+    def __init__(self, bundle_dir: str | Path, manifest: Manifest, precision: str | None = None, device: int = 0,
+                 accelerators: Any = ("gpu",)):
         super().__init__(bundle_dir, manifest)
         if precision is not None and precision not in PREFERENCE:
             raise unknown_choice("engine precision", precision, PREFERENCE)
+        self.accelerators = parse_accelerators(accelerators)
+        self.placement = place_stacks(manifest, self.accelerators)
         trt, cudart = import_tensorrt(), _cudart()
         try:
             props = _check(cudart, cudart.cudaGetDeviceProperties(device))
@@ -221,14 +292,12 @@ class TensorRTBackend(Backend):
         _cudart()
 
     def select_engine(self, stack: StackInfo) -> EngineInfo | None:
-        """The engine of ``stack`` built for this GPU and TensorRT version, by precision preference."""
-        fitting = [e for e in stack.engines if e.compute_capability == self.compute_capability
-                   and _version_key(e.tensorrt_version) == _version_key(self.tensorrt_version)]
-        for precision in ([self.precision] if self.precision else PREFERENCE):
-            for engine in fitting:
-                if engine.precision == precision:
-                    return engine
-        return None
+        """The engine of ``stack`` for its accelerator here (its GPU engine where it has none for a DLA core)."""
+        accelerator = self.placement.get(stack.name, "gpu")
+        engine = select_engine(stack, self.compute_capability, self.tensorrt_version, self.precision, accelerator)
+        if engine is None and accelerator != "gpu":
+            engine = select_engine(stack, self.compute_capability, self.tensorrt_version, self.precision, "gpu")
+        return engine
 
     def can_run(self) -> bool:
         return all(self.select_engine(stack) is not None for stack in self.manifest.general_stacks)
@@ -249,7 +318,9 @@ class TensorRTBackend(Backend):
                               self.manifest.n_outputs, self.device)
 
     def describe(self) -> dict[str, Any]:
-        precisions = sorted({e.precision for s in self.manifest.stacks if (e := self.select_engine(s)) is not None})
-        return {"backend": self.name, "providers": [f"TensorRT {self.tensorrt_version} {p}" for p in precisions],
+        used = sorted({(e.precision, e.accelerator) for s in self.manifest.stacks
+                       if (e := self.select_engine(s)) is not None})
+        return {"backend": self.name,
+                "providers": [f"TensorRT {self.tensorrt_version} {p} {a}" for p, a in used],
                 "device": f"{self.device_name} (cc {self.compute_capability})"}
 

@@ -107,7 +107,7 @@ def test_cli_offers_the_registered_backends_and_combiners() -> None:
 
 def test_missing_tensorrt_names_the_extra(bundle: SyntheticBundle, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", None)
-    with pytest.raises(BackendUnavailableError, match=r"needs TensorRT >= 10.*pip install edgens\[tensorrt\]"):
+    with pytest.raises(BackendUnavailableError, match=r"needs TensorRT >= 10.*pip install 'edgens\[tensorrt\]'"):
         Predictor.load(bundle.path, "tensorrt")
     assert not backend_class("tensorrt").is_available()
     assert isinstance(BackendUnavailableError("x"), ImportError)
@@ -133,7 +133,7 @@ def test_tensorrt_engine_selection_without_tensorrt(bundle: SyntheticBundle) -> 
     # The choice of engine is plain logic: check it here, where TensorRT itself cannot run.
     manifest = load_manifest(bundle.path)
     backend = TensorRTBackend.__new__(TensorRTBackend)
-    backend.manifest, backend.precision = manifest, None
+    backend.manifest, backend.precision, backend.placement = manifest, None, {}
     backend.compute_capability, backend.tensorrt_version = "8.7", "10.3.0.30"
     stack = manifest.stack("general-000")
     stack.engines = [_engine("int8"), _engine("fp32"), _engine("fp16", cc="8.6"), _engine("fp16", version="10.4.0")]
