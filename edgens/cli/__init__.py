@@ -26,6 +26,7 @@ COMMANDS = {
     "profile": "edgens.cli.profile_cmd:profile",
     "bench": "edgens.cli.bench_cmd:bench",
     "serve": "edgens.cli.serve_cmd:serve",
+    "doctor": "edgens.cli.doctor_cmd:doctor",
 }
 
 
@@ -52,8 +53,16 @@ def missing_package_error(command: str, err: ModuleNotFoundError) -> UserError |
     if extra is None:
         return None
     hint = " (on a CPU-only machine install a CPU build of torch first; see the README)" if package == "torch" else ""
+    install = f"pip install 'edgens[{extra}]'{hint}"
+    if extra in ("tensorrt", "runtime"):
+        from edgens.runtime.device_info import JETSON_ONNXRUNTIME_INSTALL, on_jetson
+
+        if on_jetson():  # never from pip's extras there (docs/jetson.md)
+            install = (JETSON_ONNXRUNTIME_INSTALL if extra == "runtime" else
+                       "sudo apt-get install python3-libnvinfer (JetPack's package), in a venv made with "
+                       "python3 -m venv --system-site-packages")
     return UserError(f"`edgens {command}` needs {package}, which this installation does not have; install it with "
-                     f"pip install 'edgens[{extra}]'{hint}")
+                     f"{install}")
 
 
 class _LazyGroup(click.Group):
