@@ -83,6 +83,19 @@ with Predictor.load("bundle") as predictor:
         assert not predictor.self_test([stack.name], quarantine=False)[stack.name].ok
 print("device venv: self-test and weight fault injection without the onnx package")
 EOF
+# The doctor on the device install: this machine (probed for real), and a recorded Jetson read as this machine.
+"$EDGENS" doctor --bundle bundle --json > doctor.json
+"$EDGENS" doctor --root "$ROOT/tests/fixtures/devices/agx-orin-jp61" > doctor-agx.txt
+"$VENV_PY" - <<'EOF'
+import json
+report = json.load(open("doctor.json"))
+assert report["ok"] and report["python"]["torch"] is None, report["python"]
+assert report["python"]["onnxruntime"] and not report["system"]["is_jetson"], report
+text = open("doctor-agx.txt").read()
+assert "Jetson AGX Orin Developer Kit: L4T 36.4.0 (JetPack 6.1)" in text, text
+assert "sudo apt-get install python3-libnvinfer" in text, text
+print("device venv: edgens doctor explains this machine and a recorded AGX Orin, without torch")
+EOF
 # 3. Commands of the training install refuse in one line naming the extra.
 for command in "train --epochs 1 --out run2" "export run -o bundle2"; do
   status=0

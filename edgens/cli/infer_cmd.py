@@ -94,6 +94,8 @@ def summarise(predictions: list[Any], y: Any, family: str, class_index: int | No
               help="onnxruntime threads per general stack's session (default: the cores per lane).")
 @click.option("--lanes", type=click.IntRange(min=1),
               help="Stacks a call may run side by side (default: one per core; given, deadline calls use them too).")
+@click.option("--accelerators", metavar="gpu,dla0,dla1",
+              help="tensorrt backend: run the general stacks in turn on these (a Jetson's GPU and DLA cores).")
 @click.option("--strict", is_flag=True, help="Fail on a missing or corrupt stack file instead of excluding it.")
 @click.option("--outliers/--no-outliers", "detect_outliers", default=True, show_default=True,
               help="Leave out groups of members whose outputs deviate beyond the bundle's thresholds (silent "
@@ -106,7 +108,8 @@ def summarise(predictions: list[Any], y: Any, family: str, class_index: int | No
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON object instead of text.")
 def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float | None, latency_ms: float | None,
           deadline_ms: float | None, confidence: float | None, task: str | None, backend: str, batch_size: int,
-          limit: int | None, stack_timeout_ms: float | None, threads: int | None, lanes: int | None, strict: bool,
+          limit: int | None, stack_timeout_ms: float | None, threads: int | None, lanes: int | None,
+          accelerators: str | None, strict: bool,
           detect_outliers: bool, combiner: str, self_test: bool, data_dir: str | None, as_json: bool) -> None:
     """Predict with BUNDLE on raw inputs within one budget; print accuracy, latency, members used and failures."""
     from edgens.data.inputs import load_input
@@ -115,7 +118,7 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
 
     task_value: str | int | None = int(task) if task is not None and task.isdigit() else task
     budget = Budget.parse(parse_members(members_text), flops, latency_ms, deadline_ms, confidence, task_value)
-    options = {"threads": threads} if threads else {}
+    options = {key: value for key, value in (("threads", threads), ("accelerators", accelerators)) if value}
     x, y, described = load_input(input_spec, data_dir)
     if limit is not None:
         x, y = x[:limit], (y[:limit] if y is not None else None)

@@ -53,9 +53,11 @@ def parse_batch_sizes(text: str) -> list[int]:
               help="onnxruntime threads per general stack's session (default: the cores per lane).")
 @click.option("--lanes", type=click.IntRange(min=1),
               help="Parallel lanes to measure (default: one per core, at most 4).")
+@click.option("--accelerators", metavar="gpu,dla0,dla1",
+              help="tensorrt backend: run the general stacks in turn on these (a Jetson's GPU and DLA cores).")
 @click.option("--json", "as_json", is_flag=True, help="Print the table as JSON instead of text.")
 def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: int, threads: int | None,
-            lanes: int | None, as_json: bool) -> None:
+            lanes: int | None, accelerators: str | None, as_json: bool) -> None:
     """Measure each stack of BUNDLE on this device (median and p90 latency) and save BUNDLE/latency.json.
 
     The table is kept per backend, providers, device and power mode (a Jetson's nvpmodel mode, recorded with the
@@ -71,7 +73,7 @@ def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: 
     from edgens.runtime.latency import LATENCY_FILE
 
     sizes = parse_batch_sizes(batch_sizes)
-    options = {"threads": threads} if threads else {}
+    options = {key: value for key, value in (("threads", threads), ("accelerators", accelerators)) if value}
     with Predictor.load(bundle, backend, lanes=lanes, **options) as predictor:
         check_writable(bundle / LATENCY_FILE)  # before the measurement, not after it
         total = len(predictor.runners) * len(sizes)

@@ -39,6 +39,9 @@ from edgens.cli.infer_cmd import BACKEND_CHOICES
 @click.option("--self-test-interval-s", type=float,
               help="Rerun every stack on the bundle's stored self-test inputs this often (silent faults).")
 @click.option("--threads", type=click.IntRange(min=1), help="onnxruntime threads per general stack's session.")
+@click.option("--accelerators", metavar="gpu,dla0,dla1",
+              help="tensorrt backend: run the general stacks in turn on these (a Jetson's GPU and DLA cores), each "
+                   "on its engine for that accelerator, else its GPU engine (docs/jetson.md).")
 @click.option("--solo-threads", type=click.IntRange(min=1), default=1, show_default=True,
               help="onnxruntime threads of a prefix stack's session. 1 never spins, which leaves the other cores to "
                    "the HTTP work (measured: +50% throughput at 16 clients on 2 cores); more is faster alone.")
@@ -51,19 +54,30 @@ from edgens.cli.infer_cmd import BACKEND_CHOICES
               show_default=True)
 @click.option("--port-file", type=click.Path(path_type=Path),
               help="Write the port here once the server accepts connections (removed at exit).")
-def serve(bundle: Path, host: str, port: int, model_name: str | None, backend: str, max_batch: int, max_queue: int,
+@click.option("--systemd-unit", is_flag=True,
+              help="Print a systemd unit that runs this command (with these options) as a service, and exit.")
+@click.pass_context
+def serve(ctx: click.Context, bundle: Path, host: str, port: int, model_name: str | None, backend: str,
+          max_batch: int, max_queue: int,
           token_file: Path | None, insecure: bool, min_available: float, stack_timeout_ms: float,
           max_request_bytes: int, drain_timeout_s: float, self_test_interval_s: float | None, threads: int | None,
-          solo_threads: int | None,
-          allow_fault_injection: bool, access_log: bool, log_format: str, log_level: str,
-          port_file: Path | None) -> None:
+          accelerators: str | None, solo_threads: int | None, allow_fault_injection: bool, access_log: bool,
+          log_format: str, log_level: str, port_file: Path | None, systemd_unit: bool) -> None:
     """Serve BUNDLE over HTTP with the Open Inference Protocol (KServe v2, as Triton speaks it).
 
     Budgets travel as request parameters (deadline_ms, members, flops, latency_ms, confidence, task); concurrent
     requests are merged into batched stack calls, and each deadline request is answered when its own deadline
     allows no further stack. SIGTERM drains: new requests are refused, those in flight are answered, exit 0.
-    See docs/serve.md.
+    See docs/serve.md; on a Jetson, docs/jetson.md (with --systemd-unit, a service that starts at boot).
     """
+    if systemd_unit:
+        from edgens.cli.systemd_unit import systemd_unit as unit
+        from edgens.runtime.manifest import load_manifest
+
+        load_manifest(bundle)  # a unit for a bundle that is not there would fail at every boot
+
+        click.echo(unit(ctx, bundle, drain_timeout_s), nl=False)
+        return
     from edgens.serve.server import ServeOptions
     from edgens.serve.server import serve as run
 
@@ -72,7 +86,7 @@ def serve(bundle: Path, host: str, port: int, model_name: str | None, backend: s
         max_queue=max_queue, token_file=token_file, insecure=insecure, min_available=min_available,
         stack_timeout_ms=stack_timeout_ms or None, max_request_bytes=max_request_bytes,
         drain_timeout_s=drain_timeout_s, self_test_interval_s=self_test_interval_s, threads=threads,
-        solo_threads=solo_threads,
+        solo_threads=solo_threads, accelerators=accelerators,
         allow_fault_injection=allow_fault_injection, access_log=access_log, log_format=log_format,
         log_level=log_level, port_file=port_file)
     raise SystemExit(run(options))

@@ -60,6 +60,7 @@ class ServeOptions:
     port_file: Path | None = None
     threads: int | None = None
     solo_threads: int | None = 1
+    accelerators: str | None = None
 
 
 class JsonFormatter(logging.Formatter):
@@ -190,7 +191,8 @@ def serve(options: ServeOptions) -> int:
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
     backend_options = {key: value for key, value in (("threads", options.threads),
-                                                      ("solo_threads", options.solo_threads)) if value}
+                                                      ("solo_threads", options.solo_threads),
+                                                      ("accelerators", options.accelerators)) if value}
     try:
         predictor = Predictor.load(options.bundle, options.backend, stack_timeout_ms=options.stack_timeout_ms,
                                    self_test_interval_s=options.self_test_interval_s, **backend_options)

@@ -15,14 +15,15 @@ import numpy as np
 
 
 class Server:
-    """One `edgens serve` process: started with ``args``, stopped with SIGTERM."""
+    """One `edgens serve` process: started with ``args`` (or exactly ``command``, which must write the port to
+    ``tmp / "port"``), stopped with SIGTERM."""
 
-    def __init__(self, bundle: Path, tmp: Path, *args: str):
+    def __init__(self, bundle: Path, tmp: Path, *args: str, command: list[str] | None = None):
         self.port_file = tmp / "port"
         self.log_path = tmp / "serve.log"
         self.log = open(self.log_path, "wb")  # noqa: SIM115  (closed in stop)
-        command = [sys.executable, "-m", "edgens", "serve", str(bundle), "--port", "0", "--port-file",
-                   str(self.port_file), *args]
+        command = command or [sys.executable, "-m", "edgens", "serve", str(bundle), "--port", "0", "--port-file",
+                              str(self.port_file), *args]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=self.log, env=env)
         deadline = time.monotonic() + 60

@@ -161,3 +161,42 @@ def test_the_server_modules_import_without_torch() -> None:
             "assert 'onnx' not in sys.modules, 'the server imported onnx'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+def test_the_printed_systemd_unit_runs_this_server(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    import configparser
+    import shlex
+
+    port_file = tmp_path / "port"
+    printed = _serve_command(served_bundle.path, "--port", "0", "--port-file", str(port_file), "--max-batch", "16",
+                             "--no-access-log", "--drain-timeout-s", "5", "--systemd-unit")
+    assert printed.returncode == 0, printed.stderr
+    unit = configparser.ConfigParser(interpolation=None, strict=False)
+    unit.optionxform = str  # systemd's keys are case-sensitive
+    unit.read_string(printed.stdout)
+    assert unit["Install"]["WantedBy"] == "multi-user.target" and unit["Service"]["KillSignal"] == "SIGTERM"
+    assert unit["Service"]["TimeoutStopSec"] == "15" and unit["Service"]["Type"] == "exec"
+    command = shlex.split(unit["Service"]["ExecStart"].replace("%%", "%"))
+    assert command[:4] == [sys.executable, "-m", "edgens", "serve"]
+    assert command[4:] == [str(served_bundle.path.absolute()), "--port", "0", "--max-batch", "16",
+                           "--drain-timeout-s", "5.0", "--no-access-log", "--port-file", str(port_file)]
+    server = Server(served_bundle.path, tmp_path, command=command)  # what systemd would start
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            assert http.get("/v2/health/ready").status_code == 200
+            x, _ = make_data(2, seed=5)
+            assert http.post(f"/v2/models/{MODEL}/infer", json=json_request(x)).status_code == 200
+    finally:
+        assert server.stop() == 0  # systemctl stop sends SIGTERM: drained, exit 0
+    missing = _serve_command(tmp_path / "nowhere", "--systemd-unit")
+    assert missing.returncode == 2 and missing.stdout == "" and "nowhere" in missing.stderr
+
+
+def test_unit_arguments_are_quoted_for_systemd() -> None:
+    from edgens.cli.systemd_unit import quote
+    from edgens.errors import ConfigError
+
+    assert (quote("/srv/my bundle"), quote("50%"), quote("/srv/b-1.2")) == ('"/srv/my bundle"', "50%%", "/srv/b-1.2")
+    for bad in ("/srv/$HOME", 'a"b', "a\\b"):
+        with pytest.raises(ConfigError, match="cannot write .* into a systemd unit"):
+            quote(bad)
