@@ -1,6 +1,6 @@
 """The project's GPU checks, as one script for a machine with a CUDA GPU (DEVELOPERS.md: run it when a session has
-the GPU machine; that machine has torch with CUDA and onnxruntime for the CPU, but no registry, onnx, TensorRT or
-onnxruntime-gpu, so what needs those is prepared here and carried):
+the GPU machine; that machine has torch with CUDA, onnx and onnxruntime for the CPU, but no registry, TensorRT or
+onnxruntime-gpu, and not Fashion-MNIST, so the data and a small run are prepared here and carried):
 
     # here (CPU machine): the data and a small exported run for the parity check
     bash scripts/gpu_check_prepare.sh            # -> gpu-check/ (ignored by git; carried to the device)
@@ -14,7 +14,8 @@ It checks, and writes ``report.json`` with what ran, what was skipped and why:
    CPU; the two test errors must agree within ``--tolerance`` (runs on two devices differ in rounding, not in what
    they learn);
 2. parity: every stack of a bundle, its members run by torch on CUDA against the bundle's ONNX graph run by
-   onnxruntime on the CPU (largest absolute difference of the natural parameters, and argmax agreement);
+   onnxruntime on the CPU (largest absolute difference of the natural parameters, and argmax agreement): the
+   carried ``--run``/``--bundle``, else the CUDA training run of check 1, exported here with ``edgens export``;
 3. step time: one training step (forward, modular loss, backward, SGD) of the default preset on the GPU against the
    CPU, medians of interleaved repeats.
 
@@ -39,7 +40,8 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path[:0] = [str(ROOT), str(ROOT / "benchmarks")]  # edgens from this checkout, installed or not (the GPU machine)
+CHILD_ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
 
 
 def _train(device: str, out: Path, args: argparse.Namespace) -> dict:
@@ -50,7 +52,7 @@ def _train(device: str, out: Path, args: argparse.Namespace) -> dict:
     if args.train_limit:
         command += ["--train-limit", str(args.train_limit)]
     start = time.perf_counter()
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=CHILD_ENV)
     if done.returncode != 0:
         raise RuntimeError(f"edgens train on {device} failed: {done.stderr.strip()[-2000:]}")
     summary = json.loads((out / "summary.json").read_text())
@@ -131,6 +133,24 @@ def check_step_time(args: argparse.Namespace) -> dict:
             "cpu_over_gpu": cpu_ms / gpu_ms, "cpu_threads": torch.get_num_threads(), "repeats": args.repeats}
 
 
+def _export_trained(args: argparse.Namespace) -> bool:
+    """Export the CUDA training run of the training check for the parity check; False if there is none."""
+    import importlib.util
+
+    run = args.out / "train-gpu"
+    if not (run / "summary.json").is_file() or importlib.util.find_spec("onnx") is None:
+        return False
+    bundle = args.out / "bundle-gpu"
+    shutil.rmtree(bundle, ignore_errors=True)
+    done = subprocess.run([sys.executable, "-m", "edgens", "export", str(run), "-o", str(bundle), "--json"],
+                          capture_output=True, text=True, timeout=args.timeout, env=CHILD_ENV)
+    if done.returncode != 0:
+        print(f"gpu_check: edgens export failed: {done.stderr.strip()[-1000:]}", file=sys.stderr)
+        return False
+    args.run, args.bundle = run, bundle
+    return True
+
+
 def environment(device: str) -> dict:
     import importlib.util
 
@@ -180,8 +200,8 @@ def main() -> int:
     for name, check in checks.items():
         if name in skip:
             report["skipped"][name] = "--skip"
-        elif name == "parity" and (args.run is None or args.bundle is None):
-            report["skipped"][name] = "no --run and --bundle (export needs onnx, which the GPU machine lacks)"
+        elif name == "parity" and (args.run is None or args.bundle is None) and not _export_trained(args):
+            report["skipped"][name] = "no --run and --bundle, and no CUDA training run to export (or no onnx)"
         else:
             start = time.perf_counter()
             try:
