@@ -89,6 +89,12 @@ class PowerMode:
         return self.name if self.id is None else f"{self.name} ({self.id})"
 
 
+def power_mode_key(root: str | Path | None = None, query_command: bool = True) -> str | None:
+    """The current power mode's :attr:`PowerMode.key` (what latency tables record), None without power modes."""
+    mode = read_power_mode(root, query_command)
+    return None if mode is None else mode.key
+
+
 def parse_nvpmodel_conf(text: str) -> tuple[dict[int, str], int | None]:
     """Power modes ``{id: name}`` and the boot default of an ``nvpmodel.conf``."""
     modes = {int(m.group(1)): m.group(2)
@@ -106,8 +112,13 @@ def parse_nvpmodel_query(text: str) -> PowerMode | None:
     return PowerMode(None, match.group(1), "nvpmodel -q") if match else None
 
 
-def read_power_mode(root: str | Path | None = None) -> PowerMode | None:
-    """The current power mode, or None on a machine without nvpmodel (not a Jetson)."""
+def read_power_mode(root: str | Path | None = None, query_command: bool = True) -> PowerMode | None:
+    """The current power mode, or None on a machine without nvpmodel (not a Jetson).
+
+    Args:
+        query_command: where the status file is missing on the live system, ask ``nvpmodel -q`` (a process:
+            milliseconds, so not on a call's path).
+    """
     base = system_root(root)
     modes, _ = parse_nvpmodel_conf(_read(base, "/etc/nvpmodel.conf") or "")
     status = _read(base, "/var/lib/nvpmodel/status")
@@ -115,7 +126,7 @@ def read_power_mode(root: str | Path | None = None) -> PowerMode | None:
     if match:
         mode_id = int(match.group(1))
         return PowerMode(mode_id, modes.get(mode_id), "/var/lib/nvpmodel/status")
-    if base == Path("/") and shutil.which("nvpmodel"):
+    if query_command and base == Path("/") and shutil.which("nvpmodel"):
         try:
             done = subprocess.run(["nvpmodel", "-q"], capture_output=True, text=True, timeout=10)
         except (OSError, subprocess.SubprocessError):

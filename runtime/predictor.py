@@ -59,7 +59,7 @@ from edgens.runtime.manifest import (Manifest, SelfTestData, check_file, check_s
 from edgens.runtime.outliers import GroupCheck
 from edgens.runtime.policies import Budget, Step
 from edgens.runtime.selftest import SelfTestResult, compare_outputs
-from edgens.runtime.device_info import read_power_mode
+from edgens.runtime.device_info import power_mode_key
 from edgens.runtime.latency import LatencyTable, ObservedLatency, find_table, load_latency_tables, other_modes
 
 log = logging.getLogger(__name__)
@@ -342,8 +342,7 @@ class Predictor:
         self.latency_table, self._latency_problem = None, None
         self._plans.clear()
         self._power_check_due = time.monotonic() + POWER_MODE_CHECK_S
-        mode = read_power_mode()
-        self.power_mode = None if mode is None else mode.key
+        self.power_mode = power_mode_key()
         description = self.backend.describe()
         try:
             tables = load_latency_tables(self.bundle_dir)
@@ -720,10 +719,9 @@ class Predictor:
         if now < self._power_check_due:
             return
         self._power_check_due = now + POWER_MODE_CHECK_S
-        mode = read_power_mode()
-        if (None if mode is None else mode.key) != self.power_mode:
-            log.warning("power mode changed from %s to %s: picking the latency table again", self.power_mode,
-                        None if mode is None else mode.key)
+        mode = power_mode_key(query_command=False)  # files only: no process on a call's path
+        if mode is not None and mode != self.power_mode:
+            log.warning("power mode changed from %s to %s: picking the latency table again", self.power_mode, mode)
             self.reload_latency()
 
     def _steps_for(self, budget: Budget, batch: int) -> list[Step]:

@@ -13,7 +13,7 @@ import numpy as np
 
 from edgens.checks import check_number
 from edgens.errors import ConfigError, NoMembersAvailableError
-from edgens.runtime.device_info import read_clocks, read_power_mode
+from edgens.runtime.device_info import power_mode_key, read_clocks
 from edgens.runtime.lanes import Lanes, LaneWork, StackResult
 from edgens.runtime.latency import ChainLatency, LatencyTable, StackLatency
 from edgens.runtime.policies import Step
@@ -60,9 +60,7 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
         raise NoMembersAvailableError(f"profile: no stack of {predictor.bundle_dir} is loaded; "
                                       f"{predictor.describe_health()}")
     rng = np.random.default_rng(0)
-    mode = read_power_mode()
-    table = LatencyTable(warmup=warmup, repeats=repeats, power_mode=None if mode is None else mode.key,
-                         **predictor.backend.describe())
+    table = LatencyTable(warmup=warmup, repeats=repeats, power_mode=power_mode_key(), **predictor.backend.describe())
     for batch in sorted({int(b) for b in batch_sizes}):
         x = rng.standard_normal((batch, *predictor.manifest.input.shape)).astype(np.float32)
         for runner in runners.values():
@@ -85,10 +83,10 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
             table.lanes[batch] = chain
     clocks = read_clocks()  # as the measurement ends, while the load still holds the clocks up
     table.clocks = clocks.to_dict() if clocks.cpu_mhz or clocks.gpu_mhz is not None else None
-    after = read_power_mode()
-    if (None if after is None else after.key) != table.power_mode:
-        raise ConfigError(f"profile: the power mode changed from {table.power_mode} to "
-                          f"{None if after is None else after.key} while measuring; profile again in one mode")
+    after = power_mode_key()
+    if after != table.power_mode:
+        raise ConfigError(f"profile: the power mode changed from {table.power_mode} to {after} while measuring; "
+                          f"profile again in one mode")
     return table
 
 

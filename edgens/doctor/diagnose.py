@@ -106,7 +106,8 @@ def _onnxruntime(system: SystemFacts, py: PythonFacts) -> list[Finding]:
 
 def _tensorrt(system: SystemFacts, py: PythonFacts) -> list[Finding]:
     if py.tensorrt is not None:
-        if int(py.tensorrt.split(".")[0]) < TENSORRT_MIN:
+        major = py.tensorrt.split(".")[0]
+        if major.isdigit() and int(major) < TENSORRT_MIN:
             return [Finding("warn", "tensorrt", f"TensorRT {py.tensorrt} is older than {TENSORRT_MIN}: the "
                             f"tensorrt backend needs TensorRT 10's API", "JetPack 6 ships TensorRT 10.3")]
         found = [Finding("ok", "tensorrt", f"TensorRT {py.tensorrt}")]
@@ -239,7 +240,7 @@ def _bundle(bundle_dir: Path, system: SystemFacts, py: PythonFacts) -> list[Find
     except EdgensError as err:
         return [*found, Finding("warn", "latency", str(err), f"edgens profile {bundle_dir}")]
     mode = system.power_mode
-    here = [t for t in tables if t.device == system.model or t.device.startswith(system.model)]
+    here = [t for t in tables if t.device.startswith(system.model)]  # every backend's tables start with the board
     matching = [t for t in here if power_mode_matches(t.power_mode, mode)]
     if matching:
         found.append(Finding("ok", "latency", f"{len(matching)} latency table(s) for this device in power mode "

@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 
 from edgens.errors import BackendUnavailableError, BundleError, ConfigError, unknown_choice
-from edgens.runtime.backends.base import Backend, StackRunner
+from edgens.runtime.backends.base import Backend, StackRunner, describe_device
 from edgens.runtime.manifest import EngineInfo, Manifest, StackInfo, check_file
 
 log = logging.getLogger(__name__)
@@ -322,5 +322,6 @@ class TensorRTBackend(Backend):
                        if (e := self.select_engine(s)) is not None})
         return {"backend": self.name,
                 "providers": [f"TensorRT {self.tensorrt_version} {p} {a}" for p, a in used],
-                "device": f"{self.device_name} (cc {self.compute_capability})"}
+                # The board's name first, as onnxruntime's tables have it: one device, whatever ran the stacks.
+                "device": f"{describe_device()} + {self.device_name} (cc {self.compute_capability})"}
 

@@ -136,3 +136,35 @@ def test_profile_checks_it_can_write_the_table_before_measuring(run, bundle: Syn
     result = run("profile", bundle.path, "--repeats", "100000", code=2)  # would take minutes if it measured
     assert "cannot write" in result.output and "latency.json: it is a directory" in result.output
     assert result.output.count("\n") == 1
+
+
+def test_profile_on_a_jetson_names_the_power_mode_and_clocks(run, bundle: SyntheticBundle, npz,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    devices = Path(__file__).resolve().parents[1] / "fixtures" / "devices"
+    monkeypatch.setenv("EDGENS_SYSTEM_ROOT", str(devices / "orin-nano-super-jp62"))
+    out = run("profile", bundle.path, "--batch-sizes", "1", "--repeats", 2, "--warmup", 0).stdout
+    assert ("power mode 25W; clocks as it ended: CPU 730-1344 of 1344 MHz, GPU 306 of 918 MHz (not pinned: "
+            "`sudo jetson_clocks` gives steadier latencies)") in out
+    monkeypatch.setenv("EDGENS_SYSTEM_ROOT", str(devices / "agx-orin-jp61"))  # another board: its own table
+    out = run("profile", bundle.path, "--batch-sizes", "1", "--repeats", 2, "--warmup", 0).stdout
+    assert "power mode MAXN; clocks as it ended: CPU 2202-2202 of 2202 MHz, GPU 1300 of 1300 MHz\n" in out
+    tables = json.loads((bundle.path / "latency.json").read_text())["tables"]
+    assert [(t["device"], t["power_mode"]) for t in tables] == [
+        ("NVIDIA Jetson Orin Nano Engineering Reference Developer Kit Super", "25W"),
+        ("Jetson AGX Orin Developer Kit", "MAXN")]
+    path, _, _ = npz
+    assert json.loads(run("infer", bundle.path, "--input", path, "--latency-ms", 10_000, "--json").stdout)
+
+
+def test_missing_packages_on_a_jetson_name_jetpack_and_the_jetson_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    from edgens.cli import missing_package_error
+
+    devices = Path(__file__).resolve().parents[1] / "fixtures" / "devices"
+    monkeypatch.setenv("EDGENS_SYSTEM_ROOT", str(devices / "agx-orin-jp61"))
+    tensorrt = str(missing_package_error("infer", ModuleNotFoundError(name="tensorrt")).message)
+    assert "sudo apt-get install python3-libnvinfer (JetPack's package)" in tensorrt and "pip" not in tensorrt
+    onnxruntime = str(missing_package_error("infer", ModuleNotFoundError(name="onnxruntime")).message)
+    assert onnxruntime.endswith("pip install onnxruntime-gpu --index-url https://pypi.jetson-ai-lab.io/jp6/cu126")
+    monkeypatch.setenv("EDGENS_SYSTEM_ROOT", str(devices / "x86-gpu-server"))
+    assert str(missing_package_error("infer", ModuleNotFoundError(name="tensorrt")).message).endswith(
+        "pip install 'edgens[tensorrt]'")
