@@ -712,9 +712,10 @@ class Predictor:
             call.task = policies.resolve_task(self.manifest, budget.value).task
         return call
 
-    def _follow_power_mode(self) -> None:
-        """Pick the latency table again when the device's power mode changed (``nvpmodel -m`` while running); read
-        at most every :data:`POWER_MODE_CHECK_S` seconds, so a call pays one clock read."""
+    def follow_power_mode(self) -> None:
+        """Pick the latency table again if the device's power mode changed (``nvpmodel -m`` while running). Latency
+        and deadline calls do this themselves; the mode is read at most every :data:`POWER_MODE_CHECK_S` seconds,
+        so a call pays one clock read."""
         now = time.monotonic()
         if now < self._power_check_due:
             return
@@ -727,7 +728,7 @@ class Predictor:
     def _steps_for(self, budget: Budget, batch: int) -> list[Step]:
         """The plan of a call with this budget and batch size, or the error the call raises before any stack runs."""
         if budget.kind in ("latency_ms", "deadline_ms"):
-            self._follow_power_mode()
+            self.follow_power_mode()
         if budget.kind == "confidence" and self.manifest.family != "categorical":
             raise ConfigError(f"confidence budgets need a categorical bundle, this one is {self.manifest.family}")
         if budget.kind == "confidence" and self.combiner != "mean":

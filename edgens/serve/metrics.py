@@ -3,12 +3,16 @@
 Names start with ``edgens_``. Counters: requests by outcome, deadline overruns, stack failures by stack and kind.
 Histograms: request latency (from arrival to the answer), members used per request, examples per merged call.
 Gauges read at scrape time: queue depth, requests in flight, quarantined and unavailable stacks, the fraction of
-members available.
+members available, the device's power mode (a Jetson's nvpmodel mode, as a label) and whether a latency table for it
+is in use.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, disable_created_metrics, generate_latest
+from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edgens.runtime.batching import Batcher
@@ -28,6 +32,25 @@ def members_available(predictor: Predictor) -> float:
     general = predictor.manifest.general_stacks
     available = sum(len(stack.members) for stack in general if predictor.available(stack.name))
     return available / sum(len(stack.members) for stack in general)
+
+
+class PowerModeCollector:
+    """``edgens_power_mode{mode="25W"} 1`` (no sample without power modes) and ``edgens_latency_table`` (1 while a
+    table for the current backend, device and power mode is in use), read at scrape time."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        self.predictor.follow_power_mode()  # a server answering only member budgets would not read it otherwise
+        mode = GaugeMetricFamily("edgens_power_mode", "The device's power mode (nvpmodel's name, as the label)",
+                                 labels=["mode"])
+        if self.predictor.power_mode is not None:
+            mode.add_metric([self.predictor.power_mode], 1.0)
+        yield mode
+        yield GaugeMetricFamily("edgens_latency_table", "1 while a latency table for this backend, device and power "
+                                "mode is in use (latency_ms budgets need one)",
+                                value=float(self.predictor.latency_table is not None))
 
 
 class ServeMetrics:
@@ -65,6 +88,7 @@ class ServeMetrics:
               registry=registry).set_function(lambda: sum(h.status == "excluded" for h in predictor.health().values()))
         Gauge("edgens_members_available_ratio", "Fraction of the members in available general stacks",
               registry=registry).set_function(lambda: members_available(predictor))
+        registry.register(PowerModeCollector(predictor))
 
     def answered(self, prediction: Prediction, latency_s: float) -> None:
         self.requests.labels("ok").inc()

@@ -249,3 +249,17 @@ def test_missing_tensorrt_on_a_jetson_names_jetpacks_package(jetson: Path, bundl
                                                       r"onnxruntime-gpu --index-url https://pypi.jetson-ai-lab.io/"
                                                       r"jp6/cu126`"):
         Predictor.load(bundle.path, "onnxruntime")
+
+
+def test_without_the_status_file_the_live_system_asks_nvpmodel(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    if Path("/var/lib/nvpmodel/status").exists():
+        pytest.skip("this machine has nvpmodel's status file")
+    monkeypatch.delenv(ROOT_VARIABLE, raising=False)
+    fake = tmp_path / "bin" / "nvpmodel"  # prints what `nvpmodel -q` printed on an Orin Nano (fixtures README)
+    fake.parent.mkdir()
+    fake.write_text("#!/bin/sh\n[ \"$1\" = -q ] && printf 'NV Power Mode: 25W\\n1\\n'\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{fake.parent}{os.pathsep}{os.environ['PATH']}")
+    mode = read_power_mode()
+    assert (mode.id, mode.name, mode.source) == (1, "25W", "nvpmodel -q")
+    assert read_power_mode(query_command=False) is None  # a call's path never starts a process

@@ -166,3 +166,13 @@ def test_a_bundles_engines_and_latency_tables_are_checked_for_this_device(bundle
     table.power_mode = "25W"
     save_latency_table(bundle.path, table)
     assert _by_topic(diagnose(nano, python, bundle.path))["latency"][0].level == "ok"
+
+
+def test_the_cli_exits_1_when_edgens_cannot_run_here() -> None:
+    code = ("import sys\nsys.modules['onnxruntime'] = None\nfrom edgens.cli import main\n"
+            "main(['doctor', '--no-load'])\n")
+    env = {k: v for k, v in os.environ.items() if k != ROOT_VARIABLE}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    assert "XX onnxruntime  onnxruntime is not importable: edgens cannot run a bundle here" in result.stdout
+    assert "fix: pip install 'edgens[runtime]'" in result.stdout

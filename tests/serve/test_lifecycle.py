@@ -200,3 +200,25 @@ def test_unit_arguments_are_quoted_for_systemd() -> None:
     for bad in ("/srv/$HOME", 'a"b', "a\\b"):
         with pytest.raises(ConfigError, match="cannot write .* into a systemd unit"):
             quote(bad)
+
+
+def test_metrics_name_the_power_mode_and_follow_a_change(served_bundle: SyntheticBundle, tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    root = tmp_path / "orin-nano"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "fixtures" / "devices" / "orin-nano-super-jp62", root)
+    monkeypatch.setenv("EDGENS_SYSTEM_ROOT", str(root))  # the server reads this copy as its device
+    server = Server(served_bundle.path, tmp_path, "--no-access-log")
+    try:
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            metrics = http.get("/metrics").text
+            assert 'edgens_power_mode{mode="25W"} 1.0' in metrics and "edgens_latency_table 0.0" in metrics
+            (root / "var/lib/nvpmodel/status").write_text("pmode:0002\n")  # sudo nvpmodel -m 2 while it runs
+            deadline = time.monotonic() + 10  # the mode is read at most every 2 s
+            while 'mode="MAXN_SUPER"' not in (metrics := http.get("/metrics").text) and time.monotonic() < deadline:
+                time.sleep(0.25)
+            assert 'edgens_power_mode{mode="MAXN_SUPER"} 1.0' in metrics and 'mode="25W"' not in metrics
+    finally:
+        assert server.stop() == 0
+    assert any("power mode changed from 25W to MAXN_SUPER" in line for line in server.stderr().splitlines())
