@@ -200,7 +200,7 @@ def _version_key(version: str) -> tuple[str, ...]:
 def _bundle(bundle_dir: Path, system: SystemFacts, py: PythonFacts) -> list[Finding]:
     from edgens.errors import EdgensError
     from edgens.runtime.latency import load_latency_tables, power_mode_matches
-    from edgens.runtime.manifest import load_manifest
+    from edgens.runtime.manifest import check_file, load_manifest
 
     try:
         manifest = load_manifest(bundle_dir)
@@ -222,6 +222,8 @@ def _bundle(bundle_dir: Path, system: SystemFacts, py: PythonFacts) -> list[Find
                 reasons[name] = f"built with TensorRT {engine.tensorrt_version}, this is {tensorrt}"
             elif engine.dla_core is not None and (dla_cores or 0) <= engine.dla_core:
                 reasons[name] = f"built for DLA core {engine.dla_core}, this module has {dla_cores or 0}"
+            elif (problem := check_file(bundle_dir, engine.file, engine.sha256)) is not None:
+                reasons[name] = f"its engine file {problem}"  # a copy that missed the engines, or a broken one
             else:
                 usable.add(name)
         missing = [s.name for s in manifest.stacks if s.name not in usable]

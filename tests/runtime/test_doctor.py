@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from edgens.cli import cli
 from edgens.doctor import PythonFacts, diagnose, probe_python
 from edgens.doctor.probe import identity_model
+from edgens.fileio import atomic_write_bytes, sha256_file
 from edgens.runtime import EngineInfo, LatencyTable, load_manifest, save_latency_table, write_manifest
 from edgens.runtime.device_info import ROOT_VARIABLE, read_system
 from edgens.runtime.latency import StackLatency
@@ -143,8 +144,11 @@ def test_the_probe_loads_a_real_session_from_its_own_model() -> None:
 def test_a_bundles_engines_and_latency_tables_are_checked_for_this_device(bundle: SyntheticBundle) -> None:
     nano = read_system(DEVICES / "orin-nano-super-jp62")
     manifest = load_manifest(bundle.path)
-    for stack in manifest.stacks:
-        stack.engines = [EngineInfo(file=f"engines/{stack.name}.engine", sha256="0" * 64, precision="fp16",
+    (bundle.path / "engines").mkdir()
+    for stack in manifest.stacks:  # engine files with the right checksums (their content is not read here)
+        relative = f"engines/{stack.name}.engine"
+        atomic_write_bytes(bundle.path / relative, f"engine of {stack.name}".encode())
+        stack.engines = [EngineInfo(file=relative, sha256=sha256_file(bundle.path / relative), precision="fp16",
                                     tensorrt_version="10.3.0.30", device_name="Orin", compute_capability="8.7",
                                     min_batch=1, max_batch=64)]
     write_manifest(bundle.path, manifest)
@@ -158,6 +162,11 @@ def test_a_bundles_engines_and_latency_tables_are_checked_for_this_device(bundle
     (finding,) = _by_topic(diagnose(nano, python, bundle.path))["engines"]
     assert finding.level == "warn" and finding.message == (
         "3 of 4 stacks have a TensorRT engine usable here (general-001: built for DLA core 0, this module has 0)")
+    manifest.stacks[1].engines[0].dla_core = None
+    write_manifest(bundle.path, manifest)
+    (bundle.path / "engines/general-002.engine").unlink()  # copied without it
+    (finding,) = _by_topic(diagnose(nano, python, bundle.path))["engines"]
+    assert finding.message.endswith("(general-002: its engine file engines/general-002.engine is missing)")
     table = LatencyTable(backend="onnxruntime", providers=["CPUExecutionProvider"], device=ORIN_NANO,
                          stacks={"general-000": {1: StackLatency(1, 2)}}, power_mode="MAXN_SUPER")
     save_latency_table(bundle.path, table)
