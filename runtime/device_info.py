@@ -219,10 +219,12 @@ class SystemFacts:
         dla_cores: DLA cores (from /sys, else from the module); compute_capability: from the module table.
         cuda: the CUDA toolkit's version; packages: JetPack's dpkg packages and versions.
         nvidia_gpu: a discrete NVIDIA GPU's name (/proc/driver/nvidia), None on a Jetson or without one.
+        is_jetson: :func:`on_jetson` of the same root.
     """
 
     model: str
     machine: str
+    is_jetson: bool = False
     l4t: str | None = None
     jetpack: str | None = None
     power_mode: PowerMode | None = None
@@ -234,10 +236,6 @@ class SystemFacts:
     cuda: str | None = None
     packages: dict[str, str] = field(default_factory=dict)
     nvidia_gpu: str | None = None
-
-    @property
-    def is_jetson(self) -> bool:
-        return self.l4t is not None or "jetson" in self.model.lower()
 
     def to_dict(self) -> dict[str, Any]:
         mode = self.power_mode
@@ -294,8 +292,8 @@ def read_system(root: str | Path | None = None) -> SystemFacts:
     l4t = parse_l4t_release(_read(base, "/etc/nv_tegra_release") or "")
     packages = read_dpkg_versions(base)
     facts = SystemFacts(model=model or cpu_name(base) or platform.processor() or "unknown",
-                        machine="aarch64" if l4t else platform.machine(), l4t=l4t, packages=packages,
-                        nvidia_gpu=nvidia_gpu_name(base))
+                        machine="aarch64" if l4t else platform.machine(), is_jetson=on_jetson(base), l4t=l4t,
+                        packages=packages, nvidia_gpu=nvidia_gpu_name(base))
     if "nvidia-jetpack" in packages:
         facts.jetpack = packages["nvidia-jetpack"].split("+")[0].split("-")[0]
     elif l4t:

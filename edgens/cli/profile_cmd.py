@@ -15,15 +15,15 @@ from edgens.cli.infer_cmd import BACKEND_CHOICES
 
 def describe_clocks(clocks: dict | None) -> str:
     """``clocks: CPU 730-1344 of 1344 MHz, GPU 306 of 918 MHz (not pinned: sudo jetson_clocks ...)``."""
+    from edgens.runtime.device_info import Clocks
+
     if not clocks or not clocks.get("cpu_mhz"):
         return "clocks not readable"
-    cpu, top = clocks["cpu_mhz"], clocks["cpu_max_mhz"]
-    parts = [f"CPU {min(cpu):.0f}-{max(cpu):.0f} of {max(top):.0f} MHz"]
-    pinned = all(c >= 0.98 * t for c, t in zip(cpu, top))
-    if clocks.get("gpu_mhz") is not None:
-        parts.append(f"GPU {clocks['gpu_mhz']:.0f} of {clocks['gpu_max_mhz']:.0f} MHz")
-        pinned = pinned and clocks["gpu_mhz"] >= 0.98 * clocks["gpu_max_mhz"]
-    hint = "" if pinned else " (not pinned: `sudo jetson_clocks` gives steadier latencies)"
+    read = Clocks.from_dict(clocks)
+    parts = [f"CPU {min(read.cpu_mhz):.0f}-{max(read.cpu_mhz):.0f} of {max(read.cpu_max_mhz):.0f} MHz"]
+    if read.gpu_mhz is not None:
+        parts.append(f"GPU {read.gpu_mhz:.0f} of {read.gpu_max_mhz:.0f} MHz")
+    hint = "" if read.pinned else " (not pinned: `sudo jetson_clocks` gives steadier latencies)"
     return "clocks as it ended: " + ", ".join(parts) + hint
 
 

@@ -15,7 +15,6 @@ from edgens.doctor.probe import PythonFacts
 from edgens.runtime.device_info import JETSON_INDEX, JETSON_ONNXRUNTIME_INSTALL, SystemFacts
 
 LEVELS = ("ok", "info", "warn", "error")
-JETSON_ORT = JETSON_ONNXRUNTIME_INSTALL
 HOT_C = 85.0  # Orin modules throttle their clocks as the junction nears its limit (~97-99 C); warn before that
 TENSORRT_MIN = 10
 
@@ -67,7 +66,7 @@ def _python(system: SystemFacts, py: PythonFacts) -> list[Finding]:
 def _onnxruntime(system: SystemFacts, py: PythonFacts) -> list[Finding]:
     gpu_here = system.is_jetson or system.nvidia_gpu is not None
     if system.is_jetson:
-        install = JETSON_ORT
+        install = JETSON_ONNXRUNTIME_INSTALL
     else:
         install = "pip install 'edgens[runtime-gpu]'" if gpu_here else "pip install 'edgens[runtime]'"
     if len(py.onnxruntime_distributions) > 1:
@@ -193,12 +192,9 @@ def _torch_and_serve(system: SystemFacts, py: PythonFacts) -> list[Finding]:
     return found
 
 
-def _version_key(version: str) -> tuple[str, ...]:
-    return tuple(version.split("-")[0].split(".")[:3])
-
-
 def _bundle(bundle_dir: Path, system: SystemFacts, py: PythonFacts) -> list[Finding]:
     from edgens.errors import EdgensError
+    from edgens.runtime.backends.tensorrt import version_key
     from edgens.runtime.latency import load_latency_tables, power_mode_matches
     from edgens.runtime.manifest import check_file, load_manifest
 
@@ -218,7 +214,7 @@ def _bundle(bundle_dir: Path, system: SystemFacts, py: PythonFacts) -> list[Find
                 reasons[name] = "TensorRT or the GPU's compute capability unknown here"
             elif engine.compute_capability != capability:
                 reasons[name] = f"built for compute capability {engine.compute_capability}, this GPU is {capability}"
-            elif _version_key(engine.tensorrt_version) != _version_key(tensorrt):
+            elif version_key(engine.tensorrt_version) != version_key(tensorrt):
                 reasons[name] = f"built with TensorRT {engine.tensorrt_version}, this is {tensorrt}"
             elif engine.dla_core is not None and (dla_cores or 0) <= engine.dla_core:
                 reasons[name] = f"built for DLA core {engine.dla_core}, this module has {dla_cores or 0}"

@@ -90,10 +90,6 @@ class PythonFacts:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PythonFacts:
-        return cls(**data)
-
 
 def _version(distribution: str) -> str | None:
     try:

@@ -100,8 +100,8 @@ def _check(cudart: Any, result: Any) -> Any:
     return values[0] if len(values) == 1 else tuple(values)
 
 
-def _version_key(version: str) -> tuple[str, ...]:
-    # Engines load only in the TensorRT version that built them; compare major.minor.patch.
+def version_key(version: str) -> tuple[str, ...]:
+    """What must match for an engine to load: TensorRT's major.minor.patch (``10.3.0.30`` -> ``10``, ``3``, ``0``)."""
     return tuple(version.split(".")[:3])
 
 
@@ -128,7 +128,7 @@ def select_engine(stack: StackInfo, compute_capability: str, tensorrt_version: s
     """The engine of ``stack`` built for this GPU, TensorRT version and accelerator (``gpu``, ``dla0``...), by
     precision preference (fp16, fp32, int8) unless ``precision`` names one; None if there is none."""
     fitting = [e for e in stack.engines if e.compute_capability == compute_capability
-               and _version_key(e.tensorrt_version) == _version_key(tensorrt_version)
+               and version_key(e.tensorrt_version) == version_key(tensorrt_version)
                and e.accelerator == accelerator]
     for wanted in ([precision] if precision else PREFERENCE):
         for engine in fitting:
