@@ -20,7 +20,7 @@ import numpy as np
 from edgens import selection
 from edgens.fileio import atomic_write_text
 from edgens.rundir import RunDir
-from edgens.runtime.manifest import load_manifest
+from edgens.runtime.bundle import load_manifest
 
 
 def main() -> None:

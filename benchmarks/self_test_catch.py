@@ -35,7 +35,7 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     rows = []
     with Predictor.load(args.bundle, "onnxruntime", lanes=1, quarantine_after=None) as predictor:
-        xn = predictor._prepare(x)
+        xn = predictor.prepare(x).array
         names = [s.name for s in predictor.manifest.stacks]
         clean = predictor.stack_outputs(x, names, batch_size=1000)
         models = {n: (Path(args.bundle) / predictor.manifest.stack(n).file).read_bytes() for n in names}

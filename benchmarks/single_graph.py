@@ -55,14 +55,11 @@ class BareSingleGraph:
     """The baseline: one onnxruntime session on the single graph, pre-normalised input, numpy mean and softmax."""
 
     def __init__(self, bundle: Path, threads: int, spin: bool):
-        import onnxruntime as ort
-
-        from edgens.runtime.backends.onnxruntime import session_options
+        from edgens.runtime.backends.onnxruntime import load_session
 
         manifest = load_manifest(bundle)
         (stack,) = manifest.general_stacks
-        self.session = ort.InferenceSession(str(bundle / stack.file), session_options(threads, spin),
-                                            providers=["CPUExecutionProvider"])
+        self.session = load_session(bundle / stack.file, threads, spin)
         self.names = ([stack.output_name], stack.input_name)
 
     def __call__(self, x: np.ndarray) -> np.ndarray:
@@ -114,11 +111,11 @@ def main(argv: list[str] | None = None) -> dict:
                      "rounds": args.rounds, "calls": args.calls, "batches": {}}
     for batch in [int(b) for b in args.batches.split(",")]:
         xb = np.ascontiguousarray(x_raw[:batch])
-        xn = default._prepare(xb)  # the same normalisation, done once: the baseline gets it for free
+        xn = default.prepare(xb).array  # the same normalisation, done once: the baseline gets it for free
         fastest_bare = bare[(cores, True)] if cores > 1 else bare[(1, False)]
         variants: dict[str, Callable[[], object]] = {
             # what a caller's own code must also do with raw data: normalise it (as the runtime does)
-            "bare single graph + normalising raw input": lambda: fastest_bare(default._prepare(xb)),
+            "bare single graph + normalising raw input": lambda: fastest_bare(default.prepare(xb).array),
             **{f"bare single graph, {t} thread{'s' if t > 1 else ''}{', spinning' if spin else ''}": (lambda b=b: b(xn))
                for (t, spin), b in bare.items()},
             "Predictor, default bundle (all members)": lambda: default.predict(xb),

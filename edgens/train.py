@@ -304,7 +304,8 @@ class Trainer:
         return self.share(summary)
 
 
-def _build_run_config(config: TrainConfig, dataset: Dataset, spec: StackSpec, device: torch.device) -> dict:
+def build_run_config(config: TrainConfig, dataset: Dataset, spec: StackSpec, device: torch.device) -> dict:
+    """What a run's ``config.json`` holds: the settings, what they resolved to, the stack, the data, versions."""
     return {"config": config.to_dict(),
             "resolved": {"lr": config.resolved_lr(), "lr_convention": LR_CONVENTION, "device": str(device),
                          "milestone_epochs": config.milestone_epochs()},
@@ -320,7 +321,8 @@ def with_resolved_prefixes(config: TrainConfig, n_members: int) -> TrainConfig:
     return dataclasses.replace(config, prefixes=config.resolved_prefixes(n_members))
 
 
-def _load_data(config: TrainConfig) -> Dataset:
+def load_data(config: TrainConfig) -> Dataset:
+    """The data set a training configuration names, split as it says."""
     return load_dataset(config.dataset, config.data_dir, config.val_size, config.split_seed, config.family,
                         config.train_limit)
 
@@ -336,11 +338,11 @@ def train(config: TrainConfig, run_dir: str | Path, callbacks: Callbacks | None 
     run = RunDir(run_dir)
     run.check_new()  # before loading data: fail fast, write nothing
     device = resolve_device(config.device)
-    dataset = _load_data(config)
+    dataset = load_data(config)
     spec = preset_spec(config.preset, dataset.input_shape, dataset.n_outputs, config.n_members)
     config = with_resolved_prefixes(config, spec.n_members)
     trainer = Trainer(config, run, dataset, spec, device, callbacks)
-    run.create(_build_run_config(config, dataset, spec, device))
+    run.create(build_run_config(config, dataset, spec, device))
     log.info("training %s (%d members, lam=%g) on %s, %s", config.preset, spec.n_members, config.lam, device,
              dataset.name)
     trainer.fit()
@@ -364,7 +366,7 @@ def resume(run_dir: str | Path, callbacks: Callbacks | None = None, device: str 
     config = run.train_config(stored)
     if device is not None:
         config.device = device
-    dataset = _load_data(config)
+    dataset = load_data(config)
     spec = run.stack_spec(stored)
     trainer = Trainer(config, run, dataset, spec, resolve_device(config.device), callbacks)
     if run.last_checkpoint.is_file():

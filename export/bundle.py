@@ -37,7 +37,7 @@ from edgens.fileio import (check_can_create, make_directory, remove_stale_tempor
                            temporary_path)
 from edgens.interrupts import raise_if_interrupted
 from edgens.stacks import MemberStack
-from edgens.runtime.manifest import (PRECISIONS, CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics,
+from edgens.runtime.bundle import (PRECISIONS, CalibrationInfo, Curves, InputSpec, Manifest, MemberInfo, Metrics,
                                      Preprocessing,
                                      SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, write_manifest)
 

@@ -20,7 +20,7 @@ from edgens.export.tensorrt_build import (build_engine, check_precision, import_
                                           target_device)
 from edgens.fileio import atomic_write_bytes, sha256_file
 from edgens.runtime.inputs import InputPreparer
-from edgens.runtime.manifest import (EngineInfo, Manifest, StackInfo, load_manifest, read_calibration,
+from edgens.runtime.bundle import (EngineInfo, Manifest, StackInfo, load_manifest, read_calibration,
                                      write_manifest)
 
 if TYPE_CHECKING:
@@ -50,12 +50,11 @@ def _error_change(bundle_dir: Path, manifest: Manifest, stack: StackInfo, engine
     """Validation error of the stack's members with the engine minus with the fp32 ONNX graph."""
     if data is None or manifest.family != "categorical":
         return None
-    import onnxruntime as ort
-
+    from edgens.runtime.backends.onnxruntime import load_session
     from edgens.runtime.backends.tensorrt import TensorRTRunner
 
     x, y = data
-    session = ort.InferenceSession(str(bundle_dir / stack.file), providers=["CPUExecutionProvider"])
+    session = load_session(bundle_dir / stack.file)
     reference = session.run(None, {stack.input_name: x})[0]
     runner = TensorRTRunner(stack, engine, bundle_dir / engine.file, tuple(manifest.input.shape), manifest.n_outputs)
     with runner:

@@ -145,12 +145,12 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
         rtol: relative tolerance (float32 rounding of large logits).
         batch_size: rows per session call.
     """
-    import onnxruntime as ort
+    from edgens.runtime.backends.onnxruntime import load_session
 
     path = Path(path)
     name = name or path.stem
     problems: list[str] = []
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = load_session(path)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
     if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:

@@ -19,6 +19,7 @@ import numpy as np
 
 from edgens.ensemble import error_rate
 from edgens.errors import ExportError
+from edgens.runtime.backends.onnxruntime import load_session
 
 log = logging.getLogger(__name__)
 
@@ -44,9 +45,7 @@ class PrecisionCheck:
 
 def stack_outputs(path: Path, x: np.ndarray, input_name: str = "x") -> np.ndarray:
     """``eta (members, N, K)`` of an ONNX stack on normalised inputs, with onnxruntime on the CPU."""
-    import onnxruntime as ort
-
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = load_session(path)
     return np.concatenate([session.run(None, {input_name: np.ascontiguousarray(x[i:i + CHECK_BATCH])})[0]
                            for i in range(0, len(x), CHECK_BATCH)], axis=1)
 

@@ -14,7 +14,8 @@ import numpy as np
 
 from edgens.export.onnx_export import INPUT_NAME
 from edgens.fileio import sha256_file
-from edgens.runtime.manifest import OutlierInfo, SelfTestInfo, StackInfo
+from edgens.runtime.backends.onnxruntime import load_session
+from edgens.runtime.bundle import OutlierInfo, SelfTestInfo, StackInfo
 from edgens.runtime.outliers import fit_thresholds
 
 SELF_TEST_FILE = "selftest.npz"
@@ -23,15 +24,9 @@ SELF_TEST_EXACT = 32  # of those, the first ones whose outputs are stored and ch
 BATCH = 512
 
 
-def _session(path: Path):
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
 def stack_outputs(path: Path, x: np.ndarray) -> np.ndarray:
     """A stack graph's outputs ``(members, N, K)`` on normalised inputs, in batches."""
-    session = _session(path)
+    session = load_session(path)
     return np.concatenate([session.run(None, {INPUT_NAME: np.ascontiguousarray(x[i:i + BATCH])})[0]
                            for i in range(0, len(x), BATCH)], axis=1)
 

@@ -38,7 +38,10 @@ from dataclasses import dataclass, field
 from edgens.checks import check_number
 from edgens.errors import InputError, OverloadedError, ServiceStoppingError
 from edgens.runtime.policies import Budget, may_start
-from edgens.runtime.predictor import Prediction, PreparedInput, Predictor, StepwiseCall
+from edgens.runtime.execution import StepwiseCall
+from edgens.runtime.inputs import PreparedInput
+from edgens.runtime.prediction import Prediction
+from edgens.runtime.predictor import Predictor
 
 log = logging.getLogger(__name__)
 
@@ -188,9 +191,8 @@ class Batcher:
         x = self._merge(group)
         if self.on_batch is not None:
             self.on_batch(len(x), len(group))
-        budget = group[0].budget
         try:
-            prediction = self.predictor.predict(x, **({budget.kind: budget.value} if budget.kind else {}))
+            prediction = self.predictor.predict(x, group[0].budget)
         except Exception as err:  # noqa: BLE001  (delivered to the callers, who report it)
             for request in group:
                 self._deliver(request, error=err)

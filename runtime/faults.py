@@ -310,16 +310,13 @@ def inject_bit_faults(predictor: Predictor, faults: Mapping[str, Sequence[BitFau
         ConfigError: the predictor does not run the onnxruntime backend, an unknown or unloaded stack, or a bad
             fault.
     """
-    if predictor.backend.name != "onnxruntime":
-        raise ConfigError(f"weight faults are injected into ONNX graphs run by onnxruntime; this predictor runs "
-                          f"{predictor.backend.name}")
     corrupted = {}
     for name, stack_faults in faults.items():
         if name not in predictor.runners:
             raise unknown_choice("loaded stack", name, list(predictor.runners))
         stack = predictor.manifest.stack(name)
         model = apply_bit_faults((predictor.bundle_dir / stack.file).read_bytes(), stack_faults)
-        runner = predictor.backend.runner(stack, model=model)
+        runner = predictor.backend.graph_runner(stack, model)
         runner.activate()
         corrupted[name] = runner
     originals = predictor.replace_runners(corrupted)

@@ -8,14 +8,32 @@ Callers pass data as the data set stores it (Fashion-MNIST: uint8 0..255 of shap
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from edgens.errors import InputError
-from edgens.runtime.manifest import InputSpec, Preprocessing
+from edgens.runtime.bundle import InputSpec, Preprocessing
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class PreparedInput:
+    """A batch :meth:`Predictor.prepare` checked and normalised; ``predict``, ``anytime`` and ``stepwise`` take it
+    without checking it again (the serving batcher prepares each request as it arrives, then merges them)."""
+
+    array: np.ndarray  # (B, *input.shape) float32, normalised
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    @staticmethod
+    def concatenate(parts: Sequence[PreparedInput]) -> PreparedInput:
+        """One batch of several prepared batches, in order."""
+        return parts[0] if len(parts) == 1 else PreparedInput(np.concatenate([part.array for part in parts]))
 
 
 def _fmt(shape: tuple[int, ...]) -> str:

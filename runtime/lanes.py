@@ -3,10 +3,11 @@ streams) is busy when a call has more than one stack to run.
 
 A call hands its planned stacks to the lanes as one :class:`LaneWork`. Each lane takes the next stack in order,
 asks the call whether it may still start it (a deadline that the stack's estimated latency would overrun stops the
-whole call, as in the sequential path), runs it and posts a :class:`StackResult`. The calling thread only collects
-results: it can return at the deadline itself, with exactly the members that finished before it, while a stack that
-is still running finishes in its lane and is thrown away (it cannot be preempted; at most one stack per lane is
-late). onnxruntime and TensorRT release the GIL while they compute, so lanes run in parallel in one process.
+whole call, as in the sequential path), runs it and posts a :class:`~edgens.runtime.pool.StackResult`. The calling
+thread only collects results: it can return at the deadline itself, with exactly the members that finished before
+it, while a stack that is still running finishes in its lane and is thrown away (it cannot be preempted; at most one
+stack per lane is late). onnxruntime and TensorRT release the GIL while they compute, so lanes run in parallel in one
+process.
 
 A stack that fails and has a fallback (a prefix stack's general stacks) has the fallback put at the front of the
 queue by the lane that saw it fail, which then takes it up itself: a lane that found the queue empty has left, so
@@ -20,11 +21,8 @@ import queue
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar
 
-import numpy as np
-
-from edgens.runtime.health import StackFailure
 from edgens.runtime.policies import Step
 
 MAX_DEFAULT_LANES = 4
@@ -44,30 +42,17 @@ def default_lanes() -> int:
     return max(1, min(MAX_DEFAULT_LANES, os.cpu_count() or 1))
 
 
-@dataclass
-class StackResult:
-    """One stack's run in one call.
+class LaneResult(Protocol):
+    """What a lane posts for a stack it ran (a :class:`edgens.runtime.pool.StackResult`): the lanes only need to know
+    whether it failed, to run a failed stack's fallback."""
 
-    Attributes:
-        step: what was run.
-        part: the sum ``(B, K)`` of the natural parameters of the step's rows, or None if the stack failed.
-        failure: why it failed, else None.
-        ms: wall time of the run.
-        finished: ``time.perf_counter()`` when it finished.
-        groups: with outlier detection, the sums ``(G, B, K)`` of each group of rows (general stack) it holds.
-        rows: with a robust combiner, the rows' natural parameters ``(rows, B, K)``.
-    """
-
-    step: Step
-    part: np.ndarray | None
-    failure: StackFailure | None
-    ms: float
-    finished: float
-    groups: np.ndarray | None = None
-    rows: np.ndarray | None = None
+    failure: Any
 
 
-class LaneWork:
+R = TypeVar("R", bound=LaneResult)
+
+
+class LaneWork(Generic[R]):
     """One call's stacks, shared by the lanes that run them.
 
     Args:
@@ -78,7 +63,7 @@ class LaneWork:
         fallback: the steps stand in for a stack that failed (for ``may_start``).
     """
 
-    def __init__(self, steps: list[Step], run: Callable[[Step], StackResult],
+    def __init__(self, steps: list[Step], run: Callable[[Step], R],
                  may_start: Callable[[Step, bool, bool], bool], fallback: bool = False):
         self._queue: deque[tuple[Step, bool]] = deque((step, fallback) for step in steps)
         self._run = run
@@ -86,7 +71,7 @@ class LaneWork:
         self._lock = threading.Lock()
         self._stopped = False
         self._answered = False
-        self.results: queue.SimpleQueue[StackResult | None] = queue.SimpleQueue()
+        self.results: queue.SimpleQueue[R | None] = queue.SimpleQueue()
         """Results as they finish, and one None per lane when that lane is done with the call."""
 
     def stop(self) -> None:
@@ -111,7 +96,7 @@ class LaneWork:
                 step, _ = taken
                 result = self._run(step)
                 with self._lock:
-                    if result.part is not None:
+                    if result.failure is None:
                         self._answered = True
                     elif step.fallback and not self._stopped:
                         self._queue.extendleft((fallback, True) for fallback in reversed(step.fallback))
@@ -126,11 +111,11 @@ class Lanes:
     def __init__(self, count: int, name: str = "edgens-lane"):
         self.count = count
         self._name = name
-        self._inbox: queue.SimpleQueue[LaneWork | None] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[LaneWork[Any] | None] = queue.SimpleQueue()
         self._threads: list[threading.Thread] = []
         self._lock = threading.Lock()
 
-    def submit(self, work: LaneWork, lanes: int) -> None:
+    def submit(self, work: LaneWork[Any], lanes: int) -> None:
         """Let ``lanes`` (at most :attr:`count`) lanes work on ``work``; each posts None to its results when done."""
         with self._lock:
             while len(self._threads) < self.count:  # started on first use: a predictor that never needs them has none

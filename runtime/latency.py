@@ -17,8 +17,10 @@ combining members) is not in it (tens of microseconds; see ``benchmarks/runtime_
 from __future__ import annotations
 
 import bisect
-
-import json
+import logging
+import threading
+import time
+from collections.abc import Callable
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,11 +28,15 @@ from typing import Any
 
 from edgens.errors import BundleError
 from edgens.fileio import atomic_write_json
-from edgens.runtime.device_info import PowerMode
-from edgens.runtime.manifest import utc_now
+from edgens.runtime.device_info import PowerMode, power_mode_key
+from edgens.runtime.bundle import JsonReader, read_json_file, utc_now
+
+log = logging.getLogger(__name__)
 
 LATENCY_FILE = "latency.json"
 LATENCY_FORMAT_VERSION = 1
+# How often (at most) latency and deadline calls read the device's power mode, to follow `nvpmodel -m` at run time.
+POWER_MODE_CHECK_S = 2.0
 
 
 @dataclass(frozen=True)
@@ -180,17 +186,13 @@ def load_latency_tables(bundle_dir: str | Path) -> list[LatencyTable]:
     path = Path(bundle_dir) / LATENCY_FILE
     if not path.is_file():
         return []
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise BundleError(f"{path}: cannot read it ({err}); run `edgens profile` to rewrite it") from None
-    if not isinstance(data, dict) or data.get("format_version") != LATENCY_FORMAT_VERSION:
-        version = data.get("format_version") if isinstance(data, dict) else None
+    fix = "run `edgens profile` to rewrite it"
+    data = read_json_file(path, fix)
+    version = data.get("format_version") if isinstance(data, dict) else None
+    if version != LATENCY_FORMAT_VERSION:
         raise BundleError(f"{path}: format_version: this edgens reads latency tables of version "
                           f"{LATENCY_FORMAT_VERSION}, got {version!r}")
-    tables = data.get("tables")
-    if not isinstance(tables, list):
-        raise BundleError(f"{path}: tables: expected a list of tables, got {tables!r:.60}")
+    tables = JsonReader(str(path)).list_(data, "tables", "", "a list of tables")
     return [LatencyTable.from_dict(table, f"{path}: tables[{i}]") for i, table in enumerate(tables)]
 
 
@@ -300,3 +302,110 @@ class ObservedLatency:
         entry = self._entries.get((stack, batch))
         if entry is not None:
             entry.skips += 1
+
+
+@dataclass(frozen=True, eq=False)
+class LatencyView:
+    """What a predictor knows of this device's latencies at one moment, published whole (in one assignment), so that
+    a call that read it holds a table, its power mode and the reason for a missing table that belong together.
+    Compared and hashed by identity: plans are cached per view.
+
+    Attributes:
+        table: the latency table of this backend, providers, device and power mode, or None.
+        power_mode: the device's power mode (:attr:`~edgens.runtime.device_info.PowerMode.key`) when the table was
+            picked; None where the machine has none.
+        problem: why ``latency_ms`` budgets cannot plan (no table for this mode, a malformed file), else None.
+    """
+
+    table: LatencyTable | None = None
+    power_mode: str | None = None
+    problem: str | None = None
+
+
+class LatencyEstimates:
+    """How long each stack takes here: the latency table of the current power mode, else what was observed.
+
+    The table follows the device's power mode (``nvpmodel -m`` while running): :meth:`follow_power_mode` reads the
+    mode at most every :data:`POWER_MODE_CHECK_S` seconds and, when it changed, publishes a new :class:`LatencyView`
+    in one assignment. A call reads :attr:`view` once and plans and runs with that view, whatever another thread
+    publishes meanwhile.
+
+    Args:
+        bundle_dir: the bundle whose ``latency.json`` holds the tables.
+        describe: the backend's description (backend, providers, device) that a table must match.
+    """
+
+    def __init__(self, bundle_dir: str | Path, describe: Callable[[], dict[str, Any]]):
+        self.bundle_dir = Path(bundle_dir)
+        self._describe = describe
+        self.view = LatencyView()
+        self.observed = ObservedLatency()  # deadlines without a latency table (replaceable, for benchmarks)
+        self._observed_lock = threading.Lock()
+        self._reload_lock = threading.Lock()  # one reload at a time
+        self._check_due = 0.0  # time.monotonic() after which the power mode is read again
+
+    def reload(self, power_mode: str | None = None) -> LatencyView:
+        """Read ``latency.json`` (and, unless given, the device's power mode) again and publish the view of this
+        backend, providers, device and power mode. Tables of other power modes are never used (their latencies can
+        be several times off); finding only those is logged as a warning, and ``latency_ms`` budgets then refuse
+        with the fix."""
+        with self._reload_lock:
+            self._check_due = time.monotonic() + POWER_MODE_CHECK_S
+            if power_mode is not None and power_mode == self.view.power_mode:
+                return self.view  # another thread saw the same change first
+            mode = power_mode if power_mode is not None else power_mode_key()
+            view = self._read(mode)
+            self.view = view  # the one assignment: calls see the old view or the new, never a mix
+        return view
+
+    def _read(self, mode: str | None) -> LatencyView:
+        description = self._describe()
+        try:
+            tables = load_latency_tables(self.bundle_dir)
+        except BundleError as err:
+            log.warning("latency table ignored: %s", err)
+            return LatencyView(None, mode, str(err))
+        table = find_table(tables, description, mode)
+        others = other_modes(tables, description, mode)
+        if table is None and others:
+            problem = (f"{self.bundle_dir}/latency.json has tables for this backend and device in power mode "
+                       f"{', '.join(others)}, none for the current mode {mode or 'none'}; run `edgens profile "
+                       f"{self.bundle_dir}` in this mode")
+            log.warning("no latency table for the current power mode: %s", problem)
+            return LatencyView(None, mode, problem)
+        return LatencyView(table, mode, None)
+
+    def follow_power_mode(self) -> LatencyView:
+        """The current view, after picking the table again if the device's power mode changed. The mode is read
+        from files only (no process on a call's path), at most every :data:`POWER_MODE_CHECK_S` seconds, so a call
+        mostly pays one clock read; a mode that cannot be read (a status file being rewritten) changes nothing."""
+        now = time.monotonic()
+        if now < self._check_due:
+            return self.view
+        self._check_due = now + POWER_MODE_CHECK_S
+        mode = power_mode_key(query_command=False)
+        view = self.view
+        if mode is None or mode == view.power_mode:
+            return view
+        log.warning("power mode changed from %s to %s: picking the latency table again", view.power_mode, mode)
+        return self.reload(mode)
+
+    def estimate(self, stack: str, batch: int, view: LatencyView | None = None) -> float | None:
+        """The expected latency (ms) of ``stack`` at this batch size: ``view``'s table's (default: the current
+        view), else what was observed (None: neither yet)."""
+        table = (view or self.view).table
+        if table is not None:
+            return table.estimate(stack, batch)
+        with self._observed_lock:
+            return self.observed.estimate(stack, batch)
+
+    def observe(self, stack: str, batch: int, ms: float) -> None:
+        """Record that ``stack`` ran ``batch`` examples in ``ms``."""
+        with self._observed_lock:
+            self.observed.observe(stack, batch, ms)
+
+    def skipped(self, stack: str, batch: int) -> None:
+        """Record that a deadline call left ``stack`` out for its observed estimate (it counts toward measuring the
+        stack again, :class:`ObservedLatency`)."""
+        with self._observed_lock:
+            self.observed.skipped(stack, batch)

@@ -33,7 +33,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from edgens.runtime.manifest import OutlierInfo
+from edgens.runtime.bundle import OutlierInfo
 
 STATISTIC = "group-loo-l2"
 DEFAULT_MARGIN = 1.5

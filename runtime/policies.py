@@ -39,7 +39,7 @@ import numpy as np
 
 from edgens.errors import ConfigError
 from edgens.ensemble import confidence as max_probability
-from edgens.runtime.manifest import Manifest, SpecialistInfo, StackInfo
+from edgens.runtime.bundle import Manifest, SpecialistInfo, StackInfo
 
 BUDGETS = ("members", "flops", "latency_ms", "deadline_ms", "confidence", "task")
 
@@ -92,6 +92,27 @@ class Budget:
         if value <= 0:
             raise ConfigError(f"{kind}: expected a number > 0, got {value}")
         return cls(kind, float(value))
+
+    @classmethod
+    def of(cls, budget: Budget | None = None, **kwargs: Any) -> Budget:
+        """The budget of a call given either as a :class:`Budget` (parsed where it entered) or as keyword arguments
+        (:meth:`parse`), not both.
+
+        Raises:
+            ConfigError: an unknown keyword, both forms, or what :meth:`parse` raises.
+        """
+        unknown = sorted(set(kwargs) - set(BUDGETS))
+        if unknown:
+            raise ConfigError(f"unknown budget {unknown[0]!r}; expected one of {', '.join(BUDGETS)}")
+        if budget is None:
+            return cls.parse(**kwargs)
+        if not isinstance(budget, Budget):
+            raise ConfigError(f"budget: expected a Budget (e.g. Budget.parse(deadline_ms=5)) or keyword arguments "
+                              f"such as deadline_ms=5, got {budget!r:.60}")
+        given = [f"{key}={value!r}" for key, value in kwargs.items() if value is not None]
+        if given:
+            raise ConfigError(f"give one budget at a time, got budget={budget} and {' and '.join(given)}")
+        return budget
 
     def __str__(self) -> str:
         return "all members" if self.kind is None else f"{self.kind}={self.value}"

@@ -14,9 +14,10 @@ import numpy as np
 from edgens.checks import check_number
 from edgens.errors import ConfigError, NoMembersAvailableError
 from edgens.runtime.device_info import power_mode_key, read_clocks
-from edgens.runtime.lanes import Lanes, LaneWork, StackResult
+from edgens.runtime.lanes import Lanes, LaneWork
 from edgens.runtime.latency import ChainLatency, LatencyTable, StackLatency
 from edgens.runtime.policies import Step
+from edgens.runtime.pool import StackResult
 from edgens.runtime.predictor import Predictor
 
 DEFAULT_BATCH_SIZES = (1, 8, 64)
@@ -101,7 +102,7 @@ def _chain_latency(predictor: Predictor, x: np.ndarray, warmup: int, repeats: in
 
     def run(step: Step) -> StackResult:
         runners[step.stack].run(x)
-        return StackResult(step, None, None, 0.0, time.perf_counter())
+        return StackResult(step, finished=time.perf_counter())
 
     def in_order() -> None:
         for step in steps:

@@ -1,4 +1,5 @@
-"""The self-test's comparison: a stack's outputs on the stored inputs against those recorded at export.
+"""The self-test: rerunning stacks on inputs stored at export, comparing their outputs with those recorded then, and
+quarantining (through the pool) the stacks whose outputs changed.
 
 Load-time checksums prove the file is intact, not the weights in memory afterwards; rerunning a stack on inputs
 whose outputs are known catches a change there. The bundle stores each stack's outputs on 32 inputs, compared value
@@ -18,9 +19,20 @@ lam = 0.99 member's logits reach ~250, where one float32 rounding is ~1e-5) and 
 
 from __future__ import annotations
 
+import logging
+import math
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
+
+from edgens.runtime.backends import StackRunner
+from edgens.runtime.bundle import Manifest, SelfTestData, read_self_test
+from edgens.runtime.pool import StackPool
+
+log = logging.getLogger(__name__)
 
 RELATIVE_TOLERANCE = {"fp32": 1e-4, "int8": 1e-2, "fp16": 1e-2, "gpu": 1e-2}
 
@@ -95,3 +107,95 @@ def compare_outputs(stack: str, got: np.ndarray, expected: np.ndarray, kind: str
                                           f"outputs changed: members' {what} over {count} inputs differ by up to "
                                           f"{largest:.3g} (more than {limit:.3g})")
     return SelfTestResult(stack, True, worst, allowed, f"outputs match (max difference {worst:.3g})")
+
+
+class SelfTestSupervisor:
+    """Runs the self-test of a pool's stacks, when asked or periodically in a thread of its own, and quarantines the
+    stacks whose outputs changed (:meth:`~edgens.runtime.pool.StackPool.retry` then loads them from their files).
+
+    Args:
+        pool: the stacks.
+        bundle_dir: the bundle, whose self-test file is read once, when first needed.
+        manifest: its manifest.
+        prepare: normalises raw inputs as calls do.
+    """
+
+    def __init__(self, pool: StackPool, bundle_dir: Path, manifest: Manifest,
+                 prepare: Callable[[np.ndarray], np.ndarray]):
+        self.pool, self.bundle_dir, self.manifest = pool, bundle_dir, manifest
+        self._prepare = prepare
+        self._data: tuple[np.ndarray, SelfTestData] | None = None  # normalised inputs, expected outputs
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self, stacks: list[str] | None = None, quarantine: bool = True) -> dict[str, SelfTestResult]:
+        """Test ``stacks`` (default: every loaded stack): ``{stack: result}``, empty without self-test data.
+
+        Raises:
+            BundleError: the self-test file is missing or corrupt.
+        """
+        results = {}
+        for name in stacks if stacks is not None else list(self.pool.runners):
+            result = self.test(self.manifest.stack(name).name)
+            if result is None:
+                return {}
+            results[name] = result
+            if not result.ok and quarantine:
+                self.pool.quarantine(name, f"self-test: {result.message}", reload=True)
+        return results
+
+    def test(self, name: str) -> SelfTestResult | None:
+        """Stack ``name``'s self-test (None: the bundle has no self-test data)."""
+        data = self._stored()
+        if data is None:
+            return None
+        x, expected = data
+        runner = self.pool.runners.get(name)
+        if runner is None:
+            return SelfTestResult(name, False, math.inf, 0.0, "not loaded")
+        try:
+            got = np.concatenate([runner.run(x[i:i + 256]) for i in range(0, len(x), 256)], axis=1)
+        except Exception as err:  # noqa: BLE001  (any backend failure fails the test)
+            return SelfTestResult(name, False, math.inf, 0.0, f"{type(err).__name__}: {err}")
+        return compare_outputs(name, got, expected.outputs[name], self._tolerance_class(runner),
+                               expected.sums[name], expected.squares[name])
+
+    def problem(self, name: str) -> str | None:
+        """Why stack ``name`` fails its self-test, or None (also without self-test data): what a stack reloaded
+        after a self-test quarantine must pass."""
+        result = self.test(name)
+        return None if result is None or result.ok else f"self-test: {result.message}"
+
+    def _stored(self) -> tuple[np.ndarray, SelfTestData] | None:
+        if self._data is None:
+            data = read_self_test(self.bundle_dir, self.manifest)
+            if data is None:
+                return None
+            self._data = (self._prepare(data.x), data)
+        return self._data
+
+    def _tolerance_class(self, runner: StackRunner) -> str:
+        """What the stack computes in here, for the tolerance: the graph's precision, or ``gpu`` when a GPU (or
+        TensorRT) computes it, whose kernels round differently from the CPU that made the reference."""
+        on_gpu = self.pool.backend.name == "tensorrt" or any(p != "CPUExecutionProvider" for p in runner.providers)
+        return "gpu" if on_gpu else runner.stack.precision
+
+    def start(self, interval_s: float) -> None:
+        """Run the self-test every ``interval_s`` seconds in a background thread until :meth:`stop`."""
+        def loop() -> None:
+            while not self._stop.wait(interval_s):
+                try:
+                    self.run()
+                except Exception:  # noqa: BLE001  (a background check must not die silently)
+                    log.exception("periodic self-test failed")
+
+        self._thread = threading.Thread(target=loop, name="edgens-self-test", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop the periodic self-test, waiting (up to 5 s) for one in progress, whose stacks are about to be
+        freed."""
+        self._stop.set()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5.0)

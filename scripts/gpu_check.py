@@ -71,10 +71,9 @@ def check_training(args: argparse.Namespace, out: Path) -> dict:
 
 
 def check_parity(args: argparse.Namespace) -> dict:
-    import onnxruntime as ort
-
     from edgens.export.run_model import load_run
     from edgens.runtime import load_manifest
+    from edgens.runtime.backends.onnxruntime import load_session
     from edgens.runtime.inputs import InputPreparer
 
     loaded = load_run(args.run)
@@ -87,7 +86,7 @@ def check_parity(args: argparse.Namespace) -> dict:
         torch_eta = model(torch.from_numpy(x).to(device)).float().cpu().numpy()  # (M, B, K), members by id
     stacks = []
     for stack in manifest.stacks:
-        session = ort.InferenceSession(str(Path(args.bundle) / stack.file), providers=["CPUExecutionProvider"])
+        session = load_session(Path(args.bundle) / stack.file)
         onnx_eta = session.run(None, {stack.input_name: x})[0]
         ours = torch_eta[list(stack.members)]
         stacks.append({"stack": stack.name, "precision": stack.precision,

@@ -19,7 +19,7 @@ from edgens.config import TrainConfig
 from edgens.errors import BackendUnavailableError, ConfigError, ExportError, RunDirectoryError
 from edgens.export import ExportOptions, export_bundle
 from edgens.export.onnx_export import check_parity, export_stack
-from edgens.runtime.manifest import load_manifest
+from edgens.runtime.bundle import load_manifest
 from edgens.stacks import StackSpec, build_stack
 from edgens.train import train
 
@@ -88,7 +88,7 @@ def test_bundle_layout_and_schema(bundle: Path) -> None:
     import jsonschema
 
     data = json.loads((bundle / "manifest.json").read_text())
-    schema = json.loads((ROOT / "runtime" / "manifest.schema.json").read_text())
+    schema = json.loads((ROOT / "runtime" / "bundle" / "manifest.schema.json").read_text())
     jsonschema.validate(data, schema)
     manifest = load_manifest(bundle)
     assert sorted(manifest.order) == list(range(12))
@@ -123,7 +123,7 @@ def test_stacks_reproduce_the_runs_outputs(bundle: Path, tiny_run: Path) -> None
 
 def test_silent_fault_data_matches_the_runs_outputs(bundle: Path, tiny_run: Path) -> None:
     from edgens.data import load_dataset
-    from edgens.runtime.manifest import read_self_test
+    from edgens.runtime.bundle import read_self_test
 
     manifest = load_manifest(bundle)
     val_eta = np.load(tiny_run / "outputs" / "val_eta.npy").astype(np.float64)

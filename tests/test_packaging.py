@@ -19,10 +19,11 @@ def test_wheel_contains_export_and_runtime(tmp_path: Path) -> None:
     (wheel,) = tmp_path.glob("edgens-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
     for required in ("edgens/__init__.py", "edgens/export/__init__.py", "edgens/runtime/__init__.py",
-                     "edgens/runtime/manifest.py", "edgens/stacks/mlp.py", "edgens/cli/__init__.py"):
+                     "edgens/runtime/manifest.py", "edgens/runtime/bundle/manifest.py", "edgens/stacks/mlp.py",
+                     "edgens/cli/__init__.py"):
         assert required in names, required
     assert not any(name.startswith(("export/", "runtime/")) for name in names)  # no bare top-level packages
-    assert "edgens/runtime/manifest.schema.json" in names
+    assert "edgens/runtime/bundle/manifest.schema.json" in names
 
 
 def test_runtime_imports_with_torch_blocked() -> None:

@@ -34,6 +34,7 @@ import numpy as np
 from edgens.bench.analysis import Progress, no_progress
 from edgens.bench.report import markdown_table
 from edgens.errors import ConfigError
+from edgens.runtime.policies import Budget
 
 if TYPE_CHECKING:
     from edgens.runtime import Predictor
@@ -42,6 +43,7 @@ log = logging.getLogger(__name__)
 
 EXPONENT = tuple(range(23, 31))
 DEADLINE_MS = 1000.0  # long enough for every general stack: the deadline path with all members
+BUDGETS = {"all": Budget(), "deadline": Budget.parse(deadline_ms=DEADLINE_MS)}
 COMBINER_CONFIGS = (("mean", False), ("mean", True), ("median", False), ("median", True), ("trimmed", False),
                     ("trimmed", True))
 MULTI_COUNTS = (1, 4, 16, 64)
@@ -71,7 +73,7 @@ class _Bench:
         self.group_of = {m: s.name for s in self.manifest.general_stacks for m in s.members}
         full = [s for s in self.manifest.prefix_stacks if len(s.members) == len(self.manifest.members)]
         self.all_stack = full[0].name if full else None  # what an all-members call runs
-        self.xn = reference._prepare(x)
+        self.xn = reference.prepare(x).array
         # the fault-free outputs on the test set of every stack a draw corrupts (for the self-test's measure, and
         # the general stacks' for the left-out baselines)
         targets = self.general + ([self.all_stack] if self.all_stack else [])
@@ -89,11 +91,10 @@ class _Bench:
     def predict(self, config: tuple[str, bool], budget: str, n: int | None = None) -> tuple[np.ndarray, int, int]:
         """Labels over the first ``n`` test examples, calls with an outlier left out, calls with a loud failure."""
         predictor = self.predictors[config]
-        kwargs = {"deadline_ms": DEADLINE_MS} if budget == "deadline" else {}
         x = self.x if n is None else self.x[:n]
         labels, outlier_calls, loud_calls = [], 0, 0
         for start in range(0, len(x), self.batch):
-            prediction = predictor.predict(x[start:start + self.batch], **kwargs)
+            prediction = predictor.predict(x[start:start + self.batch], BUDGETS[budget])
             labels.append(prediction.labels)
             kinds = {f.kind for f in prediction.failures}
             outlier_calls += "outlier" in kinds
@@ -238,13 +239,12 @@ def _clean(bench: _Bench, shuffles: int, rng: np.random.Generator, progress: Pro
         off = bench.clean_labels(("mean", False), budget, None)
         on = bench.clean_labels(("mean", True), budget, None)
         predictor = bench.predictors[("mean", True)]
-        kwargs = {"deadline_ms": DEADLINE_MS} if budget == "deadline" else {}
         calls = dropped = 0
         for s in range(shuffles):
             progress(f"{bench.bundle.name}: clean calls ({budget})", s, shuffles)
             perm = rng.permutation(len(bench.x))
             for start in range(0, len(perm), bench.batch):
-                prediction = predictor.predict(bench.x[perm[start:start + bench.batch]], **kwargs)
+                prediction = predictor.predict(bench.x[perm[start:start + bench.batch]], BUDGETS[budget])
                 calls += 1
                 dropped += any(f.kind == "outlier" for f in prediction.failures)
         clean[budget] = {"calls": calls, "calls_with_drop": dropped, "drop_rate": dropped / calls,
@@ -266,7 +266,7 @@ def detection_cost(predictor: Predictor, x: np.ndarray, batch_sizes: Sequence[in
     (separate predictors' spinning threads disturb each other's timings); the settings' order alternates by round,
     and each ratio to the plain mean is the median over rounds of the per-round ratios.
     """
-    outliers = predictor.outliers
+    detecting = predictor.outliers is not None
     configs = [("mean", False), ("mean", True), ("median", True), ("trimmed", True)]
     result: dict = {"rounds": rounds}
     step = 0
@@ -279,7 +279,7 @@ def detection_cost(predictor: Predictor, x: np.ndarray, batch_sizes: Sequence[in
                 progress(step, rounds * len(batch_sizes))
             step += 1
             for config in configs if r % 2 == 0 else reversed(configs):
-                predictor.combiner, predictor.outliers = config[0], outliers if config[1] else None
+                predictor.set_combining(config[0], detect_outliers=config[1])
                 for _ in range(5):  # settle the threads into this setting
                     predictor.predict(xb)
                 start = time.perf_counter()
@@ -290,7 +290,7 @@ def detection_cost(predictor: Predictor, x: np.ndarray, batch_sizes: Sequence[in
         result[str(batch)] = {"ms_per_call": {_label(*c): float(np.median(v)) for c, v in times.items()},
                               "ratio_to_plain_mean": {_label(*c): float(np.median(np.array(v) / base))
                                                       for c, v in times.items()}}
-    predictor.combiner, predictor.outliers = "mean", outliers
+    predictor.set_combining("mean", detect_outliers=detecting)
     return result
 
 

@@ -126,8 +126,7 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
                         detect_outliers=detect_outliers, combiner=combiner, **options) as predictor:
         tested = predictor.self_test() if self_test else {}
         class_index = resolve_task(predictor.manifest, budget.value).class_index if budget.kind == "task" else None
-        kwargs = {budget.kind: budget.value} if budget.kind else {}
-        predictions = [predictor.predict(x[i:i + batch_size], **kwargs) for i in range(0, len(x), batch_size)]
+        predictions = [predictor.predict(x[i:i + batch_size], budget) for i in range(0, len(x), batch_size)]
         summary = summarise(predictions, y, predictor.manifest.family, class_index)
         info = predictor.describe()
     report = {"bundle": str(bundle), "input": described, "budget": str(budget), "batch_size": batch_size,

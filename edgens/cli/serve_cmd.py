@@ -72,7 +72,7 @@ def serve(ctx: click.Context, bundle: Path, host: str, port: int, model_name: st
     """
     if systemd_unit:
         from edgens.cli.systemd_unit import systemd_unit as unit
-        from edgens.runtime.manifest import load_manifest
+        from edgens.runtime.bundle import load_manifest
 
         load_manifest(bundle)  # a unit for a bundle that is not there would fail at every boot
 

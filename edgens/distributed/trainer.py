@@ -37,7 +37,8 @@ from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import MemberStack, StackSpec, build_stack
 # The run-config and data helpers are train.py's own, shared so both paths record and load runs identically.
-from edgens.train import Callbacks, Trainer, _build_run_config, _load_data, predict_members, with_resolved_prefixes
+from edgens.train import (Callbacks, Trainer, build_run_config, load_data, predict_members,
+                          with_resolved_prefixes)
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class DistributedTrainer(Trainer):
 
 def _distributed_run_config(config: TrainConfig, dataset: Dataset, spec: StackSpec, trainer: DistributedTrainer
                             ) -> dict:
-    record = _build_run_config(config, dataset, spec, trainer.device)
+    record = build_run_config(config, dataset, spec, trainer.device)
     # One extra entry under "resolved" (how the run was started); every other field is the single-process one.
     record["resolved"]["distributed"] = {
         "world_size": trainer.comm.world_size,
@@ -185,7 +186,7 @@ def train_distributed(config: TrainConfig, run_dir: str | Path, callbacks: Callb
         run = RunDir(run_dir)
         comm.run_on_main(run.check_new)  # before loading data: fail fast, write nothing
         device = use_rank_device(config.device, comm.local_rank)
-        dataset = _load_data(config)
+        dataset = load_data(config)
         spec = preset_spec(config.preset, dataset.input_shape, dataset.n_outputs, config.n_members)
         config = with_resolved_prefixes(config, spec.n_members)
         trainer = DistributedTrainer(config, run, dataset, spec, device, comm, callbacks)
@@ -230,7 +231,7 @@ def resume_distributed(run_dir: str | Path, callbacks: Callbacks | None = None, 
         config = run.train_config(stored)
         if device is not None:
             config.device = device
-        dataset = _load_data(config)
+        dataset = load_data(config)
         spec = run.stack_spec(stored)
         trainer = DistributedTrainer(config, run, dataset, spec, use_rank_device(config.device, comm.local_rank),
                                      comm, callbacks)

@@ -194,9 +194,9 @@ def _torch_and_serve(system: SystemFacts, py: PythonFacts) -> list[Finding]:
 
 def _bundle(bundle_dir: Path, system: SystemFacts, py: PythonFacts) -> list[Finding]:
     from edgens.errors import EdgensError
-    from edgens.runtime.backends.tensorrt import version_key
+    from edgens.runtime.backends.tensorrt import engine_problem
     from edgens.runtime.latency import load_latency_tables, power_mode_matches
-    from edgens.runtime.manifest import check_file, load_manifest
+    from edgens.runtime.bundle import check_file, load_manifest
 
     try:
         manifest = load_manifest(bundle_dir)
@@ -210,18 +210,13 @@ def _bundle(bundle_dir: Path, system: SystemFacts, py: PythonFacts) -> list[Find
     if engines:
         usable, reasons = set(), {}
         for name, engine in engines:
-            if tensorrt is None or capability is None:
-                reasons[name] = "TensorRT or the GPU's compute capability unknown here"
-            elif engine.compute_capability != capability:
-                reasons[name] = f"built for compute capability {engine.compute_capability}, this GPU is {capability}"
-            elif version_key(engine.tensorrt_version) != version_key(tensorrt):
-                reasons[name] = f"built with TensorRT {engine.tensorrt_version}, this is {tensorrt}"
-            elif engine.dla_core is not None and (dla_cores or 0) <= engine.dla_core:
-                reasons[name] = f"built for DLA core {engine.dla_core}, this module has {dla_cores or 0}"
-            elif (problem := check_file(bundle_dir, engine.file, engine.sha256)) is not None:
-                reasons[name] = f"its engine file {problem}"  # a copy that missed the engines, or a broken one
-            else:
+            problem = engine_problem(engine, capability, tensorrt, dla_cores or 0)  # no DLA core known: none
+            if problem is None and (missing := check_file(bundle_dir, engine.file, engine.sha256)) is not None:
+                problem = f"its engine file {missing}"  # a copy that missed the engines, or a broken one
+            if problem is None:
                 usable.add(name)
+            else:
+                reasons[name] = problem
         missing = [s.name for s in manifest.stacks if s.name not in usable]
         if missing:
             why = reasons.get(missing[0], "no engine")

@@ -15,7 +15,7 @@ from typing import Any
 
 from edgens.errors import BackendUnavailableError, ConfigError, unknown_choice
 from edgens.runtime.backends.base import Backend, StackRunner, describe_device
-from edgens.runtime.manifest import Manifest
+from edgens.runtime.bundle import Manifest
 
 log = logging.getLogger(__name__)
 

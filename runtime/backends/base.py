@@ -19,9 +19,9 @@ from typing import Any
 
 import numpy as np
 
-from edgens.errors import InputError
+from edgens.errors import ConfigError, InputError
 from edgens.runtime.device_info import cpu_name, device_model
-from edgens.runtime.manifest import Manifest, StackInfo
+from edgens.runtime.bundle import Manifest, StackInfo
 
 
 class StackRunner(ABC):
@@ -166,6 +166,16 @@ class Backend(ABC):
         Raises:
             BundleError: the bundle has nothing this backend can run for the stack.
         """
+
+    def graph_runner(self, stack: StackInfo, model: bytes) -> StackRunner:
+        """A runner (not yet active) of ``model``, the stack's serialized ONNX graph changed in memory (fault
+        injection corrupts weights this way, after the file passed its checksum).
+
+        Raises:
+            ConfigError: this backend does not run ONNX graphs.
+        """
+        raise ConfigError(f"weight faults are injected into ONNX graphs run by onnxruntime; this predictor runs "
+                          f"{self.name}")
 
     def describe(self) -> dict[str, Any]:
         """What runs the stacks, for latency tables and reports: backend, providers, device."""

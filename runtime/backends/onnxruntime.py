@@ -31,7 +31,7 @@ from edgens.errors import BackendUnavailableError, BundleError, unknown_choice
 from edgens.runtime.backends.base import Backend, StackRunner, describe_device
 from edgens.runtime.device_info import JETSON_ONNXRUNTIME_INSTALL, nvidia_gpu_name, on_jetson
 from edgens.runtime.lanes import default_lanes
-from edgens.runtime.manifest import Manifest, StackInfo
+from edgens.runtime.bundle import Manifest, StackInfo
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,27 @@ def session_options(threads: int, spin: bool = False) -> Any:
     options.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
     options.log_severity_level = 3  # errors only: onnxruntime's warnings are not the user's to act on
     return options
+
+
+def load_session(model: str | Path | bytes, threads: int | None = None, spin: bool = False,
+                 providers: list[Any] | None = None) -> Any:
+    """A plain onnxruntime session of a graph (a file or its bytes), on the CPU unless ``providers`` says otherwise:
+    the reference that export checks its stacks and engines with, and the bare sessions the benchmarks compare the
+    runtime against.
+
+    Args:
+        threads: with a number, the options every stack runs with (:func:`session_options`); None: onnxruntime's
+            own defaults (every core).
+        spin: with ``threads``, whether idle threads spin.
+        providers: onnxruntime providers (default: ``CPUExecutionProvider`` only).
+
+    Raises:
+        BackendUnavailableError: onnxruntime is not installed.
+    """
+    ort = _ort()
+    options = None if threads is None else session_options(threads, spin)
+    return ort.InferenceSession(model if isinstance(model, bytes) else str(model), options,
+                                providers=providers or ["CPUExecutionProvider"])
 
 
 def default_threads() -> int:
@@ -207,16 +228,19 @@ class OnnxRuntimeBackend(Backend):
             return (provider, {"trt_engine_cache_enable": True, "trt_engine_cache_path": str(cache)})
         return provider
 
-    def runner(self, stack: StackInfo, model: bytes | None = None) -> OnnxRuntimeRunner:
-        """A runner of the stack's file, or of ``model`` (its serialized graph, e.g. with injected faults)."""
-        solo = stack.role == "prefix"
-        runner = OnnxRuntimeRunner(stack, self.bundle_dir / stack.file, self.manifest.input.shape,
-                                   self.manifest.n_outputs, self.providers,
-                                   self.solo_threads if solo else self.threads, spin=solo and self.solo_threads > 1,
-                                   model=model)
-        if model is None:  # injected graphs come and go; the bundle's own runners say what runs it
-            self._runners.append(runner)
+    def runner(self, stack: StackInfo) -> OnnxRuntimeRunner:
+        runner = self._runner(stack, None)
+        self._runners.append(runner)  # the bundle's own runners say what runs it
         return runner
+
+    def graph_runner(self, stack: StackInfo, model: bytes) -> OnnxRuntimeRunner:
+        return self._runner(stack, model)  # injected graphs come and go: not among the runners reported
+
+    def _runner(self, stack: StackInfo, model: bytes | None) -> OnnxRuntimeRunner:
+        solo = stack.role == "prefix"
+        return OnnxRuntimeRunner(stack, self.bundle_dir / stack.file, self.manifest.input.shape,
+                                 self.manifest.n_outputs, self.providers, self.solo_threads if solo else self.threads,
+                                 spin=solo and self.solo_threads > 1, model=model)
 
     def providers_in_use(self) -> list[str]:
         """The providers the active sessions really use (all of them, in priority order)."""

@@ -34,7 +34,7 @@ import numpy as np
 
 from edgens.errors import BackendUnavailableError, BundleError, ConfigError, unknown_choice
 from edgens.runtime.backends.base import Backend, StackRunner, describe_device
-from edgens.runtime.manifest import EngineInfo, Manifest, StackInfo, check_file
+from edgens.runtime.bundle import EngineInfo, Manifest, StackInfo, check_file
 
 log = logging.getLogger(__name__)
 
@@ -123,13 +123,28 @@ def parse_accelerators(accelerators: Any) -> tuple[str, ...]:
     return tuple(names)
 
 
+def engine_problem(engine: EngineInfo, compute_capability: str | None, tensorrt_version: str | None,
+                   dla_cores: int | None = None) -> str | None:
+    """Why ``engine`` cannot run on this GPU with this TensorRT, or None if it can: the one rule the backend and
+    ``edgens doctor`` both apply. An engine loads only on the compute capability and TensorRT major.minor.patch it
+    was built with, and a DLA engine only where its DLA core exists (``dla_cores``: None when not known here)."""
+    if tensorrt_version is None or compute_capability is None:
+        return "TensorRT or the GPU's compute capability unknown here"
+    if engine.compute_capability != compute_capability:
+        return f"built for compute capability {engine.compute_capability}, this GPU is {compute_capability}"
+    if version_key(engine.tensorrt_version) != version_key(tensorrt_version):
+        return f"built with TensorRT {engine.tensorrt_version}, this is {tensorrt_version}"
+    if engine.dla_core is not None and dla_cores is not None and dla_cores <= engine.dla_core:
+        return f"built for DLA core {engine.dla_core}, this module has {dla_cores}"
+    return None
+
+
 def select_engine(stack: StackInfo, compute_capability: str, tensorrt_version: str, precision: str | None = None,
                   accelerator: str = "gpu") -> EngineInfo | None:
     """The engine of ``stack`` built for this GPU, TensorRT version and accelerator (``gpu``, ``dla0``...), by
     precision preference (fp16, fp32, int8) unless ``precision`` names one; None if there is none."""
-    fitting = [e for e in stack.engines if e.compute_capability == compute_capability
-               and version_key(e.tensorrt_version) == version_key(tensorrt_version)
-               and e.accelerator == accelerator]
+    fitting = [e for e in stack.engines if e.accelerator == accelerator
+               and engine_problem(e, compute_capability, tensorrt_version) is None]
     for wanted in ([precision] if precision else PREFERENCE):
         for engine in fitting:
             if engine.precision == wanted:

@@ -30,7 +30,7 @@ if str(ROOT) not in sys.path:  # when run as a script
     sys.path.insert(0, str(ROOT))
 
 from edgens.fileio import atomic_write_bytes, sha256_file  # noqa: E402
-from edgens.runtime.manifest import (  # noqa: E402
+from edgens.runtime.bundle import (  # noqa: E402
     Curves, InputSpec, Manifest, MemberInfo, Metrics, Preprocessing, SelfTestInfo, SpecialistInfo, SplitMetrics,
     StackInfo, TrainingInfo, write_manifest)
 from edgens.runtime.outliers import fit_thresholds  # noqa: E402

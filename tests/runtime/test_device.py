@@ -7,14 +7,15 @@ import json
 import os
 import shutil
 import sys
+import threading
 from pathlib import Path
 
 import jsonschema
 import pytest
 from bundle_factory import SyntheticBundle, make_data
 
-import edgens.runtime.manifest as mf
-import edgens.runtime.predictor as predictor_module
+import edgens.runtime.bundle.types as mf
+import edgens.runtime.latency as latency_module
 from edgens.errors import BackendUnavailableError, BundleError, ConfigError
 from edgens.export.tensorrt_build import TargetDevice, check_precision, dla_supported
 from edgens.runtime import EngineInfo, LatencyTable, Predictor, load_latency_tables, load_manifest, profile_stacks
@@ -146,7 +147,7 @@ def test_a_table_without_a_power_mode_is_not_used_on_a_jetson(jetson: Path, bund
 
 def test_a_running_predictor_follows_a_power_mode_change(jetson: Path, bundle: SyntheticBundle,
                                                          monkeypatch: pytest.MonkeyPatch, data) -> None:
-    monkeypatch.setattr(predictor_module, "POWER_MODE_CHECK_S", 0.0)
+    monkeypatch.setattr(latency_module, "POWER_MODE_CHECK_S", 0.0)
     with _load(bundle) as predictor:
         save_latency_table(bundle.path, profile_stacks(predictor, [4], warmup=0, repeats=2))
         predictor.reload_latency()
@@ -158,6 +159,57 @@ def test_a_running_predictor_follows_a_power_mode_change(jetson: Path, bundle: S
         _set_mode(jetson, 1)
         assert predictor.predict(data[0][:4], latency_ms=10_000).stacks_run
         assert predictor.latency_table is not None and predictor.latency_table.power_mode == "25W"
+
+
+def test_latency_calls_racing_power_mode_changes_never_fail_and_end_on_the_new_table(
+        jetson: Path, bundle: SyntheticBundle, monkeypatch: pytest.MonkeyPatch, data) -> None:
+    """Two threads keep planning latency_ms calls (as the batcher's worker and the event loop's budget checks do,
+    each following the power mode) while the power mode switches between two modes that both have a table: no call
+    may fail (a table is always there), and once the switching stops every plan is the last mode's. Before the
+    latency view was published in one assignment, a call could find no table at all (a 400 saying "run edgens
+    profile") or a plan cached from the old table."""
+    monkeypatch.setattr(latency_module, "POWER_MODE_CHECK_S", 0.0)  # every call reads the mode
+    status = jetson / "var/lib/nvpmodel/status"
+
+    def set_mode(mode_id: int) -> None:  # as one write: a torn read is not what this test is about
+        tmp = status.with_suffix(".tmp")
+        tmp.write_text(f"pmode:{mode_id:04d} fmode:quiet\n")
+        os.replace(tmp, status)
+
+    x = data[0][:4]
+    with _load(bundle) as predictor:
+        description = predictor.backend.describe()
+        names = [stack.name for stack in predictor.manifest.stacks]
+        for mode, ms in (("25W", 1.0), ("MAXN_SUPER", 60.0)):  # within 100 ms: every stack at 25W, one at MAXN
+            table = {name: {4: StackLatency(ms, ms)} for name in names}
+            save_latency_table(bundle.path, LatencyTable(**description, stacks=table, power_mode=mode))
+        predictor.reload_latency()
+        assert len(predictor.predict(x, latency_ms=100).stacks_run) == 3
+        stop, failures, calls = threading.Event(), [], [0, 0]
+
+        def plan_calls(i: int) -> None:
+            while not stop.is_set():
+                try:
+                    predictor.predict(x, latency_ms=100)
+                except Exception as err:  # noqa: BLE001  (any failure fails the test)
+                    failures.append(f"{type(err).__name__}: {err}")
+                calls[i] += 1
+
+        callers = [threading.Thread(target=plan_calls, args=(i,)) for i in range(2)]
+        for caller in callers:
+            caller.start()
+        switches = 0
+        while min(calls) < 300 or switches < 300:
+            set_mode(2 if switches % 2 else 1)
+            switches += 1
+        stop.set()
+        for caller in callers:
+            caller.join()
+        assert failures == [], failures[:3]
+        set_mode(2)  # MAXN_SUPER from now on
+        runs = [predictor.predict(x, latency_ms=100) for _ in range(50)]
+        assert predictor.power_mode == "MAXN_SUPER"
+        assert all(run.stacks_run == ["general-000"] for run in runs), {tuple(run.stacks_run) for run in runs}
 
 
 def test_profile_refuses_when_the_power_mode_changes_while_it_measures(jetson: Path, bundle: SyntheticBundle) -> None:

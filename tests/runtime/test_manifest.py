@@ -14,9 +14,9 @@ import pytest
 from bundle_factory import SyntheticBundle
 
 from edgens.errors import BundleError, DataNotFoundError
-from edgens.runtime import manifest as mf
+from edgens.runtime.bundle import types as mf
 from edgens.fileio import sha256_file
-from edgens.runtime.manifest import (CalibrationInfo, Manifest, check_stack_files, load_manifest, read_calibration,
+from edgens.runtime.bundle import (CalibrationInfo, Manifest, check_stack_files, load_manifest, read_calibration,
                                      write_manifest)
 
 SCHEMA = json.loads((Path(mf.__file__).parent / "manifest.schema.json").read_text())

@@ -17,7 +17,7 @@ from edgens.fileio import sha256_file
 from edgens.runtime import Predictor, load_manifest
 from edgens.runtime.faults import (EXPONENT_BITS, BitFault, Fault, apply_bit_faults, bit_faults_at_rate,
                                    inject_bit_faults, inject_faults, random_bit_faults, weight_row)
-from edgens.runtime.manifest import Manifest
+from edgens.runtime.bundle import Manifest
 from edgens.runtime.onnx_weights import weight_tensors
 from edgens.runtime.outliers import find_outliers, fit_thresholds
 
@@ -367,7 +367,7 @@ def test_self_test_sees_a_change_on_inputs_beyond_the_stored_outputs(guarded: Sy
     fault = _boost("w2", row * 8 * 10 + unit * 10 + 3)
     with Predictor.load(guarded.path, "onnxruntime", lanes=1) as predictor:
         with inject_bit_faults(predictor, {"general-001": fault}) as runners:
-            first = runners["general-001"].run(predictor._prepare(x[:8]))
+            first = runners["general-001"].run(predictor.prepare(x[:8]).array)
             np.testing.assert_allclose(first, guarded.member_etas(x[:8], stack.members), rtol=1e-4, atol=1e-4)
             result = predictor.self_test(["general-001"], quarantine=False)["general-001"]
     assert not result.ok and "sums" in result.message
