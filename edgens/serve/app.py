@@ -1,4 +1,5 @@
-"""The HTTP application of ``edgens serve``: the Open Inference Protocol's endpoints on Starlette.
+"""The HTTP application of ``edgens serve``: the Open Inference Protocol's endpoints on Starlette, as thin routes over
+the transport-free :class:`~edgens.serve.service.InferenceService`, and the bearer-token middleware.
 
     GET  /v2/health/live, /v2/health/ready        liveness; readiness (200, or 400 when not ready, as KServe says)
     GET  /v2                                      server metadata
@@ -16,13 +17,12 @@ sees a traceback. With a token, every endpoint but the two health checks needs `
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 import json
 import logging
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
@@ -31,19 +31,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from edgens import __version__
-from edgens.errors import (ConfigError, InputError, NoMembersAvailableError, OverloadedError, PredictorClosedError,
-                           ServiceStoppingError)
-from edgens.runtime.batching import Batcher
-from edgens.runtime.faults import FAULT_KINDS, Fault, FaultyRunner
-from edgens.runtime.predictor import Predictor
-from edgens.serve.metrics import CONTENT_TYPE, ServeMetrics, members_available
-from edgens.serve.protocol import HEADER_LENGTH, VERSION, ModelInfo, ProtocolError, encode_infer, parse_infer
+from edgens.errors import ConfigError
+from edgens.serve.metrics import CONTENT_TYPE, ServeMetrics
+from edgens.serve.protocol import HEADER_LENGTH, ProtocolError
+from edgens.serve.service import Answer, InferenceService, Refusal
 
 log = logging.getLogger("edgens.serve")
-# Bodies above this are parsed in a worker thread, so that one large JSON request does not hold up the event loop.
-PARSE_INLINE_BYTES = 32 * 1024
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")  # probes need no token
+FAULT_SPEC_BYTES = 64 * 1024
 
 
 @dataclass
@@ -51,27 +46,16 @@ class ServeState:
     """What the application serves and how.
 
     Attributes:
-        predictor, batcher: the runtime behind the service.
-        model: the protocol's view of the bundle.
+        service: the service without HTTP (predictor, batcher, metrics, readiness, draining).
         token: the bearer token every request but the health checks must carry (None: none needed).
         max_request_bytes: the largest request body, after decompression.
-        min_available: the fraction of members that must be available for the service to be ready.
-        allow_fault_injection: whether ``POST /edgens/faults`` works.
         access_log: log one line per infer request.
-        draining: set on SIGTERM: readiness turns false, new infer requests are refused.
     """
 
-    predictor: Predictor
-    batcher: Batcher
-    model: ModelInfo
-    metrics: ServeMetrics
+    service: InferenceService
     token: str | None = None
     max_request_bytes: int = 16 * 1024 * 1024
-    min_available: float = 0.5
-    allow_fault_injection: bool = False
     access_log: bool = True
-    draining: bool = False
-    faulty: dict[str, FaultyRunner] = field(default_factory=dict)  # stacks made faulty, by name
 
 
 def error(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
@@ -82,112 +66,74 @@ def _json(content: Any, status: int = 200) -> Response:
     return Response(json.dumps(content), status, media_type="application/json")
 
 
+def _refused(refusal: Refusal) -> Response:
+    return error(refusal.status, refusal.message, refusal.headers)
+
+
 def create_app(state: ServeState) -> Starlette:
-    """The Starlette application serving ``state``."""
+    """The Starlette application serving ``state``: thin routes over its :class:`InferenceService`."""
+    service = state.service
 
-    def model_or_404(request: Request) -> Response | None:
-        name = request.path_params["model"]
-        version = request.path_params.get("version")
-        if name != state.model.name:
-            return error(404, f"unknown model {name!r}; this server serves {state.model.name!r}")
-        if version is not None and version != VERSION:
-            return error(404, f"unknown version {version!r} of model {name}; it has version {VERSION}")
-        return None
-
-    def readiness() -> tuple[bool, dict[str, Any]]:
-        health = state.predictor.health()
-        fraction = members_available(state.predictor)
-        ready = not state.draining and fraction >= state.min_available
-        body = {"ready": ready, "degraded": fraction < 1.0, "members_available": round(fraction, 4),
-                "min_available": state.min_available, "draining": state.draining,
-                "unavailable": {n: f"{h.status}: {h.reason}" for n, h in health.items() if h.status != "ok"}}
-        return ready, body
+    def model_of(request: Request) -> tuple[str, str | None]:
+        return request.path_params["model"], request.path_params.get("version")
 
     async def live(request: Request) -> Response:
         return _json({"live": True})
 
     async def ready(request: Request) -> Response:
-        ok, body = readiness()
+        ok, body = service.readiness()
         return _json(body, 200 if ok else 400)
 
     async def server_metadata(request: Request) -> Response:
-        return _json({"name": "edgens", "version": __version__, "extensions": ["binary_tensor_data", "parameters"]})
+        return _json(service.server_metadata())
 
     async def model_metadata(request: Request) -> Response:
-        return model_or_404(request) or _json(state.model.metadata())
+        try:
+            return _json(service.model_metadata(*model_of(request)))
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
 
     async def model_ready(request: Request) -> Response:
-        missing = model_or_404(request)
-        if missing is not None:
-            return missing
-        ok, body = readiness()
-        return _json({"name": state.model.name, **body}, 200 if ok else 400)
+        try:
+            ok, body = service.model_readiness(*model_of(request))
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
+        return _json(body, 200 if ok else 400)
 
     async def infer(request: Request) -> Response:
         arrival = time.perf_counter()
-        outcome, response, prediction = "error", None, None
+        answer = refusal = None
         try:
-            missing = model_or_404(request)
-            if missing is not None:
-                outcome, response = "not_found", missing
-                return response
-            if state.draining:
-                outcome, response = "stopping", error(503, "the server is draining and accepts no new requests")
-                return response
+            service.admit(*model_of(request))
             body = await _read_body(request, state.max_request_bytes)
-            header_length = request.headers.get(HEADER_LENGTH)
-            if len(body) > PARSE_INLINE_BYTES:
-                parsed = await asyncio.to_thread(parse_infer, body, header_length, state.model)
-            else:
-                parsed = parse_infer(body, header_length, state.model)
-            future = state.batcher.submit(parsed.x, parsed.budget, arrival)
-            prediction = await asyncio.wrap_future(future)
-            content, json_length = encode_infer(parsed, prediction, state.model)
-            headers = {} if json_length is None else {"Inference-Header-Content-Length": str(json_length)}
-            outcome = "ok"
-            response = Response(content, 200, headers=headers, media_type="application/json" if json_length is None
-                                else "application/octet-stream")
-            state.metrics.answered(prediction, time.perf_counter() - arrival)
-            return response
-        except ProtocolError as err:
-            outcome = {400: "bad_request", 413: "too_large"}.get(err.status, "bad_request")
-            response = error(err.status, str(err))
-        except (InputError, ConfigError) as err:
-            outcome, response = "bad_request", error(400, str(err))
-        except OverloadedError as err:
-            outcome, response = "overloaded", error(503, str(err), {"Retry-After": "1"})
-        except (ServiceStoppingError, PredictorClosedError) as err:
-            outcome, response = "stopping", error(503, str(err))
-        except NoMembersAvailableError as err:
-            outcome, response = "unavailable", error(503, str(err))
-        except Exception as err:  # noqa: BLE001  (the client gets one line; the log gets the traceback)
-            log.exception("infer request failed")
-            response = error(500, f"internal error: {type(err).__name__}: {err}")
+            answer = await service.infer(body, request.headers.get(HEADER_LENGTH), arrival)
+        except Exception as err:  # noqa: BLE001  (every refusal is one line with its status: service.refusal)
+            refusal = service.refusal(err)
+            return _refused(refusal)
         finally:
-            if outcome != "ok":
-                state.metrics.refused(outcome)
             if state.access_log:
-                _log_request(request, outcome, response, prediction, arrival)
-        return response
+                _log_request(request, answer, refusal, arrival)
+        if answer.json_length is None:
+            return Response(answer.content, 200, media_type="application/json")
+        return Response(answer.content, 200, headers={"Inference-Header-Content-Length": str(answer.json_length)},
+                        media_type="application/octet-stream")
 
     async def metrics(request: Request) -> Response:
-        return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
+        return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 
     async def retry(request: Request) -> Response:
-        back = await asyncio.to_thread(state.predictor.retry)
-        return _json({"available_again": back, "unavailable": state.predictor.describe_health()})
+        return _json(await service.retry())
 
     async def faults(request: Request) -> Response:
-        if not state.allow_fault_injection:
-            return error(403, "fault injection is off; start the server with --allow-fault-injection (for tests "
-                              "and benchmarks only)")
         try:
-            spec = json.loads(await _read_body(request, 64 * 1024))
-            return _json(_apply_fault(state, spec))
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            return error(400, f"malformed JSON in the request: {err}")
-        except (ProtocolError, ConfigError, TypeError) as err:
-            return error(400, str(err))
+            service.check_fault_injection()  # before the body is read
+            try:
+                spec = json.loads(await _read_body(request, FAULT_SPEC_BYTES))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ProtocolError(f"malformed JSON in the request: {err}") from None
+            return _json(service.apply_fault(spec))
+        except (ProtocolError, ConfigError) as err:
+            return _refused(service.refusal(err, infer=False))
 
     routes = [
         Route("/v2/health/live", live),
@@ -204,7 +150,7 @@ def create_app(state: ServeState) -> Starlette:
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
         if exc.status_code == 404:
-            return error(404, f"no endpoint {request.url.path}; see GET /v2 and GET /v2/models/{state.model.name}")
+            return error(404, f"no endpoint {request.url.path}; see GET /v2 and GET /v2/models/{service.model.name}")
         if exc.status_code == 405:
             return error(405, f"{request.method} is not allowed on {request.url.path}")
         return error(exc.status_code, str(exc.detail))
@@ -215,7 +161,7 @@ def create_app(state: ServeState) -> Starlette:
 
     app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
     if state.token is not None:
-        app.add_middleware(_BearerToken, token=state.token, metrics=state.metrics)
+        app.add_middleware(_BearerToken, token=state.token, metrics=service.metrics)
     return app
 
 
@@ -278,42 +224,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return plain
 
 
-def _apply_fault(state: ServeState, spec: Any) -> dict[str, Any]:
-    """``{"stack": NAME, "kind": KIND, ...Fault fields}`` makes a stack faulty; ``{"stack": NAME, "clear": true}``
-    (or ``{"clear": true}`` for all) restores it."""
-    if not isinstance(spec, dict):
-        raise ProtocolError(f"expected a JSON object such as {{\"stack\": NAME, \"kind\": KIND}}, got {spec!r}"[:200])
-    predictor = state.predictor
-    stack = spec.get("stack")
-    if spec.get("clear"):
-        names = [stack] if stack is not None else list(state.faulty)
-        restore = {name: state.faulty.pop(name).inner for name in names if name in state.faulty}
-        predictor.replace_runners(restore)
-        return {"cleared": sorted(restore)}
-    if stack not in predictor.runners:
-        raise ProtocolError(f"unknown stack {stack!r}; loaded stacks: {', '.join(predictor.runners)}")
-    fields = {key: value for key, value in spec.items() if key != "stack"}
-    if fields.get("kind") not in FAULT_KINDS:
-        raise ProtocolError(f"kind: expected one of {', '.join(FAULT_KINDS)}, got {fields.get('kind')!r}")
-    inner = state.faulty[stack].inner if stack in state.faulty else predictor.runners[stack]
-    runner = FaultyRunner(inner, Fault(**fields))
-    state.faulty[stack] = runner
-    predictor.replace_runners({stack: runner})
-    log.warning("fault injected into stack %s: %s", stack, runner.fault)
-    return {"stack": stack, "fault": fields}
-
-
-def _log_request(request: Request, outcome: str, response: Response | None, prediction: Any,
-                 arrival: float) -> None:
+def _log_request(request: Request, answer: Answer | None, refusal: Refusal | None, arrival: float) -> None:
+    outcome = "ok" if answer is not None else refusal.outcome if refusal is not None else "error"
     fields: dict[str, Any] = {"event": "infer", "outcome": outcome,
-                              "status": response.status_code if response is not None else 500,
+                              "status": 200 if answer is not None else refusal.status if refusal is not None else 500,
                               "latency_ms": round((time.perf_counter() - arrival) * 1e3, 3),
                               "client": request.client.host if request.client else None}
-    if prediction is not None:
+    if answer is not None:
+        prediction = answer.prediction
         fields.update(examples=len(prediction.members_used), budget=prediction.budget,
                       members=int(prediction.members_used.min()), stacks=len(prediction.stacks_run),
                       failures=[f"{f.stack}:{f.kind}" for f in prediction.failures],
                       overrun_ms=round(prediction.overrun_ms, 3))
-    elif response is not None and response.status_code >= 400:
-        fields["error"] = json.loads(bytes(response.body)).get("error")
+    elif refusal is not None:
+        fields["error"] = refusal.message
     log.info("infer %s", outcome, extra={"fields": fields})

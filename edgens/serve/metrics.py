@@ -16,7 +16,8 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 from edgens.runtime.batching import Batcher
-from edgens.runtime.predictor import Prediction, Predictor
+from edgens.runtime.prediction import Prediction
+from edgens.runtime.predictor import Predictor
 
 OUTCOMES = ("ok", "bad_request", "unauthorized", "not_found", "too_large", "overloaded", "stopping", "unavailable",
             "error")
@@ -24,14 +25,6 @@ LATENCY_BUCKETS_S = (0.0005, 0.001, 0.002, 0.003, 0.004, 0.005, 0.006, 0.0075, 0
                      0.25, 0.5, 1.0, 2.5)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-
-
-def members_available(predictor: Predictor) -> float:
-    """The fraction of the bundle's members in available general stacks: what deadline and member budgets plan
-    from (a prefix stack stands in for general stacks only while they are all available)."""
-    general = predictor.manifest.general_stacks
-    available = sum(len(stack.members) for stack in general if predictor.available(stack.name))
-    return available / sum(len(stack.members) for stack in general)
 
 
 class PowerModeCollector:
@@ -87,7 +80,7 @@ class ServeMetrics:
         Gauge("edgens_excluded_stacks", "Stacks excluded at load (missing, corrupt or unloadable)",
               registry=registry).set_function(lambda: sum(h.status == "excluded" for h in predictor.health().values()))
         Gauge("edgens_members_available_ratio", "Fraction of the members in available general stacks",
-              registry=registry).set_function(lambda: members_available(predictor))
+              registry=registry).set_function(predictor.pool.members_available)
         registry.register(PowerModeCollector(predictor))
 
     def answered(self, prediction: Prediction, latency_s: float) -> None:

@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 
 from edgens.errors import ConfigError
-from edgens.runtime.manifest import Manifest
+from edgens.runtime.bundle import Manifest
 from edgens.runtime.policies import Budget
-from edgens.runtime.predictor import Prediction
+from edgens.runtime.prediction import Prediction
 
 # Numeric tensor datatypes of the protocol and their little-endian numpy types (BOOL, BYTES and BF16 carry no
 # image data edgens can take).

@@ -31,6 +31,7 @@ from edgens.runtime.predictor import Predictor
 from edgens.serve.app import ServeState, create_app
 from edgens.serve.metrics import ServeMetrics
 from edgens.serve.protocol import ModelInfo
+from edgens.serve.service import InferenceService
 
 log = logging.getLogger("edgens.serve")
 
@@ -140,18 +141,20 @@ class _Server(uvicorn.Server):
         if self.should_exit and sig == signal.SIGINT:
             self.force_exit = True  # a second Ctrl-C: stop without waiting
             return
-        if not self.state.draining:
+        service = self.state.service
+        if not service.draining:
             log.info("draining", extra={"fields": {"event": "draining", "signal": signal.Signals(sig).name,
-                                                   "in_flight": self.state.batcher.in_flight,
-                                                   "queued": self.state.batcher.queue_depth}})
-        self.state.draining = True
+                                                   "in_flight": service.batcher.in_flight,
+                                                   "queued": service.batcher.queue_depth}})
+        service.draining = True
         self.should_exit = True
 
     async def startup(self, sockets: Any = None) -> None:
         await super().startup(sockets)
         if self.port_file is not None:  # written once the server accepts connections
             atomic_write_text(self.port_file, f"{self.url.rsplit(':', 1)[1]}\n")
-        log.info("listening", extra={"fields": {"event": "listening", "url": self.url, "model": self.state.model.name}})
+        log.info("listening", extra={"fields": {"event": "listening", "url": self.url,
+                                                 "model": self.state.service.model.name}})
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -205,7 +208,7 @@ def serve(options: ServeOptions) -> int:
                                 server_header=False, timeout_graceful_shutdown=options.drain_timeout_s)
         server = _Server(config, state, url, options.port_file)
         server.run(sockets=[sock])
-        drained = state.batcher.close(timeout=options.drain_timeout_s)
+        drained = state.service.batcher.close(timeout=options.drain_timeout_s)
         log.info("stopped", extra={"fields": {"event": "stopped", "drained": drained}})
         return 0 if drained else 1
     finally:
@@ -228,6 +231,6 @@ def _start(options: ServeOptions, predictor: Predictor, token: str | None) -> Se
                     "`edgens profile %s` for estimates measured at every batch size", options.bundle, options.bundle)
     log.info("loaded", extra={"fields": {"event": "loaded", "bundle": str(options.bundle), "model": name,
                                          "pid": os.getpid(), **predictor.describe()}})
-    return ServeState(predictor, batcher, ModelInfo.from_manifest(predictor.manifest, name), metrics, token,
-                      options.max_request_bytes, options.min_available, options.allow_fault_injection,
-                      options.access_log)
+    service = InferenceService(predictor, batcher, ModelInfo.from_manifest(predictor.manifest, name), metrics,
+                               options.min_available, options.allow_fault_injection)
+    return ServeState(service, token, options.max_request_bytes, options.access_log)

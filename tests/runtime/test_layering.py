@@ -107,3 +107,121 @@ def test_what_the_predictor_is_built_from_does_not_drive_it() -> None:
 def test_the_cycle_finder_finds_cycles() -> None:
     assert _cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert _cycle({"a": {"b", "c"}, "b": {"c"}, "c": set()}) is None
+
+
+def _reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    """Every module ``start`` imports, directly or not."""
+    reachable, todo = set(), [start]
+    while todo:
+        for nxt in graph.get(todo.pop(), ()):
+            if nxt not in reachable:
+                reachable.add(nxt)
+                todo.append(nxt)
+    return reachable
+
+
+def test_what_a_call_meets_does_not_import_what_runs_it() -> None:
+    # The stack pool, the tally and the bundle format are parts the execution and the façade are built from.
+    graph = _runtime_graph()
+    runners = {"edgens.runtime.predictor", "edgens.runtime.execution"}
+    parts = ["edgens.runtime.pool", "edgens.runtime.tally", *(name for name in graph
+                                                             if name.startswith("edgens.runtime.bundle"))]
+    assert len(parts) >= 7
+    for part in parts:
+        assert not _reachable(graph, part) & runners, f"{part} imports {_reachable(graph, part) & runners}"
+
+
+def test_the_bundle_format_imports_nothing_else_of_the_runtime() -> None:
+    graph = _runtime_graph()
+    for name, edges in graph.items():
+        if name.startswith("edgens.runtime.bundle"):
+            outside = {other for other in edges if not other.startswith("edgens.runtime.bundle")}
+            assert not outside, f"{name} imports {sorted(outside)}"
+
+
+WEB_FRAMEWORKS = ("starlette", "uvicorn", "fastapi", "httptools", "h11", "aiohttp", "grpc")
+
+
+def _all_imports(path: Path) -> set[str]:
+    """Every module ``path`` imports (top-level names and dotted ones), edgens or not."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            found.add(node.module)
+    return found
+
+
+def _edgens_module_path(module: str) -> Path | None:
+    """The file of an edgens module in this checkout (runtime and export live beside the edgens folder)."""
+    parts = module.split(".")[1:]
+    if parts and parts[0] in ("runtime", "export"):
+        base, parts = ROOT / parts[0], parts[1:]
+    else:
+        base = ROOT / "edgens"
+    for candidate in (base.joinpath(*parts).with_suffix(".py"), base.joinpath(*parts, "__init__.py")):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def test_the_service_imports_no_web_framework() -> None:
+    """The service is transport-free: nothing it imports, directly or through edgens, is a web framework."""
+    seen, todo, frameworks = set(), ["edgens.serve.service"], set()
+    while todo:
+        module = todo.pop()
+        path = _edgens_module_path(module)
+        if module in seen or path is None:
+            continue
+        seen.add(module)
+        for imported in _all_imports(path):
+            if imported.split(".")[0] in WEB_FRAMEWORKS:
+                frameworks.add(f"{module} imports {imported}")
+            if imported.startswith("edgens"):
+                todo.append(imported)
+    assert "edgens.runtime.predictor" in seen and not frameworks, sorted(frameworks)
+
+
+def test_modules_stay_small_and_the_call_stays_simple() -> None:
+    import dataclasses
+
+    from edgens.runtime.execution import Call
+
+    sizes = {path.relative_to(ROOT).as_posix(): len(path.read_text(encoding="utf-8").splitlines())
+             for path in (ROOT / "runtime").rglob("*.py")}
+    assert sizes["runtime/predictor.py"] <= 400, sizes["runtime/predictor.py"]
+    assert not {name: n for name, n in sizes.items() if n > 500}
+    assert len(dataclasses.fields(Call)) <= 10
+
+
+def _private_runtime_names() -> set[str]:
+    """The private names the runtime defines: module-level functions and classes, methods, and attributes it sets
+    on ``self``."""
+    names = set()
+    for path in (ROOT / "runtime").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            elif isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Store):
+                names.add(node.attr)
+            elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                names.add(node.id)
+    return {name for name in names if name.startswith("_") and not name.startswith("__")}
+
+
+def test_no_code_outside_the_runtime_uses_its_private_names() -> None:
+    private = _private_runtime_names()
+    assert "_prepare" in private and "_runners" in private
+    uses = []
+    for folder in ("edgens", "export", "benchmarks", "scripts", "tests"):
+        for path in (ROOT / folder).rglob("*.py"):
+            if folder == "edgens" and path.relative_to(ROOT / "edgens").parts[0] in ("runtime", "export"):
+                continue  # the symbolic links to the runtime and export folders
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("edgens.runtime"):
+                    uses += [f"{path.name}: import {a.name}" for a in node.names if a.name in private]
+                elif isinstance(node, ast.Attribute) and node.attr in private and not (
+                        isinstance(node.value, ast.Name) and node.value.id in ("self", "cls")):
+                    uses.append(f"{path.relative_to(ROOT)}:{node.lineno}: .{node.attr}")
+    assert not uses, uses

@@ -1,0 +1,228 @@
+"""The service behind ``edgens serve``, without a transport: health and readiness, metadata, inference, stack
+administration (retry, fault injection) and the one table that maps an error to its status.
+
+A transport (the HTTP application, :mod:`edgens.serve.app`) reads bytes and writes them; everything between is here,
+so it is tested without a server. Every refusal goes through :meth:`InferenceService.refusal`, which looks the error
+up in :data:`ERROR_STATUS` (a client never sees a traceback: anything not in the table is a 500 with one line, and
+its traceback goes to the log) and counts it in the metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from edgens import __version__
+from edgens.errors import (ConfigError, InputError, NoMembersAvailableError, OverloadedError, PredictorClosedError,
+                           ServiceStoppingError)
+from edgens.runtime.batching import Batcher
+from edgens.runtime.faults import FAULT_KINDS, Fault, FaultyRunner
+from edgens.runtime.prediction import Prediction
+from edgens.runtime.predictor import Predictor
+from edgens.serve.metrics import ServeMetrics
+from edgens.serve.protocol import VERSION, ModelInfo, ProtocolError, encode_infer, parse_infer
+
+log = logging.getLogger("edgens.serve")
+
+# Bodies above this are parsed in a worker thread, so that one large JSON request does not hold up the event loop.
+PARSE_INLINE_BYTES = 32 * 1024
+EXTENSIONS = ["binary_tensor_data", "parameters"]  # the protocol extensions served
+
+# What each error means for the client, first match wins: (error class, status, outcome in the metrics). A
+# ProtocolError carries its own status (400 malformed, 403 forbidden, 404 unknown, 413 too large).
+ERROR_STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
+    (ProtocolError, 400, "bad_request"),
+    (InputError, 400, "bad_request"),
+    (ConfigError, 400, "bad_request"),
+    (OverloadedError, 503, "overloaded"),
+    (ServiceStoppingError, 503, "stopping"),
+    (PredictorClosedError, 503, "stopping"),
+    (NoMembersAvailableError, 503, "unavailable"),
+)
+PROTOCOL_OUTCOMES = {400: "bad_request", 403: "forbidden", 404: "not_found", 413: "too_large"}
+RETRY_AFTER_S = 1  # what an overloaded service asks a client to wait
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """How a request was refused: the status, the outcome counted in the metrics, a one-line message, and headers
+    (``Retry-After`` when overloaded)."""
+
+    status: int
+    outcome: str
+    message: str
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Answer:
+    """An answered infer request: the response body, the length of its JSON part when binary outputs follow (the
+    ``Inference-Header-Content-Length`` header), and the prediction."""
+
+    content: bytes
+    json_length: int | None
+    prediction: Prediction
+
+
+def refusal_for(err: BaseException) -> Refusal:
+    """The refusal of a request that raised ``err`` (:data:`ERROR_STATUS`; anything else is a 500)."""
+    if isinstance(err, ProtocolError):
+        return Refusal(err.status, PROTOCOL_OUTCOMES.get(err.status, "bad_request"), str(err))
+    for cls, status, outcome in ERROR_STATUS:
+        if isinstance(err, cls):
+            headers = {"Retry-After": str(RETRY_AFTER_S)} if outcome == "overloaded" else {}
+            return Refusal(status, outcome, str(err), headers)
+    return Refusal(500, "error", f"internal error: {type(err).__name__}: {err}")
+
+
+class InferenceService:
+    """One bundle served: what the protocol's endpoints answer, whatever carries them.
+
+    Args:
+        predictor, batcher: the runtime behind the service.
+        model: the protocol's view of the bundle.
+        metrics: the service's metrics.
+        min_available: the fraction of members that must be available for the service to be ready.
+        allow_fault_injection: whether :meth:`apply_fault` works.
+
+    Attributes:
+        draining: set on SIGTERM: readiness turns false, new infer requests are refused.
+    """
+
+    def __init__(self, predictor: Predictor, batcher: Batcher, model: ModelInfo, metrics: ServeMetrics,
+                 min_available: float = 0.5, allow_fault_injection: bool = False):
+        self.predictor, self.batcher, self.model, self.metrics = predictor, batcher, model, metrics
+        self.min_available = min_available
+        self.allow_fault_injection = allow_fault_injection
+        self.draining = False
+        self._faulty: dict[str, FaultyRunner] = {}  # stacks made faulty, by name
+
+    # ------------------------------------------------------------------------------------------ health, metadata
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """Whether the service is ready (not draining, enough members available), and the readiness body."""
+        pool = self.predictor.pool
+        fraction = pool.members_available()
+        ready = not self.draining and fraction >= self.min_available
+        return ready, {"ready": ready, "degraded": fraction < 1.0, "members_available": round(fraction, 4),
+                       "min_available": self.min_available, "draining": self.draining,
+                       "unavailable": {n: f"{h.status}: {h.reason}" for n, h in pool.health().items()
+                                       if h.status != "ok"}}
+
+    def server_metadata(self) -> dict[str, Any]:
+        return {"name": "edgens", "version": __version__, "extensions": EXTENSIONS}
+
+    def check_model(self, name: str, version: str | None = None) -> None:
+        """Raise unless this service serves model ``name`` (at ``version``, if given).
+
+        Raises:
+            ProtocolError: 404, naming the model (and version) it serves.
+        """
+        if name != self.model.name:
+            raise ProtocolError(f"unknown model {name!r}; this server serves {self.model.name!r}", 404)
+        if version is not None and version != VERSION:
+            raise ProtocolError(f"unknown version {version!r} of model {name}; it has version {VERSION}", 404)
+
+    def model_metadata(self, name: str, version: str | None = None) -> dict[str, Any]:
+        self.check_model(name, version)
+        return self.model.metadata()
+
+    def model_readiness(self, name: str, version: str | None = None) -> tuple[bool, dict[str, Any]]:
+        self.check_model(name, version)
+        ready, body = self.readiness()
+        return ready, {"name": self.model.name, **body}
+
+    # -------------------------------------------------------------------------------------------------- infer
+
+    def admit(self, name: str, version: str | None = None) -> None:
+        """Raise what refuses an infer request before its body is read: an unknown model, a draining service.
+
+        Raises:
+            ProtocolError: 404, an unknown model or version.
+            ServiceStoppingError: the service is draining.
+        """
+        self.check_model(name, version)
+        if self.draining:
+            raise ServiceStoppingError("the server is draining and accepts no new requests")
+
+    async def infer(self, body: bytes, header_length: str | None, arrival: float) -> Answer:
+        """Parse an infer request's body, queue it (its deadline counts from ``arrival``, a
+        ``time.perf_counter()``), wait for its prediction and encode the response; count it in the metrics.
+
+        Raises:
+            ProtocolError, InputError, ConfigError: a bad request.
+            OverloadedError, ServiceStoppingError, NoMembersAvailableError: the service cannot answer it now.
+        """
+        if len(body) > PARSE_INLINE_BYTES:
+            parsed = await asyncio.to_thread(parse_infer, body, header_length, self.model)
+        else:
+            parsed = parse_infer(body, header_length, self.model)
+        future = self.batcher.submit(parsed.x, parsed.budget, arrival)
+        prediction = await asyncio.wrap_future(future)
+        content, json_length = encode_infer(parsed, prediction, self.model)
+        self.metrics.answered(prediction, time.perf_counter() - arrival)
+        return Answer(content, json_length, prediction)
+
+    def refusal(self, err: BaseException, infer: bool = True) -> Refusal:
+        """The refusal of a request that raised ``err`` (counted in the metrics when it was an infer request); an
+        unexpected error is logged with its traceback."""
+        refusal = refusal_for(err)
+        if refusal.status == 500:
+            log.error("request failed", exc_info=err)
+        if infer:
+            self.metrics.refused(refusal.outcome)
+        return refusal
+
+    # ------------------------------------------------------------------------------------------- administration
+
+    async def retry(self) -> dict[str, Any]:
+        """Give quarantined and excluded stacks another chance (in a worker thread: it may reload files)."""
+        back = await asyncio.to_thread(self.predictor.retry)
+        return {"available_again": back, "unavailable": self.predictor.describe_health()}
+
+    def check_fault_injection(self) -> None:
+        """Raise unless fault injection is on.
+
+        Raises:
+            ProtocolError: 403, naming the option that turns it on.
+        """
+        if not self.allow_fault_injection:
+            raise ProtocolError("fault injection is off; start the server with --allow-fault-injection (for tests and "
+                                "benchmarks only)", 403)
+
+    def apply_fault(self, spec: Any) -> dict[str, Any]:
+        """``{"stack": NAME, "kind": KIND, ...Fault fields}`` makes a stack faulty; ``{"stack": NAME, "clear":
+        true}`` (or ``{"clear": true}`` for all) restores it.
+
+        Raises:
+            ProtocolError: 403 while fault injection is off; 400 for a malformed spec or an unknown stack or kind.
+            ConfigError: a fault field out of range.
+        """
+        self.check_fault_injection()
+        if not isinstance(spec, dict):
+            example = '{"stack": NAME, "kind": KIND}'
+            raise ProtocolError(f"expected a JSON object such as {example}, got {spec!r}"[:200])
+        predictor = self.predictor
+        stack = spec.get("stack")
+        if spec.get("clear"):
+            names = [stack] if stack is not None else list(self._faulty)
+            restore = {name: self._faulty.pop(name).inner for name in names if name in self._faulty}
+            predictor.replace_runners(restore)
+            return {"cleared": sorted(restore)}
+        if stack not in predictor.runners:
+            raise ProtocolError(f"unknown stack {stack!r}; loaded stacks: {', '.join(predictor.runners)}")
+        fields = {key: value for key, value in spec.items() if key != "stack"}
+        if fields.get("kind") not in FAULT_KINDS:
+            raise ProtocolError(f"kind: expected one of {', '.join(FAULT_KINDS)}, got {fields.get('kind')!r}")
+        inner = self._faulty[stack].inner if stack in self._faulty else predictor.runners[stack]
+        try:
+            runner = FaultyRunner(inner, Fault(**fields))
+        except TypeError as err:  # a field Fault does not have
+            raise ProtocolError(str(err)) from None
+        self._faulty[stack] = runner
+        predictor.replace_runners({stack: runner})
+        log.warning("fault injected into stack %s: %s", stack, runner.fault)
+        return {"stack": stack, "fault": fields}
