@@ -109,17 +109,21 @@ class Confidence(Mode):
         return bool(len(self.active))
 
 
+_PLAIN = FixedPlan(streaming=False)  # the common call's mode (it holds no state of the call)
+
+
 def mode_for(budget: Budget, manifest: Manifest, start: float, batch: int, streaming: bool) -> Mode:
     """The mode of a call with this budget that started at ``start``."""
-    if budget.kind == "deadline_ms":
+    kind = budget.kind
+    if kind is None or kind == "members" or kind == "flops":
+        return FixedPlan(streaming) if streaming else _PLAIN
+    if kind == "deadline_ms":
         return Deadline(streaming, start + budget.value / 1e3)
-    if budget.kind == "confidence":
+    if kind == "confidence":
         return Confidence(streaming, batch, budget.value)
-    if budget.kind == "latency_ms":
+    if kind == "latency_ms":
         return FixedPlan(streaming, fallback_by=start + budget.value / 1e3)
-    if budget.kind == "task":
-        return FixedPlan(streaming, task=policies.resolve_task(manifest, budget.value).task)
-    return FixedPlan(streaming)
+    return FixedPlan(streaming, task=policies.resolve_task(manifest, budget.value).task)
 
 
 @dataclass
@@ -170,7 +174,7 @@ class Executor:
               streaming: bool) -> Call:
         """A call of ``steps`` on the normalised batch ``x``, not yet started."""
         mode = mode_for(budget, self.manifest, start, len(x), streaming)
-        return Call(x, budget, steps, start, view, mode, self.rules.tally(len(x), mode.active is not None))
+        return Call(x, budget, steps, start, view, mode, Tally(self.rules, len(x), mode.active is not None))
 
     def run(self, step: Step, x: np.ndarray) -> StackResult:
         """Run one stack and reduce its outputs (in a lane's thread too)."""
@@ -217,12 +221,12 @@ class Executor:
     def predict_one(self, call: Call) -> Prediction | None:
         """The hot path of a plan of one stack (a prefix stack, a specialist): run it and combine its rows. None if
         it failed: then ``call.steps`` holds what runs instead (its fallback)."""
-        step = call.steps[0]
-        if not call.tally.take_only(self.run(step, call.x)):
+        step, tally = call.steps[0], call.tally
+        if not tally.take_only(self.rules.reduce(self.pool.run(step, call.x))):
             call.steps, call.replanned = list(step.fallback), True
             return None
-        self.finish(call)
-        return self.prediction(call)
+        self.pool.record(tally.stacks_run, tally.failures)  # settled: nothing is pending
+        return tally.prediction(call.budget, call.start, call.mode.task)  # it answered: every example has members
 
     def execute(self, call: Call) -> Iterator[None]:
         """Run the call's stacks; when eager, yields after each one that answers."""

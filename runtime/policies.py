@@ -42,6 +42,7 @@ from edgens.ensemble import confidence as max_probability
 from edgens.runtime.bundle import Manifest, SpecialistInfo, StackInfo
 
 BUDGETS = ("members", "flops", "latency_ms", "deadline_ms", "confidence", "task")
+_BUDGET_NAMES = frozenset(BUDGETS)
 
 
 @dataclass(frozen=True)
@@ -101,11 +102,11 @@ class Budget:
         Raises:
             ConfigError: an unknown keyword, both forms, or what :meth:`parse` raises.
         """
-        unknown = sorted(set(kwargs) - set(BUDGETS))
-        if unknown:
-            raise ConfigError(f"unknown budget {unknown[0]!r}; expected one of {', '.join(BUDGETS)}")
+        if not kwargs.keys() <= _BUDGET_NAMES:
+            unknown = sorted(set(kwargs) - _BUDGET_NAMES)[0]
+            raise ConfigError(f"unknown budget {unknown!r}; expected one of {', '.join(BUDGETS)}")
         if budget is None:
-            return cls.parse(**kwargs)
+            return cls.parse(**kwargs) if kwargs else _ALL_MEMBERS
         if not isinstance(budget, Budget):
             raise ConfigError(f"budget: expected a Budget (e.g. Budget.parse(deadline_ms=5)) or keyword arguments "
                               f"such as deadline_ms=5, got {budget!r:.60}")

@@ -262,6 +262,11 @@ class StackPool:
     def record(self, answered: Iterable[str], failures: Sequence[StackFailure]) -> None:
         """Record one call's outcomes, once, when it ends: a failure for each stack in ``failures`` (counting toward
         quarantine), a success for every other stack that ``answered``."""
+        if not failures:  # the common call: one lock, one success each
+            with self._lock:
+                for name in answered:
+                    self._health[name].succeeded()
+            return
         failed = {failure.stack for failure in failures}
         quarantined = []
         with self._lock:

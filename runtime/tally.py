@@ -95,11 +95,6 @@ class TallyRules:
         self._checks: dict[tuple, GroupCheck] = {}  # per sequence of checked steps
         self._lock = threading.Lock()
 
-    def tally(self, batch: int, per_example: bool = False) -> Tally:
-        """An empty tally for a call of ``batch`` examples (``per_example``: members counted per example, for early
-        exit)."""
-        return Tally(self, batch, per_example)
-
     def reduce(self, result: StackResult) -> StackResult:
         """Reduce a stack's outputs to the sums a call needs (in the thread that ran it). A step with a fallback (a
         prefix stack) whose sum is not finite fails here, so that the fallback can still run in the call. The hot
@@ -241,13 +236,13 @@ class Tally:
     def settle(self, rows: np.ndarray | None = None) -> bool:
         """Check the pending stacks' sums for NaN/Inf, add the good ones (for early exit, to the examples ``rows``
         only) and look for outliers among the groups answered so far; returns whether any stack was added."""
+        if not self.pending:
+            return False
         with np.errstate(over="ignore", invalid="ignore"):  # a corrupted stack's huge sums are no numpy error
             return self._settle(rows)
 
     def _settle(self, rows: np.ndarray | None) -> bool:
         pending, self.pending = self.pending, []
-        if not pending:
-            return False
         # One test for all of them: NaN or Inf in any sum makes the total (in float64) NaN or Inf.
         total = _total(pending)
         if not math.isfinite(total.sum()):
