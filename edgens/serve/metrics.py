@@ -35,15 +35,16 @@ class PowerModeCollector:
         self.predictor = predictor
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
-        self.predictor.follow_power_mode()  # a server answering only member budgets would not read it otherwise
+        # one view for both samples; following the mode here too, since a server answering only member budgets
+        # would not read it otherwise
+        view = self.predictor.latency.follow_power_mode()
         mode = GaugeMetricFamily("edgens_power_mode", "The device's power mode (nvpmodel's name, as the label)",
                                  labels=["mode"])
-        if self.predictor.power_mode is not None:
-            mode.add_metric([self.predictor.power_mode], 1.0)
+        if view.power_mode is not None:
+            mode.add_metric([view.power_mode], 1.0)
         yield mode
         yield GaugeMetricFamily("edgens_latency_table", "1 while a latency table for this backend, device and power "
-                                "mode is in use (latency_ms budgets need one)",
-                                value=float(self.predictor.latency_table is not None))
+                                "mode is in use (latency_ms budgets need one)", value=float(view.table is not None))
 
 
 class ServeMetrics:
