@@ -78,8 +78,8 @@ class Budget:
                 raise ConfigError(f"task: expected a task name, class index or class name, got {value!r}")
             return cls(kind, value if isinstance(value, str) else int(value))
         if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-                or not math.isfinite(value):
-            raise ConfigError(f"{kind}: expected a finite number, got {value!r}")
+                or not _finite(value):
+            raise ConfigError(f"{kind}: expected a finite number, got {_show(value)}")
         if kind == "members":
             if isinstance(value, int | np.integer):
                 if value < 1:
@@ -120,6 +120,20 @@ class Budget:
 
 
 _ALL_MEMBERS = Budget()
+
+
+def _finite(value: int | float | np.integer | np.floating) -> bool:
+    """Whether a number is finite and within float range (an int of 400 digits is not: it has no float)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message, cut short (a client may send a number of any length)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)

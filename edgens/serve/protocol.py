@@ -116,12 +116,15 @@ def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> Inf
         request = json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"malformed JSON in the request: {err}") from None
+    except RecursionError:
+        raise ProtocolError("malformed JSON in the request: nested too deeply; expected the protocol's objects "
+                            "and a flat or shaped data list") from None
     if not isinstance(request, dict):
         raise ProtocolError(f"the request must be a JSON object, got {type(request).__name__}")
     unknown = sorted(set(request) - {"id", "parameters", "inputs", "outputs"})
     if unknown:
-        raise ProtocolError(f"unknown request field(s) {', '.join(map(repr, unknown))}; expected id, parameters, "
-                            f"inputs, outputs")
+        raise ProtocolError(f"unknown request field(s) {_listed(unknown)}; expected id, parameters, inputs, "
+                            f"outputs")
     request_id = request.get("id")
     if request_id is not None and not isinstance(request_id, str):
         raise ProtocolError(f"id: expected a string, got {type(request_id).__name__}")
@@ -139,11 +142,33 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
         length = int(header_length)
     except ValueError:
         raise ProtocolError(f"Inference-Header-Content-Length: expected the JSON header's length in bytes, got "
-                            f"{header_length!r}") from None
+                            f"{_show(header_length)}") from None
     if not 0 < length <= len(body):
         raise ProtocolError(f"Inference-Header-Content-Length: {length} is not within the body's {len(body)} bytes")
     view = memoryview(body)
     return bytes(view[:length]), view[length:]
+
+
+def _show(value: Any) -> str:
+    """A value for a one-line message, cut short (a client may send anything, of any length)."""
+    return _cut(repr(value))
+
+
+def _listed(names: list[str]) -> str:
+    """Names a client sent, for a one-line message, cut short."""
+    return _cut(", ".join(map(repr, names)))
+
+
+def _cut(text: str) -> str:
+    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
+
+
+def _within_float(value: int | float) -> bool:
+    """Whether a JSON number has a finite float value (an integer of 400 digits has none)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -155,25 +180,26 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget, bool]:
     unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
     if unknown:
-        raise ProtocolError(f"unknown parameter(s) {', '.join(map(repr, unknown))}; expected budgets "
+        raise ProtocolError(f"unknown parameter(s) {_listed(unknown)}; expected budgets "
                             f"({', '.join(BUDGET_PARAMETERS)}), timeout or binary_data_output")
     binary_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
-        raise ProtocolError(f"binary_data_output: expected true or false, got {binary_default!r}")
+        raise ProtocolError(f"binary_data_output: expected true or false, got {_show(binary_default)}")
     budget = {key: parameters[key] for key in BUDGET_PARAMETERS if key in parameters}
     if "timeout" in parameters:
         timeout = parameters["timeout"]
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0:
-            raise ProtocolError(f"timeout: expected microseconds > 0, got {timeout!r}")
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0 \
+                or not _within_float(timeout):
+            raise ProtocolError(f"timeout: expected microseconds > 0, got {_show(timeout)}")
         if "deadline_ms" in budget:
             raise ProtocolError("give timeout (microseconds) or deadline_ms, not both")
         budget["deadline_ms"] = timeout / 1e3
     for key, value in budget.items():
         if key == "task":
             if isinstance(value, bool) or not isinstance(value, str | int):
-                raise ProtocolError(f"task: expected a task name, class index or class name, got {value!r}")
+                raise ProtocolError(f"task: expected a task name, class index or class name, got {_show(value)}")
         elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ProtocolError(f"{key}: expected a number, got {value!r}")
+            raise ProtocolError(f"{key}: expected a number, got {_show(value)}")
     try:
         return Budget.parse(**budget), binary_default
     except ConfigError as err:
@@ -190,18 +216,18 @@ def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarra
     tensor = _object(inputs[0], "inputs[0]")
     name = tensor.get("name")
     if name != expected:
-        raise ProtocolError(f"unknown input {name!r}; this model's input is {expected!r}")
+        raise ProtocolError(f"unknown input {_show(name)}; this model's input is {expected!r}")
     datatype = tensor.get("datatype")
-    if datatype not in DATATYPES:
-        raise ProtocolError(f"input {name}: datatype {datatype!r} is not supported; expected one of "
+    if not isinstance(datatype, str) or datatype not in DATATYPES:
+        raise ProtocolError(f"input {name}: datatype {_show(datatype)} is not supported; expected one of "
                             f"{', '.join(DATATYPES)} ({model.input.datatype} is the data set's own)")
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                            for d in shape):
-        raise ProtocolError(f"input {name}: shape must be a non-empty list of sizes >= 0, got {shape!r}")
+        raise ProtocolError(f"input {name}: shape must be a non-empty list of sizes >= 0, got {_show(shape)}")
     accepted = " or ".join("[B, " + ", ".join(map(str, s)) + "]" for s in model.example_shapes)
     if tuple(shape[1:]) not in model.example_shapes:
-        raise ProtocolError(f"input {name}: shape {shape} does not fit the model; expected {accepted}")
+        raise ProtocolError(f"input {name}: shape {_show(shape)} does not fit the model; expected {accepted}")
     if shape[0] == 0:
         raise ProtocolError(f"input {name}: the batch is empty (shape {shape}); expected at least one example")
     dtype = np.dtype(DATATYPES[datatype])
@@ -212,8 +238,8 @@ def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarra
         if "data" in tensor:
             raise ProtocolError(f"input {name}: give data or binary_data_size, not both")
         if size != count * dtype.itemsize:
-            raise ProtocolError(f"input {name}: binary_data_size {size!r} does not match shape {shape} of "
-                                f"{datatype} ({count * dtype.itemsize} bytes)")
+            raise ProtocolError(f"input {name}: binary_data_size {_show(size)} does not match shape {_show(shape)} "
+                                f"of {datatype} ({_show(count * dtype.itemsize)} bytes)")
         if len(binary) != size:
             raise ProtocolError(f"input {name}: the body holds {len(binary)} bytes of binary data after the JSON "
                                 f"header, expected binary_data_size {size}")
@@ -222,14 +248,15 @@ def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarra
         raise ProtocolError(f"the body holds {len(binary)} bytes after the JSON header, but no input declares "
                             f"binary_data_size")
     if "data" not in tensor:
-        raise ProtocolError(f"input {name}: no data; expected data (a list of {count} numbers) or binary_data_size")
+        raise ProtocolError(f"input {name}: no data; expected data (a list of {_show(count)} numbers) or "
+                            f"binary_data_size")
     return _json_tensor(tensor["data"], shape, dtype, name, datatype)
 
 
 def _json_tensor(data: Any, shape: list[int], dtype: np.dtype, name: str, datatype: str) -> np.ndarray:
     try:
         values = np.asarray(data)
-    except ValueError:  # ragged nesting
+    except (ValueError, RecursionError):  # ragged nesting, or more than numpy's 64 dimensions
         raise ProtocolError(f"input {name}: data is not a regular array of numbers") from None
     integer = dtype.kind in "ui"
     if values.dtype.kind not in ("iu" if integer else "iuf") or values.dtype == bool:
@@ -237,8 +264,8 @@ def _json_tensor(data: Any, shape: list[int], dtype: np.dtype, name: str, dataty
         raise ProtocolError(f"input {name}: data must hold {kind} for {datatype}, got {values.dtype.kind!r} "
                             f"values ({str(values.flat[0])[:20] if values.size else 'empty'}...)")
     if values.size != math.prod(shape):
-        raise ProtocolError(f"input {name}: data holds {values.size} values, expected {math.prod(shape)} for shape "
-                            f"{shape}")
+        raise ProtocolError(f"input {name}: data holds {values.size} values, expected {_show(math.prod(shape))} for "
+                            f"shape {_show(shape)}")
     if integer and values.size:
         limits = np.iinfo(dtype)
         low, high = int(values.min()), int(values.max())
@@ -254,21 +281,21 @@ def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo) -> tupl
         return tuple(RequestedOutput(name, binary_default) for name in known)
     if not isinstance(outputs, list) or not outputs:
         raise ProtocolError(f"outputs: expected a non-empty list of outputs by name ({', '.join(known)}), got "
-                            f"{outputs!r}"[:200])
+                            f"{_show(outputs)}")
     wanted = []
     for i, output in enumerate(outputs):
         output = _object(output, f"outputs[{i}]")
         name = output.get("name")
         if name not in known:
-            raise ProtocolError(f"unknown output {name!r}; this model's outputs are {', '.join(known)}")
+            raise ProtocolError(f"unknown output {_show(name)}; this model's outputs are {', '.join(known)}")
         parameters = _object(output.get("parameters", {}), f"output {name} parameters")
         extra = sorted(set(parameters) - {"binary_data"})
         if extra:
-            raise ProtocolError(f"output {name}: unsupported parameter(s) {', '.join(map(repr, extra))}; expected "
+            raise ProtocolError(f"output {name}: unsupported parameter(s) {_listed(extra)}; expected "
                                 f"binary_data")
         binary = parameters.get("binary_data", binary_default)
         if not isinstance(binary, bool):
-            raise ProtocolError(f"output {name}: binary_data must be true or false, got {binary!r}")
+            raise ProtocolError(f"output {name}: binary_data must be true or false, got {_show(binary)}")
         if any(w.name == name for w in wanted):
             raise ProtocolError(f"output {name} is asked for twice")
         wanted.append(RequestedOutput(name, binary))

@@ -244,6 +244,15 @@ BAD_REQUESTS = {
     "body too large": (b"x" * ((1 << 20) + 1), {}, 413, "exceeds the server's limit"),
     "gzip bomb": (gzip.compress(b" " * (2 << 20)), {"Content-Encoding": "gzip"}, 413, "decompressed request body"),
     "unknown model": ({"inputs": [GOOD_TENSOR]}, "other-model", 404, "unknown model 'other-model'"),
+    # each of these was a 500 once (issue 28: OverflowError, TypeError, RecursionError)
+    "a 400-digit deadline": (b'{"inputs": [' + json.dumps(GOOD_TENSOR).encode() + b'], "parameters": '
+                             b'{"deadline_ms": ' + b"9" * 400 + b"}}", {}, 400, "expected a finite number"),
+    "a 400-digit timeout": (b'{"inputs": [' + json.dumps(GOOD_TENSOR).encode() + b'], "parameters": '
+                            b'{"timeout": ' + b"9" * 400 + b"}}", {}, 400, "timeout: expected microseconds"),
+    "datatype as a list": ({"inputs": [{**GOOD_TENSOR, "datatype": ["UINT8"]}]}, {}, 400, "datatype ['UINT8']"),
+    "50,000 nested brackets": (b"[" * 50_000, {}, 400, "nested too deeply"),
+    "data nested 100 deep": ({"inputs": [{**GOOD_TENSOR, "data": json.loads("[" * 100 + "1" + "]" * 100)}]}, {},
+                             400, "not a regular array"),
 }
 
 
