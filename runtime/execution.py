@@ -174,6 +174,8 @@ class Executor:
               streaming: bool) -> Call:
         """A call of ``steps`` on the normalised batch ``x``, not yet started."""
         mode = mode_for(budget, self.manifest, start, len(x), streaming)
+        if streaming and mode.deadline is None:  # an early answer first (deadline calls choose when they start)
+            steps = policies.progressive(steps, self.manifest, self.pool.available)
         return Call(x, budget, steps, start, view, mode, Tally(self.rules, len(x), mode.active is not None))
 
     def run(self, step: Step, x: np.ndarray) -> StackResult:
@@ -291,7 +293,7 @@ class Executor:
         if call.todo is None:
             call.todo = deque((step, call.replanned) for step in call.steps)
             if mode.deadline is not None and not call.replanned:  # a deadline call starts with what fits in it
-                self.prefix_within(call, (mode.deadline - time.perf_counter()) * 1e3)
+                self.prefix_within(call, (mode.deadline - time.perf_counter()) * 1e3, smallest=mode.streaming)
         todo = call.todo
         while todo:
             step, is_fallback = todo.popleft()
@@ -313,8 +315,9 @@ class Executor:
             if not more:
                 break
 
-    def prefix_within(self, call: Call, limit_ms: float) -> None:
-        """Start a call that has not run a stack yet with the largest prefix stack expected to fit ``limit_ms``
+    def prefix_within(self, call: Call, limit_ms: float, smallest: bool = False) -> None:
+        """Start a call that has not run a stack yet with the largest (``smallest``: for a caller who sees each
+        partial prediction, the smallest) prefix stack expected to fit ``limit_ms``
         (:func:`~edgens.runtime.policies.prefix_within`)."""
         assert call.todo is not None
         if not self.manifest.prefix_stacks or not math.isfinite(limit_ms) or call.tally.answered:
@@ -322,7 +325,8 @@ class Executor:
         steps = [step for step, _ in call.todo]
         batch = len(call.x)
         chosen = policies.prefix_within(steps, self.manifest, self.pool.available,
-                                        lambda name: self.latency.estimate(name, batch, call.latency), limit_ms)
+                                        lambda name: self.latency.estimate(name, batch, call.latency), limit_ms,
+                                        smallest)
         if chosen is not steps:
             call.todo = deque((step, False) for step in chosen)
 

@@ -183,25 +183,45 @@ def _with_prefix(steps: list[Step], manifest: Manifest, available: Callable[[str
 
 
 def prefix_within(steps: list[Step], manifest: Manifest, available: Callable[[str], bool],
-                  estimate: Callable[[str], float | None], limit_ms: float) -> list[Step]:
-    """A deadline call's steps before it starts: the largest available prefix stack that holds exactly the first
-    general stacks of ``steps`` and is expected to finish within ``limit_ms`` replaces them (the same members in
-    one call, several times faster than their general stacks one after another); the replaced steps become its
-    fallback. ``steps`` unchanged when no prefix stack fits or has an estimate."""
-    for prefix in reversed(manifest.prefix_stacks):
+                  estimate: Callable[[str], float | None], limit_ms: float, smallest: bool = False) -> list[Step]:
+    """A deadline call's steps before it starts: the largest (``smallest``: the smallest) available prefix stack that
+    holds exactly the first general stacks of ``steps`` and is expected to finish within ``limit_ms`` replaces them
+    (the same members in one call, several times faster than their general stacks one after another); the replaced
+    steps become its fallback. ``steps`` unchanged when no prefix stack fits or has an estimate."""
+    for prefix in manifest.prefix_stacks if smallest else reversed(manifest.prefix_stacks):
         expected = estimate(prefix.name) if available(prefix.name) else None
         if expected is None or expected > limit_ms:
             continue
-        covered: list[int] = []
-        count = 0
-        for step in steps:
-            if len(covered) >= len(prefix.members) or step.rows is not None:
-                break
-            covered.extend(step.members)
-            count += 1
-        if covered == list(prefix.members):
+        count = _leading(prefix, steps)
+        if count is not None:
             return [Step(prefix.name, None, tuple(prefix.members), fallback=tuple(steps[:count])), *steps[count:]]
     return steps
+
+
+def progressive(steps: list[Step], manifest: Manifest, available: Callable[[str], bool]) -> list[Step]:
+    """The steps of a call whose caller sees each partial prediction (the anytime iterator, ``on_update``): a plan
+    that starts with a prefix stack starts instead with the smallest available prefix stack inside it, followed by
+    the general stacks that extend it to the same members, so that an answer comes early and improves after each
+    stack. Unchanged when the plan starts with a general stack or with the smallest prefix stack there is."""
+    if not steps or not steps[0].fallback:
+        return steps
+    general = list(steps[0].fallback)
+    shorter = prefix_within(general, manifest, available, lambda name: 0.0, math.inf, smallest=True)
+    if shorter is general or shorter[0].stack == steps[0].stack:
+        return steps
+    return [*shorter, *steps[1:]]
+
+
+def _leading(prefix: StackInfo, steps: list[Step]) -> int | None:
+    """How many leading whole steps of ``steps`` hold exactly ``prefix``'s members, in order (None: no run does)."""
+    covered: list[int] = []
+    count = 0
+    for step in steps:
+        if len(covered) >= len(prefix.members) or step.rows is not None:
+            break
+        covered.extend(step.members)
+        count += 1
+    return count if covered == list(prefix.members) else None
 
 
 def plan(budget: Budget, manifest: Manifest, available: Callable[[str], bool],

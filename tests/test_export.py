@@ -401,3 +401,29 @@ def test_a_run_trained_for_its_prefixes_is_exported_in_the_trained_order(tmp_pat
     # --order greedy still chooses by validation outputs
     export_bundle(run, tmp_path / "g", ExportOptions(stack_size=2, specialist_size=0, prefix_stacks=(), order="greedy"))
     assert load_manifest(tmp_path / "g").order_method == "greedy"
+
+
+def test_anytime_on_an_exported_bundle_answers_early_and_improves(bundle: Path) -> None:
+    """Issue 28, item 1: the budgets known before a call run one prefix stack, but a caller who sees each partial
+    prediction gets the smallest prefix stack first and then each general stack that extends it."""
+    from edgens.ensemble import softmax
+    from edgens.runtime import Predictor, read_calibration
+
+    with Predictor.load(bundle, "onnxruntime", lanes=1) as predictor:
+        manifest = predictor.manifest
+        x = read_calibration(bundle, manifest)[0][:16]
+        parts = list(predictor.anytime(x))
+        assert [int(p.members_used[0]) for p in parts] == [10, 12]  # prefix-0010, then general-002
+        assert parts[0].stacks_run == ["prefix-0010"] and parts[1].stacks_run == ["prefix-0010", "general-002"]
+        etas = predictor.stack_outputs(x, [s.name for s in manifest.general_stacks])
+        eta = np.concatenate([etas[s.name] for s in manifest.general_stacks])  # members in the anytime order
+        for part in parts:
+            k = int(part.members_used[0])
+            np.testing.assert_allclose(part.probabilities, softmax(eta[:k].mean(axis=0)), atol=2e-5)
+        np.testing.assert_allclose(parts[-1].probabilities, predictor.predict(x).probabilities, atol=2e-5)
+        seen: list[int] = []
+        stopped = predictor.predict(x, on_update=lambda p: seen.append(int(p.members_used[0])) or True)
+        assert seen == [10] and (stopped.members_used == 10).all() and stopped.stacks_run == ["prefix-0010"]
+        with_deadline = list(predictor.anytime(x, deadline_ms=60_000))
+        assert len(with_deadline) >= 2 and with_deadline[-1].members_used[0] == 12
+        assert with_deadline[0].members_used[0] < 12

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from bundle_factory import SyntheticBundle
+from bundle_factory import SyntheticBundle, make_bundle
 
 from edgens.errors import ConfigError, NoMembersAvailableError
 from edgens.runtime import LatencyTable, Predictor, fit_confidence, save_latency_table
@@ -35,6 +35,26 @@ def test_iterator_yields_improving_predictions(predictor: Predictor, bundle: Syn
     for prediction, ids in zip(predictions, PREFIXES, strict=True):
         np.testing.assert_allclose(prediction.mean, bundle.expected(x, ids), atol=2e-5)
         assert (prediction.members_used == len(ids)).all()
+
+
+def test_a_bundle_with_prefix_stacks_answers_after_the_smallest_then_each_general_stack(tmp_path, data) -> None:
+    # issue 28, item 1: the plan of all members is the prefix stack of all, one graph; an anytime caller gets the
+    # smallest prefix stack's answer first and one more after each general stack
+    x, _ = data
+    made = make_bundle(tmp_path / "b", n_members=8, per_stack=2, prefixes=[4, 8])
+    with Predictor.load(made.path, "onnxruntime", lanes=1) as predictor:
+        assert predictor.predict(x).stacks_run == ["prefix-0008"]
+        parts = list(predictor.anytime(x))
+        assert [p.stacks_run[-1] for p in parts] == ["prefix-0004", "general-002", "general-003"]
+        for part, k in zip(parts, (4, 6, 8), strict=True):
+            np.testing.assert_allclose(part.mean, made.expected(x, made.order[:k]), atol=2e-5)
+            assert (part.members_used == k).all()
+        assert [int(p.members_used[0]) for p in predictor.anytime(x, members=6)] == [4, 6]
+        seen: list[list[str]] = []
+        first = predictor.predict(x, on_update=lambda p: seen.append(p.stacks_run) or True)
+        assert seen == [["prefix-0004"]] and (first.members_used == 4).all()
+        with inject_faults(predictor, {"prefix-0004": "raise"}):  # its general stacks stand in, one answer each
+            assert [int(p.members_used[0]) for p in predictor.anytime(x)] == [2, 4, 6, 8]
 
 
 def test_iterator_can_stop_early(predictor: Predictor, data) -> None:
