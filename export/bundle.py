@@ -149,6 +149,15 @@ class ExportReport:
                 "val_error": self.manifest.metrics.val.error, "test_error": self.manifest.metrics.test.error}
 
 
+def _raw_range(x: np.ndarray) -> tuple[float, float]:
+    """The smallest and largest raw training value (chunked: the training data may be large)."""
+    low, high = np.inf, -np.inf
+    for start in range(0, len(x), 8192):
+        chunk = x[start:start + 8192]
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+    return low, high
+
+
 def _member_infos(loaded: LoadedRun) -> list[MemberInfo]:
     params, flops = loaded.stack.params_per_member(), loaded.stack.flops_per_member()
     family = loaded.train_config.family
@@ -301,7 +310,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
         manifest = Manifest(
             family=family, n_outputs=loaded.dataset.n_outputs, class_names=loaded.dataset.class_names,
             input=InputSpec(shape=tuple(loaded.dataset.input_shape), name=INPUT_NAME, dtype="float32",
-                            raw_dtype=str(loaded.dataset.val_x.dtype)),
+                            raw_dtype=str(loaded.dataset.val_x.dtype), raw_range=_raw_range(loaded.dataset.train_x)),
             preprocessing=Preprocessing(mean=[float(v) for v in loaded.dataset.mean],
                                         std=[float(v) for v in loaded.dataset.std]),
             members=_member_infos(loaded), order=order, order_method=order_method, stacks=stacks,

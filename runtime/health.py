@@ -3,9 +3,11 @@
 A stack that fails in a call (raises, returns NaN/Inf or the wrong shape, exceeds its timeout, or has members whose
 outputs are outliers) is dropped for that call only (an outlier: only those members). After ``quarantine_after``
 consecutive failed calls it is quarantined: budgets stop planning it until :meth:`edgens.runtime.Predictor.retry`
-puts it back. A stack whose outputs changed in the self-test is quarantined at once (``retry`` loads it again from
-its file). A stack whose file is missing or corrupt, or that cannot be loaded, is excluded from the start (``retry``
-checks it again too).
+puts it back. An outlier is evidence about the call's inputs as much as about the stack, so the stack reruns its
+self-test at once: if its outputs on the stored inputs changed, it is quarantined at once; if not, the call counts
+as cleared, not toward quarantine (a bundle without self-test data keeps the count of failed calls). A stack whose
+outputs changed in the self-test is quarantined at once (``retry`` loads it again from its file). A stack whose
+file is missing or corrupt, or that cannot be loaded, is excluded from the start (``retry`` checks it again too).
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from dataclasses import dataclass
 # Why a stack failed in one call ("outlier": it answered, but some of its members deviated from the others beyond
 # their thresholds, a silent fault; those members were left out).
 FAILURE_KINDS = ("error", "non-finite", "shape", "timeout", "busy", "outlier", "self-test")
+# Silent-fault signals: they say the stack's answer looked wrong for this call's inputs, which may be the inputs'
+# doing. They quarantine a stack only when its own self-test confirms them (Predictor: quarantine on evidence).
+SILENT_KINDS = ("outlier",)
 # A stack's standing: planned, excluded at load, or quarantined after repeated failures.
 STATUSES = ("ok", "excluded", "quarantined")
 
@@ -51,6 +56,8 @@ class StackHealth:
         calls: calls that ran it.
         failures: calls in which it failed.
         consecutive_failures: failed calls since its last success.
+        cleared: calls in which it was left out as an outlier but then passed its self-test (the call's inputs, not
+            the stack, were odd); they do not count toward quarantine.
     """
 
     name: str
@@ -59,11 +66,18 @@ class StackHealth:
     calls: int = 0
     failures: int = 0
     consecutive_failures: int = 0
+    cleared: int = 0
 
     def succeeded(self) -> None:
         """Record a successful call."""
         self.calls += 1
         self.consecutive_failures = 0
+
+    def cleared_by_self_test(self) -> None:
+        """Record a call in which it was an outlier but its self-test then passed."""
+        self.calls += 1
+        self.failures += 1
+        self.cleared += 1
 
     def failed(self, failure: StackFailure, quarantine_after: int | None) -> bool:
         """Record a failed call; returns True if this failure puts the stack in quarantine."""

@@ -3,11 +3,17 @@
 Callers pass data as the data set stores it (Fashion-MNIST: uint8 0..255 of shape ``(B, 28, 28)`` or
 ``(B, 1, 28, 28)``); float and other integer arrays are read in the same raw units. The bundle's preprocessing
 ``(raw - mean[c]) / std[c]`` (``c``: axis 0 of one example) is applied here, so stack graphs get normalised float32.
+
+Inputs only need to be finite and in the data's domain: values beyond the training data's range (the manifest's
+``input.raw_range``; for older bundles, the range of their integer raw dtype) widened by :data:`RANGE_MARGIN` times
+its width on each side are refused, so that an absurd request (say FP32 values of 3e38 for an image model) fails
+alone, in one line, instead of making healthy members look corrupted.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +24,11 @@ from edgens.errors import InputError
 from edgens.runtime.bundle import InputSpec, Preprocessing
 
 log = logging.getLogger(__name__)
+
+# How far beyond the training data's range raw inputs may lie, in multiples of the range's width on each side: for
+# Fashion-MNIST (0..255), -255..510. Wide enough for any real image or sensor reading in those units, and far below
+# the magnitudes that overflow the members' float32 sums.
+RANGE_MARGIN = 1.0
 
 
 @dataclass(frozen=True)
@@ -55,6 +66,11 @@ class InputPreparer:
         self._std = np.asarray(preprocessing.std, dtype=np.float32).reshape(broadcast)
         self.accepted = [self.shape] + ([self.shape[1:]] if self.shape[0] == 1 and len(self.shape) > 1 else [])
         self._warned_units = False
+        self.allowed = allowed_range(spec)
+        self._within: dict[np.dtype, bool] = {}  # per integer dtype: every value it holds is allowed
+        if self.allowed is None:
+            log.warning("the bundle records no input range (exported before edgens recorded one, from a float data "
+                        "set): inputs far outside the training data cannot be refused; export it again")
 
     def describe_expected(self) -> str:
         """The accepted shapes, e.g. ``(B, 1, 28, 28) or (B, 28, 28)``."""
@@ -64,7 +80,8 @@ class InputPreparer:
         """Check ``x`` and return ``(B, *shape)`` float32, normalised and C-contiguous.
 
         Raises:
-            InputError: not a numeric array, a shape that does not fit, an empty batch, NaN or infinite values.
+            InputError: not a numeric array, a shape that does not fit, an empty batch, NaN or infinite values,
+                values beyond the bundle's input range.
         """
         if not isinstance(x, np.ndarray):
             received = type(x).__name__
@@ -86,27 +103,60 @@ class InputPreparer:
                              f"example")
         # One copy into float32, then normalise in place: the doc's formula, (raw - mean) / std.
         out = np.array(x, dtype=np.float32, order="C").reshape((len(x), *self.shape))  # np.array always copies
-        if x.dtype.kind == "f":
-            self._check_finite(out)
-            self._check_units(out)
+        if x.dtype.kind == "f" or not self._dtype_within(x.dtype):
+            self._check_values(out, x.dtype.kind == "f")
         np.subtract(out, self._mean, out=out)
         np.divide(out, self._std, out=out)
         return out
 
-    @staticmethod
-    def _check_finite(x: np.ndarray) -> None:
-        if np.isfinite(x).all():
-            return
-        bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
-        raise InputError(f"input: received {int(bad.sum())} example(s) with NaN or infinite values (first: "
-                             f"example {int(np.flatnonzero(bad)[0])}), expected finite values")
+    def _dtype_within(self, dtype: np.dtype) -> bool:
+        """Whether every value an integer ``dtype`` can hold is allowed (a uint8 image for a uint8 data set): then
+        its values need no check."""
+        within = self._within.get(dtype)
+        if within is None:
+            info = np.iinfo(dtype)
+            within = self._within[dtype] = self.allowed is None or self.allowed[0] <= info.min <= info.max <= \
+                self.allowed[1]
+        return within
 
-    def _check_units(self, x: np.ndarray) -> None:
+    def _check_values(self, x: np.ndarray, floats: bool) -> None:
+        """Finite, within the allowed range, and (float input) in raw units: one min and one max in the common
+        case."""
+        low, high = float(x.min()), float(x.max())  # NaN anywhere makes both NaN; Inf shows in one of them
+        if not (math.isfinite(low) and math.isfinite(high)):
+            bad = ~np.isfinite(x.reshape(len(x), -1)).all(axis=1)
+            raise InputError(f"input: received {int(bad.sum())} example(s) with NaN or infinite values (first: "
+                             f"example {int(np.flatnonzero(bad)[0])}), expected finite values")
+        allowed = self.allowed
+        if allowed is not None and (low < allowed[0] or high > allowed[1]):
+            flat = x.reshape(len(x), -1)
+            bad = (flat.min(axis=1) < allowed[0]) | (flat.max(axis=1) > allowed[1])
+            raise InputError(f"input: received values from {low:.4g} to {high:.4g} ({int(bad.sum())} example(s), "
+                             f"first: example {int(np.flatnonzero(bad)[0])}), expected raw values within "
+                             f"{allowed[0]:g}..{allowed[1]:g} (the training data's range widened by its width on "
+                             f"each side)")
+        if floats:
+            self._check_units(low, high)
+
+    def _check_units(self, low: float, high: float) -> None:
         # A common mistake is to pass data already scaled to 0..1 or normalised; the runtime expects raw units.
         if self._warned_units or self.raw_dtype.kind not in "ui":
             return
-        low, high = float(x.min()), float(x.max())
         if high <= 1.0 or low < 0.0:
             self._warned_units = True
             log.warning("input values lie in [%.3g, %.3g], but the bundle expects raw %s units (e.g. 0..255); pass "
                         "data as the data set stores it, not scaled or normalised", low, high, self.raw_dtype)
+
+
+def allowed_range(spec: InputSpec) -> tuple[float, float] | None:
+    """The raw values a bundle accepts: its training range (or, without one, its integer raw dtype's range)
+    widened by :data:`RANGE_MARGIN` times the range's width on each side; None when neither is known."""
+    if spec.raw_range is not None:
+        low, high = spec.raw_range
+    elif np.dtype(spec.raw_dtype).kind in "ui":
+        info = np.iinfo(np.dtype(spec.raw_dtype))
+        low, high = float(info.min), float(info.max)
+    else:
+        return None
+    width = (high - low) or max(abs(high), 1.0)  # a constant training value still allows its own scale
+    return low - RANGE_MARGIN * width, high + RANGE_MARGIN * width

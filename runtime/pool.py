@@ -26,7 +26,7 @@ import numpy as np
 from edgens.errors import BackendUnavailableError, BundleError
 from edgens.runtime.backends import Backend, StackRunner
 from edgens.runtime.bundle import Manifest, check_file
-from edgens.runtime.health import StackFailure, StackHealth
+from edgens.runtime.health import SILENT_KINDS, StackFailure, StackHealth
 from edgens.runtime.policies import Step
 
 log = logging.getLogger(__name__)
@@ -80,6 +80,9 @@ class StackPool:
         self.timeout_s = None if stack_timeout_ms is None else stack_timeout_ms / 1e3
         self.generation = 0  # changes of availability so far
         self._observe = observe
+        # After a silent-fault signal about stack NAME: rerun its self-test, (passed, message), or None without
+        # self-test data (then the signal counts as a failed call). The predictor sets it.
+        self.confirm: Callable[[str], tuple[bool, str] | None] | None = None
         self._runners: dict[str, StackRunner] = {}
         self._health = {stack.name: StackHealth(stack.name) for stack in manifest.stacks}
         self._workers: dict[str, ThreadPoolExecutor] = {}  # stack timeouts: one worker thread per stack
@@ -261,17 +264,26 @@ class StackPool:
 
     def record(self, answered: Iterable[str], failures: Sequence[StackFailure]) -> None:
         """Record one call's outcomes, once, when it ends: a failure for each stack in ``failures`` (counting toward
-        quarantine), a success for every other stack that ``answered``."""
+        quarantine; a silent fault only when :attr:`confirm` confirms it, and then at once), a success for every
+        other stack that ``answered``."""
         if not failures:  # the common call: one lock, one success each
             with self._lock:
                 for name in answered:
                     self._health[name].succeeded()
             return
+        # silent faults are judged by the stack's own self-test (outside the lock: it runs the stack)
+        verdicts = {f.stack: self.confirm(f.stack) for f in failures if f.kind in SILENT_KINDS and self.confirm}
         failed = {failure.stack for failure in failures}
-        quarantined = []
+        quarantined, confirmed = [], []
         with self._lock:
             for failure in failures:
-                if self._health[failure.stack].failed(failure, self.quarantine_after):
+                health, verdict = self._health[failure.stack], verdicts.get(failure.stack)
+                if verdict is not None and verdict[0]:  # its self-test passed: the call's inputs were odd
+                    health.cleared_by_self_test()
+                elif verdict is not None:
+                    health.calls += 1
+                    confirmed.append((failure, verdict[1]))
+                elif health.failed(failure, self.quarantine_after):
                     quarantined.append(failure.stack)
             for name in answered:
                 if name not in failed:
@@ -282,6 +294,8 @@ class StackPool:
             log.info("stack %s failed: %s", failure.stack, failure)
         for name in quarantined:
             log.warning("stack %s quarantined: %s; Predictor.retry() tries it again", name, self._health[name].reason)
+        for failure, message in confirmed:
+            self.quarantine(failure.stack, f"self-test confirmed the {failure.kind}: {message}", reload=True)
 
     def quarantine(self, name: str, reason: str, reload: bool = False) -> None:
         """Quarantine stack ``name`` at once (``reload``: its weights in memory may be corrupt, so :meth:`retry`

@@ -77,6 +77,7 @@ class Predictor:
         self._executor = Executor(manifest, self.pool, rules, self.latency,
                                   Lanes(self.lanes) if self.lanes > 1 else None, lanes_asked=lanes is not None)
         self._self_tests = SelfTestSupervisor(self.pool, bundle_dir, manifest, self._prepare)
+        self.pool.confirm = self._self_tests.confirm  # quarantine on evidence about the stack (health.py)
         # plans by (budget, batch size for latency budgets, latency view, pool generation): a plan made before the
         # view or the stacks' availability changed is never found again
         self._plans: dict[tuple[Any, ...], list[Step]] = {}

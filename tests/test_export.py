@@ -427,3 +427,12 @@ def test_anytime_on_an_exported_bundle_answers_early_and_improves(bundle: Path) 
         with_deadline = list(predictor.anytime(x, deadline_ms=60_000))
         assert len(with_deadline) >= 2 and with_deadline[-1].members_used[0] == 12
         assert with_deadline[0].members_used[0] < 12
+
+
+def test_the_manifest_records_the_training_data_range(bundle: Path, tiny_run: Path) -> None:
+    from edgens.export.run_model import load_run
+
+    dataset = load_run(tiny_run).dataset
+    manifest = load_manifest(bundle)
+    assert manifest.input.raw_range == (float(dataset.train_x.min()), float(dataset.train_x.max())) == (0.0, 255.0)
+    assert json.loads((bundle / "manifest.json").read_text())["input"]["raw_range"] == [0.0, 255.0]

@@ -17,8 +17,15 @@ from edgens.runtime.bundle.types import (CURVE_KEYS, F1_KEYS, FORMAT_VERSION, PR
 
 def parse_input(r: JsonReader, obj: dict[str, Any]) -> InputSpec:
     shape = r.ints(obj, "shape", "input", minimum=1, non_empty=True)
+    raw_range = None
+    if obj.get("raw_range") is not None:  # optional: bundles written before it have none
+        values = r.floats(obj, "raw_range", "input")
+        if len(values) != 2 or values[0] > values[1]:
+            raise r.fail("input.raw_range", "[smallest, largest] raw value, smallest first", values)
+        raw_range = (values[0], values[1])
     return InputSpec(shape=tuple(shape), name=r.str_(obj, "name", "input"),
-                     dtype=r.str_(obj, "dtype", "input", ("float32",)), raw_dtype=_dtype_name(r, obj, "input"))
+                     dtype=r.str_(obj, "dtype", "input", ("float32",)), raw_dtype=_dtype_name(r, obj, "input"),
+                     raw_range=raw_range)
 
 
 def _dtype_name(r: JsonReader, obj: dict[str, Any], path: str) -> str:

@@ -44,15 +44,22 @@ class InputSpec:
         name: graph input name (stacks may override it).
         dtype: dtype of the graph input; format 1 knows only ``float32``.
         raw_dtype: dtype the data set stores (``uint8`` for images), the units of ``Preprocessing``.
+        raw_range: the smallest and largest raw value of the training data (``(0, 255)`` for Fashion-MNIST), from
+            which the runtime refuses inputs far beyond it; None in bundles written before it (optional).
     """
 
     shape: tuple[int, ...]
     name: str = "x"
     dtype: str = "float32"
     raw_dtype: str = "uint8"
+    raw_range: tuple[float, float] | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "raw_dtype": self.raw_dtype}
+        data: dict[str, Any] = {"name": self.name, "shape": list(self.shape), "dtype": self.dtype,
+                                "raw_dtype": self.raw_dtype}
+        if self.raw_range is not None:
+            data["raw_range"] = [float(self.raw_range[0]), float(self.raw_range[1])]
+        return data
 
 
 @dataclass(kw_only=True)

@@ -103,6 +103,13 @@ def test_infer_user_errors_are_one_line(run, bundle: SyntheticBundle, npz, args,
     assert message in result.output and "Traceback" not in result.output
 
 
+def test_infer_refuses_absurd_inputs_in_one_line(run, bundle: SyntheticBundle, tmp_path: Path) -> None:
+    path = tmp_path / "absurd.npz"
+    np.savez(path, x=np.full((3, 28, 28), 3e38, dtype=np.float32))
+    result = run("infer", bundle.path, "--input", path, code=2)
+    assert result.output.count("\n") == 1 and "expected raw values within -255..510" in result.output
+
+
 def test_infer_bad_paths(run, bundle: SyntheticBundle, tmp_path: Path, npz) -> None:
     result = run("infer", tmp_path / "nope", "--input", npz[0], code=2)
     assert "does not exist or is not a directory" in result.output

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 
 from edgens.errors import InputError
-from edgens.runtime import Predictor
-from edgens.runtime.faults import inject_faults
+from edgens.runtime import Predictor, load_manifest, write_manifest
+from edgens.runtime.faults import Fault, inject_faults
+from edgens.runtime.inputs import allowed_range
 
 RAW = np.zeros((4, 1, 28, 28), dtype=np.uint8)
 
@@ -63,3 +64,45 @@ def test_raw_uint8_input_is_not_warned_about(predictor: Predictor, data, caplog:
         predictor.predict(data[0])
         predictor.predict(data[0].astype(np.float32))
     assert not caplog.records
+
+
+# Issue 28, item 3: inputs only need to be finite and in the data's domain. The template bundle is a uint8 data set
+# without a recorded range: its dtype's 0..255, widened by its width on each side, is what it accepts.
+@pytest.mark.parametrize(("value", "allowed"), [(3e38, False), (-3e38, False), (-256.0, False), (511.0, False),
+                                                (-255.0, True), (510.0, True), (128.5, True)])
+def test_inputs_beyond_the_data_range_are_refused_before_any_stack_runs(predictor: Predictor, value: float,
+                                                                       allowed: bool) -> None:
+    x = RAW[:3].astype(np.float32)
+    x[1, 0, 5, 5] = value
+    with inject_faults(predictor, {name: Fault("sleep", sleep_ms=0.0) for name in predictor.runners}) as runners:
+        if allowed:
+            assert np.isfinite(predictor.predict(x).probabilities).all()
+            return
+        with pytest.raises(InputError, match=r"input: received values from .* \(1 example\(s\), first: example 1\), "
+                                             r"expected raw values within -255\.\.510 \(the training data's range "
+                                             r"widened by its width on each side\)"):
+            predictor.predict(x)
+    assert all(runner.calls == 0 for runner in runners.values())
+
+
+def test_the_recorded_range_sets_what_is_accepted(bundle, data) -> None:
+    manifest = load_manifest(bundle.path)
+    manifest.input.raw_range = (10.0, 20.0)  # accepts 0..30
+    write_manifest(bundle.path, manifest)
+    assert load_manifest(bundle.path).input.raw_range == (10.0, 20.0)
+    with Predictor.load(bundle.path, "onnxruntime") as predictor:
+        assert allowed_range(predictor.manifest.input) == (0.0, 30.0)
+        predictor.predict(np.full((1, 28, 28), 30, dtype=np.uint8))
+        with pytest.raises(InputError, match=r"from 31 to 31 .* within 0\.\.30"):
+            predictor.predict(np.full((1, 28, 28), 31, dtype=np.uint8))  # an integer dtype wider than allowed
+
+
+def test_a_float_bundle_without_a_range_warns_and_accepts(bundle, caplog: pytest.LogCaptureFixture) -> None:
+    manifest = load_manifest(bundle.path)
+    manifest.input.raw_dtype = "float32"
+    write_manifest(bundle.path, manifest)
+    with caplog.at_level(logging.WARNING, logger="edgens.runtime"):
+        predictor = Predictor.load(bundle.path, "onnxruntime")
+    assert any("records no input range" in r.getMessage() for r in caplog.records)
+    with predictor:
+        assert np.isfinite(predictor.predict(np.full((1, 28, 28), 1e6, dtype=np.float32)).mean).all()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -19,6 +20,7 @@ from edgens.runtime.faults import (EXPONENT_BITS, BitFault, Fault, apply_bit_fau
                                    inject_bit_faults, inject_faults, random_bit_faults, weight_row)
 from edgens.runtime.bundle import Manifest
 from edgens.runtime.onnx_weights import weight_tensors
+from edgens.runtime import selftest
 from edgens.runtime.outliers import find_outliers, fit_thresholds
 
 GENERAL = ["general-000", "general-001", "general-002", "general-003"]
@@ -254,15 +256,46 @@ def test_detection_leaves_out_exactly_the_corrupted_stacks_members(guarded: Synt
     assert (undetected.labels != clean.labels).any()
 
 
-def test_repeated_outliers_quarantine_the_stack(guarded: SyntheticBundle, test_x: np.ndarray) -> None:
+def test_an_outlier_its_self_test_confirms_quarantines_the_stack_at_once(guarded: SyntheticBundle,
+                                                                         test_x: np.ndarray) -> None:
+    # issue 28: quarantine on evidence about the stack; a corrupted weight fails the self-test on the stored inputs
     with Predictor.load(guarded.path, "onnxruntime", lanes=1, quarantine_after=2) as predictor:
+        with inject_bit_faults(predictor, {"general-001": _boost("w2", 0)}):
+            assert predictor.predict(test_x, deadline_ms=10_000).failures[0].kind == "outlier"
+            health = predictor.health()["general-001"]
+            assert health.status == "quarantined" and health.reason.startswith("self-test confirmed the outlier")
+            after = predictor.predict(test_x, deadline_ms=10_000)
+        assert "general-001" not in after.stacks_run and not after.failures
+        assert predictor.retry() == ["general-001"]  # reloaded from its file, and its self-test passes
+
+
+def test_outliers_a_self_test_does_not_confirm_never_quarantine(guarded: SyntheticBundle, test_x: np.ndarray,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A margin this small makes healthy groups outliers in every call (as odd inputs would): each call still leaves
+    # them out, but the stacks pass their self-test, so none is quarantined, and each is tested once here.
+    monkeypatch.setattr(selftest, "CONFIRM_EVERY_S", 1e9)
+    with Predictor.load(guarded.path, "onnxruntime", lanes=1, quarantine_after=2, outlier_margin=1e-6) as predictor:
+        counting = {name: Fault("sleep", sleep_ms=0.0) for name in predictor.runners}  # zero sleeps count runs
+        with inject_faults(predictor, counting) as runners:
+            calls = [predictor.predict(test_x[:4], deadline_ms=10_000) for _ in range(20)]
+        assert all(call.failures for call in calls)
+        health = predictor.health()
+        assert all(h.status == "ok" for h in health.values())
+        cleared = {name: h.cleared for name, h in health.items() if h.cleared}
+        assert sum(cleared.values()) == sum(len({f.stack for f in call.failures}) for call in calls)
+        ran = {name: sum(name in call.stacks_run for call in calls) for name in runners}
+        per_test = math.ceil(guarded.manifest.self_test.examples / 256)  # its runs in one self-test
+        for name, runner in runners.items():  # each stack that was left out ran its self-test once
+            assert runner.calls == ran[name] + (per_test if name in cleared else 0), name
+
+
+def test_without_self_test_data_repeated_outliers_still_quarantine(tmp_path: Path, test_x: np.ndarray) -> None:
+    plain = make_bundle(tmp_path / "plain", n_members=16, per_stack=4, hidden=8, prefixes=[8, 16], outliers=True)
+    with Predictor.load(plain.path, "onnxruntime", lanes=1, quarantine_after=2) as predictor:
         with inject_bit_faults(predictor, {"general-001": _boost("w2", 0)}):
             for _ in range(2):
                 assert predictor.predict(test_x, deadline_ms=10_000).failures[0].kind == "outlier"
             assert predictor.health()["general-001"].status == "quarantined"
-            after = predictor.predict(test_x, deadline_ms=10_000)
-        assert "general-001" not in after.stacks_run and not after.failures
-        assert predictor.retry() == ["general-001"]
 
 
 def test_too_few_groups_are_not_checked(guarded: SyntheticBundle, test_x: np.ndarray) -> None:
