@@ -107,20 +107,27 @@ class LatencyTable:
         Below the smallest measured size the smallest's latency is used; above the largest, its latency scaled by
         ``batch / largest`` (work grows with the batch). None if the stack was not measured.
         """
+        return self._at(stack, batch, "median_ms")
+
+    def p90(self, stack: str, batch: int) -> float | None:
+        """The 90th percentile latency (ms) of ``stack`` at ``batch``, interpolated as :meth:`estimate` is."""
+        return self._at(stack, batch, "p90_ms")
+
+    def _at(self, stack: str, batch: int, field: str) -> float | None:
         sizes = self.stacks.get(stack)
         if not sizes:
             return None
-        known = sorted(sizes)
         if batch in sizes:
-            return sizes[batch].median_ms
+            return getattr(sizes[batch], field)
+        known = sorted(sizes)
         if batch <= known[0]:
-            return sizes[known[0]].median_ms
+            return getattr(sizes[known[0]], field)
         if batch >= known[-1]:
-            return sizes[known[-1]].median_ms * batch / known[-1]
+            return getattr(sizes[known[-1]], field) * batch / known[-1]
         upper = next(b for b in known if b > batch)
         lower = max(b for b in known if b < batch)
         weight = (batch - lower) / (upper - lower)
-        return (1 - weight) * sizes[lower].median_ms + weight * sizes[upper].median_ms
+        return (1 - weight) * getattr(sizes[lower], field) + weight * getattr(sizes[upper], field)
 
     def _chain_at(self, batch: int, lanes: int) -> ChainLatency | None:
         """The lane measurement with ``lanes`` lanes at the largest measured batch size not above ``batch``."""
@@ -272,16 +279,25 @@ class ObservedLatency:
 
     def estimate(self, stack: str, batch: int) -> float | None:
         """The expected latency (ms) of ``stack`` at ``batch``; None when unknown or due to be measured again."""
+        entry = self._entry(stack, batch)
+        if entry is None or entry.skips >= entry.probe_after:
+            return None
+        return entry.typical()
+
+    def slowest(self, stack: str, batch: int) -> float | None:
+        """The slowest of the latest run times (ms) of ``stack`` at ``batch`` (or the next larger batch seen): what
+        stands for a 90th percentile without a latency table."""
+        entry = self._entry(stack, batch)
+        return None if entry is None else max(entry.times_ms)
+
+    def _entry(self, stack: str, batch: int) -> _Observations | None:
         entry = self._entries.get((stack, batch))
         if entry is None:
             seen = self._batches.get(stack)
             i = bisect.bisect_right(seen, batch) if seen else 0
-            if not seen or i == len(seen):
-                return None
-            entry = self._entries[(stack, seen[i])]
-        if entry.skips >= entry.probe_after:
-            return None
-        return entry.typical()
+            if seen and i < len(seen):
+                entry = self._entries[(stack, seen[i])]
+        return entry
 
     def observe(self, stack: str, batch: int, ms: float) -> None:
         """Record that ``stack`` ran ``batch`` examples in ``ms``."""
@@ -398,6 +414,15 @@ class LatencyEstimates:
             return table.estimate(stack, batch)
         with self._observed_lock:
             return self.observed.estimate(stack, batch)
+
+    def p90(self, stack: str, batch: int, view: LatencyView | None = None) -> float | None:
+        """The 90th percentile latency (ms) of ``stack`` at this batch size: ``view``'s table's, else the slowest
+        of the latest observed runs (None: neither yet)."""
+        table = (view or self.view).table
+        if table is not None:
+            return table.p90(stack, batch)
+        with self._observed_lock:
+            return self.observed.slowest(stack, batch)
 
     def observe(self, stack: str, batch: int, ms: float) -> None:
         """Record that ``stack`` ran ``batch`` examples in ``ms``."""

@@ -31,6 +31,10 @@ from edgens.runtime.policies import Step
 
 log = logging.getLogger(__name__)
 
+# The latency key of a stack's lean twin (its runs in deadline calls): profiled and observed apart from the stack's
+# own runner, since one thread is slower than several on a large stack.
+LEAN = "@lean"
+
 
 @dataclass
 class StackResult:
@@ -84,6 +88,12 @@ class StackPool:
         # self-test data (then the signal counts as a failed call). The predictor sets it.
         self.confirm: Callable[[str], tuple[bool, str] | None] | None = None
         self._runners: dict[str, StackRunner] = {}
+        # Deadline calls run a stack's lean twin where the backend makes one (a prefix stack whose own session takes
+        # every core and spins: beside the next stacks, or on a VM whose second core comes and goes, that made
+        # deadline calls overrun by 4-9 ms at p99). _twins maps each own runner to its twin, so that a runner
+        # swapped in by fault injection serves lean runs too, and the twin is back when the own runner is.
+        self._lean: dict[str, StackRunner] = {}
+        self._twins: dict[int, StackRunner] = {}
         self._health = {stack.name: StackHealth(stack.name) for stack in manifest.stacks}
         self._workers: dict[str, ThreadPoolExecutor] = {}  # stack timeouts: one worker thread per stack
         self._late: dict[str, Future[np.ndarray]] = {}  # runs that timed out and may still be running
@@ -110,8 +120,13 @@ class StackPool:
     def _start(self, name: str) -> str | None:
         """Make and activate the runner of stack ``name``; returns the problem if it cannot run."""
         try:
-            runner = self.backend.runner(self.manifest.stack(name))
+            stack = self.manifest.stack(name)
+            runner = self.backend.runner(stack)
             runner.activate()
+            lean = self.backend.lean_runner(stack)
+            if lean is not None:
+                lean.activate()
+                self._lean[name] = self._twins[id(runner)] = lean
         except BackendUnavailableError:
             raise  # the machine, not the stack, is the problem: every stack would fail the same way
         except Exception as err:  # noqa: BLE001  (a corrupt graph makes backends raise their own errors)
@@ -141,7 +156,19 @@ class StackPool:
         """Swap the runners of some stacks (fault injection uses this); returns the ones replaced."""
         replaced = {name: self._runners[name] for name in runners}
         self._runners.update(runners)
+        for name, runner in runners.items():
+            if name in self._lean:
+                self._lean[name] = self._twins.get(id(runner), runner)
         return replaced
+
+    @property
+    def lean_runners(self) -> dict[str, StackRunner]:
+        """The lean twins deadline calls run instead of some stacks' own runners, by latency key (``NAME@lean``)."""
+        return {f"{name}{LEAN}": runner for name, runner in self._lean.items()}
+
+    def latency_key(self, name: str, lean: bool) -> str:
+        """Under which name stack ``name``'s latency is measured for a call that runs lean twins (``lean``) or not."""
+        return f"{name}{LEAN}" if lean and name in self._lean else name
 
     def health(self) -> dict[str, StackHealth]:
         """Each stack's standing: ok, excluded or quarantined, with failure counts."""
@@ -169,11 +196,15 @@ class StackPool:
 
     # --------------------------------------------------------------------------------------------------- running
 
-    def run(self, step: Step, x: np.ndarray) -> StackResult:
-        """Run one stack on a normalised batch ``x``: its outputs, checked for shape, or why it failed. Touches no
-        call state (lanes run it in their threads)."""
-        name = step.stack
-        runner = self._runners[name]
+    def run(self, step: Step, x: np.ndarray, lean: bool = False) -> StackResult:
+        """Run one stack on a normalised batch ``x`` (``lean``: its lean twin, if it has one): its outputs, checked
+        for shape, or why it failed. Touches no call state (lanes run it in their threads)."""
+        name = key = step.stack
+        runner = self._lean.get(name) if lean else None
+        if runner is None:
+            runner = self._runners[name]
+        else:
+            key = f"{name}{LEAN}"  # observed under its own latency key
         start = time.perf_counter()
         out = failure = None
         try:
@@ -190,7 +221,7 @@ class StackPool:
         finished = time.perf_counter()
         ms = (finished - start) * 1e3
         if failure is None and self._observe is not None:
-            self._observe(name, len(x), ms)
+            self._observe(key, len(x), ms)
         return StackResult(step, failure, ms, finished, out)
 
     def _run_in_worker(self, runner: StackRunner, x: np.ndarray) -> np.ndarray:
@@ -241,12 +272,14 @@ class StackPool:
         return np.concatenate(parts, axis=1)
 
     def warm_up(self, batch_sizes: Sequence[int], repeats: int) -> None:
-        """Run every available stack ``repeats`` times at each batch size (on zeros), after one run that is not
-        timed (allocation), reporting the times like those of calls."""
+        """Run every available stack (and its lean twin) ``repeats`` times at each batch size (on zeros), after one
+        run that is not timed (allocation), reporting the times like those of calls."""
         shape = tuple(self.manifest.input.shape)
+        runners = [(name, name, runner) for name, runner in self._runners.items()]
+        runners += [(name, f"{name}{LEAN}", runner) for name, runner in self._lean.items()]  # deadline calls' twins
         for batch in batch_sizes:
             x = np.zeros((batch, *shape), dtype=np.float32)
-            for name, runner in list(self._runners.items()):
+            for name, key, runner in runners:
                 if not self.available(name):
                     continue
                 try:
@@ -255,7 +288,7 @@ class StackPool:
                         start = time.perf_counter()
                         runner.run(x)
                         if self._observe is not None:
-                            self._observe(name, batch, (time.perf_counter() - start) * 1e3)
+                            self._observe(key, batch, (time.perf_counter() - start) * 1e3)
                 except Exception as err:  # noqa: BLE001  (a failing stack fails the calls that plan it, not this)
                     log.warning("warm-up of stack %s at batch %d failed: %s: %s", name, batch, type(err).__name__,
                                 err)
@@ -349,6 +382,10 @@ class StackPool:
         old = self._runners.pop(name, None)
         if old is not None:
             old.deactivate()
+            twin = self._twins.pop(id(old), None)
+            if twin is not None:
+                twin.deactivate()
+        self._lean.pop(name, None)
         return check_file(self.bundle_dir, stack.file, stack.sha256, stack.bytes) or self._start(name)
 
     def close(self) -> None:
@@ -356,7 +393,7 @@ class StackPool:
         for worker in self._workers.values():
             worker.shutdown(wait=False, cancel_futures=True)
         self._workers.clear()
-        for runner in self._runners.values():
+        for runner in [*self._runners.values(), *self._twins.values()]:
             runner.deactivate()
 
 

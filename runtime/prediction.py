@@ -30,6 +30,10 @@ class Prediction:
         task: the specialist task of a ``task`` call, else None.
         outliers_checked: whether silent-fault detection checked this call's members (it needs the bundle's
             thresholds and at least three groups answered, and does not run under confidence or task budgets).
+        promise_ms: for a deadline call, how far past the deadline it may finish by its promise: one stack, the
+            90th percentile latency (this device's latency table, else the slowest recent run) of the slowest stack
+            it started, plus :data:`~edgens.runtime.execution.OWN_WORK_MS` for the runtime's own work; None
+            otherwise, or when no latency is known yet.
     """
 
     family: str
@@ -45,6 +49,7 @@ class Prediction:
     deadline_ms: float | None = None
     task: str | None = None
     outliers_checked: bool = False
+    promise_ms: float | None = None
 
     @property
     def probabilities(self) -> np.ndarray:
@@ -61,6 +66,12 @@ class Prediction:
     def overrun_ms(self) -> float:
         """How far past its deadline the call finished (0 if in time or without a deadline)."""
         return max(0.0, self.elapsed_ms - self.deadline_ms) if self.deadline_ms is not None else 0.0
+
+    @property
+    def within_promise(self) -> bool:
+        """Whether the call kept its deadline's promise: in time, or late by at most one stack (``promise_ms``)."""
+        overrun = self.overrun_ms
+        return overrun == 0.0 or (self.promise_ms is not None and overrun <= self.promise_ms)
 
     def select(self, rows: slice | np.ndarray, **changes: Any) -> Prediction:
         """The prediction of some examples only (e.g. one request's rows of a merged batch), with ``changes`` to

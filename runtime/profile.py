@@ -35,7 +35,8 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
     Stacks are timed the way calls run them: one after another in rounds (each round runs every stack once), so
     each stack starts with the caches the previous stack left, as in a real call. Timing one stack in a tight loop
     instead keeps its weights in cache and underestimated a 4-stack call by 10-20% on a small CPU. Input is random
-    normalised data of the bundle's shape (latency does not depend on the values for these graphs). With two or more
+    normalised data of the bundle's shape (latency does not depend on the values for these graphs). Stacks that
+    deadline calls run as lean twins (one thread) are timed that way too, under ``NAME@lean``. With two or more
     lanes, each batch size also times every general stack run in order and on the lanes (``LatencyTable.lanes``).
     The table records the device's power mode (a Jetson's ``nvpmodel`` mode) and, as the measurement ends, its clocks
     and temperatures; a mode change during the measurement makes it refuse.
@@ -60,23 +61,23 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
     if not runners:
         raise NoMembersAvailableError(f"profile: no stack of {predictor.bundle_dir} is loaded; "
                                       f"{predictor.describe_health()}")
+    # What deadline calls run: the general stacks and the prefix stacks' lean twins, timed in rounds of their own
+    # (beside the other sessions' spinning threads, the twins would look as slow as what they replace).
+    lean = predictor.pool.lean_runners
+    deadline_runners = {**{s.name: runners[s.name] for s in predictor.manifest.general_stacks if s.name in runners},
+                        **lean}
     rng = np.random.default_rng(0)
     table = LatencyTable(warmup=warmup, repeats=repeats, power_mode=power_mode_key(), **predictor.backend.describe())
     for batch in sorted({int(b) for b in batch_sizes}):
         x = rng.standard_normal((batch, *predictor.manifest.input.shape)).astype(np.float32)
-        for runner in runners.values():
+        for runner in [*runners.values(), *lean.values()]:
             runner.infer(x)  # checked once: a stack that cannot run this batch fails here, not in the timing
-        for _ in range(warmup):
-            for runner in runners.values():
-                runner.run(x)
-        times = np.empty((len(runners), repeats))
-        for i in range(repeats):
-            for j, runner in enumerate(runners.values()):
-                start = time.perf_counter()
-                runner.run(x)
-                times[j, i] = time.perf_counter() - start
-        for j, name in enumerate(runners):
-            table.stacks.setdefault(name, {})[batch] = _summary(times[j])
+        measured = _rounds(runners, x, warmup, repeats)
+        if lean:
+            measured.update({key: ms for key, ms in _rounds(deadline_runners, x, warmup, repeats).items()
+                             if key in lean})
+        for name, ms in measured.items():
+            table.stacks.setdefault(name, {})[batch] = _summary(ms)
             if on_progress is not None:
                 on_progress(name, batch)
         chain = _chain_latency(predictor, x, warmup, repeats)
@@ -89,6 +90,21 @@ def profile_stacks(predictor: Predictor, batch_sizes: tuple[int, ...] | list[int
         raise ConfigError(f"profile: the power mode changed from {table.power_mode} to {after} while measuring; "
                           f"profile again in one mode")
     return table
+
+
+def _rounds(runners: dict, x: np.ndarray, warmup: int, repeats: int) -> dict[str, np.ndarray]:
+    """Each runner's times (s) over ``repeats`` rounds that run every runner once, in order, after ``warmup``
+    untimed rounds."""
+    for _ in range(warmup):
+        for runner in runners.values():
+            runner.run(x)
+    times = np.empty((len(runners), repeats))
+    for i in range(repeats):
+        for j, runner in enumerate(runners.values()):
+            start = time.perf_counter()
+            runner.run(x)
+            times[j, i] = time.perf_counter() - start
+    return dict(zip(runners, times, strict=True))
 
 
 def _chain_latency(predictor: Predictor, x: np.ndarray, warmup: int, repeats: int) -> ChainLatency | None:

@@ -320,8 +320,9 @@ class Tally:
         """Whether every example has at least one member's answer (a prediction needs one)."""
         return bool(self.members) if self.counts is None else bool(self.counts.all())
 
-    def prediction(self, budget: Budget, start: float, task: str | None = None) -> Prediction:
-        """The prediction so far (call :meth:`has_answer` first)."""
+    def prediction(self, budget: Budget, start: float, task: str | None = None,
+                   promise_ms: float | None = None) -> Prediction:
+        """The prediction so far (call :meth:`has_answer` first); ``promise_ms``: see :class:`Prediction`."""
         rules = self.rules
         batch = len(self.eta_sum)
         if self.counts is None:
@@ -340,7 +341,7 @@ class Tally:
             members_used=members_used, stacks_run=list(self.stacks_run), failures=list(self.failures),
             elapsed_ms=(time.perf_counter() - start) * 1e3, stack_ms=dict(self.stack_ms), budget=str(budget),
             deadline_ms=budget.value if budget.kind == "deadline_ms" else None, task=task,
-            outliers_checked=self.outliers_checked)
+            outliers_checked=self.outliers_checked, promise_ms=promise_ms)
 
     def _member_rows(self) -> np.ndarray:
         """The natural parameters ``(members, B, K)`` of every member the call uses (outlier groups left out), for

@@ -57,9 +57,14 @@ def summarise(predictions: list[Any], y: Any, family: str, class_index: int | No
     }
     deadline = predictions[0].deadline_ms
     if deadline is not None:
-        overruns = [p.overrun_ms for p in predictions if p.overrun_ms > 0]
-        summary["deadline"] = {"deadline_ms": deadline, "overrun_batches": len(overruns),
-                               "max_overrun_ms": max(overruns, default=0.0)}
+        # The promise of a deadline is an overrun of at most one stack (the slowest stack a call started, at its
+        # p90): report against that, not against zero.
+        overruns = np.array([p.overrun_ms for p in predictions])
+        promises = [p.promise_ms for p in predictions if p.promise_ms is not None]
+        summary["deadline"] = {"deadline_ms": deadline, "overrun_batches": int((overruns > 0).sum()),
+                               "beyond_one_stack_batches": sum(not p.within_promise for p in predictions),
+                               "p99_overrun_ms": float(np.percentile(overruns, 99)),
+                               "max_overrun_ms": float(overruns.max()), "one_stack_ms": max(promises, default=None)}
     if y is not None:
         y = np.asarray(y)
         if family == "categorical":
@@ -125,6 +130,9 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
     with Predictor.load(bundle, backend, strict=strict, stack_timeout_ms=stack_timeout_ms, lanes=lanes,
                         detect_outliers=detect_outliers, combiner=combiner, **options) as predictor:
         tested = predictor.self_test() if self_test else {}
+        # A session's first run at a batch size allocates (several ms): not what a deadline or latency figure
+        # should show. Warm up at the sizes the run uses (the last batch may be smaller).
+        predictor.warm_up(sorted({min(batch_size, len(x)), len(x) % batch_size or batch_size}), repeats=1)
         class_index = resolve_task(predictor.manifest, budget.value).class_index if budget.kind == "task" else None
         predictions = [predictor.predict(x[i:i + batch_size], budget) for i in range(0, len(x), batch_size)]
         summary = summarise(predictions, y, predictor.manifest.family, class_index)
@@ -155,8 +163,11 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
                f"{info['members']}")
     if "deadline" in summary:
         d = summary["deadline"]
-        click.echo(f"deadline: {d['deadline_ms']:g} ms overrun in {d['overrun_batches']}/{summary['batches']} "
-                   f"batches, by at most {d['max_overrun_ms']:.3f} ms")
+        stack = "unknown" if d["one_stack_ms"] is None else f"up to {d['one_stack_ms']:.3f} ms"
+        click.echo(f"deadline: {d['deadline_ms']:g} ms kept within one stack ({stack}, p90) in "
+                   f"{summary['batches'] - d['beyond_one_stack_batches']}/{summary['batches']} batches; past the "
+                   f"deadline in {d['overrun_batches']}, p99 overrun {d['p99_overrun_ms']:.3f} ms, max "
+                   f"{d['max_overrun_ms']:.3f} ms")
     if self_test:
         failed = [name for name, r in tested.items() if not r.ok]
         click.echo(f"self-test: {len(tested) - len(failed)}/{len(tested)} stacks unchanged"

@@ -1,6 +1,7 @@
 """Prometheus metrics of ``edgens serve`` (``GET /metrics``), in a registry of the server's own.
 
-Names start with ``edgens_``. Counters: requests by outcome, deadline overruns, stack failures by stack and kind.
+Names start with ``edgens_``. Counters: requests by outcome, deadline overruns (and those beyond the deadline's
+promise of one stack), stack failures by stack and kind.
 Histograms: request latency (from arrival to the answer), members used per request, examples per merged call.
 Gauges read at scrape time: queue depth, requests in flight, quarantined and unavailable stacks, the fraction of
 members available, the device's power mode (a Jetson's nvpmodel mode, as a label) and whether a latency table for it
@@ -68,6 +69,9 @@ class ServeMetrics:
                                 registry=registry)
         self.overrun_seconds = Histogram("edgens_deadline_overrun_seconds", "How far past the deadline late answers "
                                          "came", buckets=LATENCY_BUCKETS_S, registry=registry)
+        self.beyond_promise = Counter("edgens_deadline_beyond_one_stack", "Answers later than their deadline's "
+                                      "promise: one stack (the slowest started, at its p90) and the runtime's own work",
+                                      registry=registry)
         self.stack_failures = Counter("edgens_stack_failures", "Stacks that failed in a call, by kind",
                                       ["stack", "kind"], registry=registry)
         self.batch = Histogram("edgens_batch_examples", "Examples per merged stack or predict call",
@@ -91,6 +95,8 @@ class ServeMetrics:
         if prediction.overrun_ms > 0:
             self.overruns.inc()
             self.overrun_seconds.observe(prediction.overrun_ms / 1e3)
+            if not prediction.within_promise:
+                self.beyond_promise.inc()
         for failure in prediction.failures:
             self.stack_failures.labels(failure.stack, failure.kind).inc()
 

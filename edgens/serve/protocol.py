@@ -304,7 +304,7 @@ def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo) -> tupl
 
 def response_parameters(prediction: Prediction) -> dict[str, Any]:
     """What the response says about the call: members used (the fewest any example got), stacks run, failures,
-    the deadline and how far past it the answer came."""
+    the deadline, how far past it the answer came, and whether that kept the promise of one stack."""
     parameters: dict[str, Any] = {
         "budget": prediction.budget,
         "members_used": int(prediction.members_used.min()),
@@ -317,6 +317,9 @@ def response_parameters(prediction: Prediction) -> dict[str, Any]:
     if prediction.deadline_ms is not None:
         parameters["deadline_ms"] = prediction.deadline_ms
         parameters["overrun_ms"] = round(prediction.overrun_ms, 3)
+        if prediction.promise_ms is not None:  # what the deadline promises at most: one stack late
+            parameters["one_stack_ms"] = round(prediction.promise_ms, 3)
+        parameters["within_one_stack"] = prediction.within_promise
     return parameters
 
 

@@ -167,6 +167,12 @@ class Backend(ABC):
             BundleError: the bundle has nothing this backend can run for the stack.
         """
 
+    def lean_runner(self, stack: StackInfo) -> StackRunner | None:
+        """A second runner (not yet active) of ``stack`` for calls that keep a deadline: one that shares the cores
+        with the stacks after it (one thread, no busy waiting). None when the stack's own runner already is one.
+        """
+        return None
+
     def graph_runner(self, stack: StackInfo, model: bytes) -> StackRunner:
         """A runner (not yet active) of ``model``, the stack's serialized ONNX graph changed in memory (fault
         injection corrupts weights this way, after the file passed its checksum).

@@ -14,7 +14,10 @@ enough for more threads to pay off, so its session gets every core (``solo_threa
 may spin between runs (onnxruntime's default). Measured on 2 cores (AMD EPYC), a 256-member prefix graph at batch
 64: 1.72 ms with 1 thread, 1.1-1.4 ms with 2 parked threads (waking them every run), 0.9-1.0 ms with 2 spinning
 ones; at batch 1: 0.12 ms, 0.15 ms and 0.07 ms. Spinning is CPU time (and power) spent waiting, briefly after each
-run; ``solo_threads=1`` gives prefix stacks one thread and no spinning.
+run; ``solo_threads=1`` gives prefix stacks one thread and no spinning. Deadline calls run a prefix stack's lean
+twin instead (:meth:`OnnxRuntimeBackend.lean_runner`: one thread, no spinning): spinning threads steal the core the
+next stack needs, and a parallel run waits on a core the VM took away (p99 overruns of 4-9 ms at batch 1 and 64 on
+2 cores, 0.15-1 ms with one thread; benchmarks/README.md).
 """
 
 from __future__ import annotations
@@ -232,6 +235,12 @@ class OnnxRuntimeBackend(Backend):
         runner = self._runner(stack, None)
         self._runners.append(runner)  # the bundle's own runners say what runs it
         return runner
+
+    def lean_runner(self, stack: StackInfo) -> OnnxRuntimeRunner | None:
+        if stack.role != "prefix" or self.solo_threads == 1:
+            return None  # general and specialist stacks, and prefix stacks with one thread, are lean already
+        return OnnxRuntimeRunner(stack, self.bundle_dir / stack.file, self.manifest.input.shape,
+                                 self.manifest.n_outputs, self.providers, threads=1, spin=False)
 
     def graph_runner(self, stack: StackInfo, model: bytes) -> OnnxRuntimeRunner:
         return self._runner(stack, model)  # injected graphs come and go: not among the runners reported

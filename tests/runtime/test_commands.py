@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -69,7 +70,21 @@ def test_infer_npy_without_labels_and_a_deadline(run, bundle: SyntheticBundle, t
     report = json.loads(run("infer", bundle.path, "--input", tmp_path / "x.npy", "--deadline-ms", 1000,
                             "--json").stdout)
     assert "accuracy" not in report and report["examples"] == 10
-    assert report["deadline"] == {"deadline_ms": 1000.0, "overrun_batches": 0, "max_overrun_ms": 0.0}
+    deadline = report["deadline"]
+    assert deadline == {"deadline_ms": 1000.0, "overrun_batches": 0, "beyond_one_stack_batches": 0,
+                        "p99_overrun_ms": 0.0, "max_overrun_ms": 0.0, "one_stack_ms": deadline["one_stack_ms"]}
+    assert deadline["one_stack_ms"] > 0  # the slowest stack's slowest observed run: no latency table here
+
+
+def test_infer_reports_deadlines_against_one_stack(run, bundle: SyntheticBundle, npz) -> None:
+    # a deadline shorter than any stack: every batch is past it, by its first stack (and the runtime's own work)
+    report = json.loads(run("infer", bundle.path, "--input", npz[0], "--deadline-ms", 1e-6, "--batch-size", 10,
+                            "--json").stdout)["deadline"]
+    assert report["overrun_batches"] == 10 and 0 <= report["beyond_one_stack_batches"] <= 10
+    assert 0 < report["p99_overrun_ms"] <= report["max_overrun_ms"] and report["one_stack_ms"] > 0.1
+    out = run("infer", bundle.path, "--input", npz[0], "--deadline-ms", 1e-6, "--batch-size", 10).output
+    assert re.search(r"deadline: 1e-06 ms kept within one stack \(up to [0-9.]+ ms, p90\) in [0-9]+/10 batches; "
+                     r"past the deadline in 10, p99 overrun [0-9.]+ ms, max [0-9.]+ ms", out), out
 
 
 def test_infer_task_reports_the_class_f1(run, bundle: SyntheticBundle, npz) -> None:

@@ -194,6 +194,9 @@ def test_a_deadline_answer_is_the_ensemble_of_the_stacks_it_reports(client: http
         assert parameters["members_used"] == len(members) >= 4 and parameters["deadline_ms"] == deadline
         np.testing.assert_allclose(_outputs(body)["probabilities"], served_bundle.expected(x, members), atol=2e-5)
         assert parameters["overrun_ms"] >= 0 and parameters["elapsed_ms"] > 0
+        # the promise: late by one stack at most (the server warmed up, so every stack has a latency)
+        assert parameters["one_stack_ms"] > 0
+        assert parameters["within_one_stack"] == (parameters["overrun_ms"] <= parameters["one_stack_ms"])
 
 
 def _x(shape: list[int] | None = None) -> list[int]:
@@ -346,7 +349,8 @@ def test_metrics_and_structured_logs(client: httpx.Client, server: Server) -> No
     assert f'edgens_requests_total{{outcome="ok"}} {ok_before + 3}' in metrics
     for name in ("edgens_request_latency_seconds_count", "edgens_members_used_bucket", "edgens_queue_depth 0.0",
                  "edgens_batch_examples_count", "edgens_members_available_ratio 1.0", "edgens_requests_in_flight",
-                 "edgens_deadline_overruns_total", 'edgens_requests_total{outcome="bad_request"}'):
+                 "edgens_deadline_overruns_total", "edgens_deadline_beyond_one_stack_total",
+                 'edgens_requests_total{outcome="bad_request"}'):
         assert name in metrics, name
     assert "_created" not in metrics
     entries = [e for e in server.log_entries() if e.get("event") == "infer"]
