@@ -49,7 +49,8 @@ def run_revision(tree: Path, out: Path, args: argparse.Namespace) -> dict:
                     str(args.single_bundle), "--rounds", str(args.sg_rounds), "--calls", str(args.calls),
                     "--out", str(out)], cwd=tree, check=True, capture_output=True)
     subprocess.run([python, str(tree / "benchmarks" / "deadline_overruns.py"), str(args.default_bundle),
-                    "--calls", str(args.deadline_calls), "--out", str(out / "deadline_overruns.json")],
+                    "--calls", str(args.deadline_calls), "--deadlines", args.deadlines,
+                    "--out", str(out / "deadline_overruns.json")],
                    cwd=tree, check=True, capture_output=True)
     return {"single_graph": json.loads((out / "single_graph.json").read_text()),
             "deadlines": json.loads((out / "deadline_overruns.json").read_text())["results"]}
@@ -70,10 +71,13 @@ def summarise(rounds: list[dict[str, dict]]) -> dict:
         for batch, by_deadline in by_rev["head"]["deadlines"].items():
             for deadline, head in by_deadline.items():
                 base = by_rev["base"]["deadlines"][batch][deadline]
-                deadlines.setdefault(f"batch {batch}, deadline_ms={deadline}", []).append(
-                    {"round": number, **{f"{rev}_{key}": round(value[key], 4) for rev, value in
-                                         (("base", base), ("head", head))
-                                         for key in ("overran", "overrun_p99_ms", "members_mean", "elapsed_p50_ms")}})
+                row = {"round": number, **{f"{rev}_{key}": round(value[key], 4) for rev, value in
+                                           (("base", base), ("head", head))
+                                           for key in ("overran", "overrun_p99_ms", "members_mean", "elapsed_p50_ms")}}
+                if head.get("promise_p50_ms") is not None:  # what the head reports of its promise (one stack)
+                    row.update(head_promise_p50_ms=round(head["promise_p50_ms"], 4),
+                               head_beyond_promise=round(head["beyond_promise"], 4))
+                deadlines.setdefault(f"batch {batch}, deadline_ms={deadline}", []).append(row)
     return {"speed": speed, "deadlines": deadlines}
 
 
@@ -87,13 +91,15 @@ def markdown(result: dict) -> str:
     for name, rows in result["summary"]["speed"].items():
         cells = [f"{r['base_vs_bare']:.2f}x -> {r['head_vs_bare']:.2f}x ({r['head_over_base']:.2f})" for r in rows]
         lines.append(f"| {name} | " + " | ".join(cells) + f" | {max(r['head_over_base'] for r in rows):.2f} |")
-    lines += ["", "Deadlines: calls that overran, p99 overrun (ms), mean members; base -> head per round.", "",
+    lines += ["", "Deadlines: calls that overran, p99 overrun (ms), mean members; base -> head per round (and, where "
+              "the head reports it, its promise: one stack's p90 and own work, median ms, and calls beyond it).", "",
               "| budget | " + " | ".join(f"round {i + 1}" for i in range(result["rounds"])) + " |",
               "| --- |" + " --- |" * result["rounds"]]
     for name, rows in result["summary"]["deadlines"].items():
         cells = [f"{100 * r['base_overran']:.0f}% / {r['base_overrun_p99_ms']:.2f} / {r['base_members_mean']:.0f} -> "
                  f"{100 * r['head_overran']:.0f}% / {r['head_overrun_p99_ms']:.2f} / {r['head_members_mean']:.0f}"
-                 for r in rows]
+                 + (f" (promise {r['head_promise_p50_ms']:.2f}, {100 * r['head_beyond_promise']:.1f}% beyond)"
+                    if "head_promise_p50_ms" in r else "") for r in rows]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -107,6 +113,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--sg-rounds", type=int, default=5, help="rounds inside each single_graph.py run")
     parser.add_argument("--calls", type=int, default=200, help="timed calls per variant in single_graph.py")
     parser.add_argument("--deadline-calls", type=int, default=300)
+    parser.add_argument("--deadlines", default="0.2,0.5,1,2", help="deadlines (ms) for deadline_overruns.py")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "compare_revisions")
     args = parser.parse_args(argv)
     args.default_bundle, args.single_bundle = args.default_bundle.resolve(), args.single_bundle.resolve()

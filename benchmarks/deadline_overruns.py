@@ -6,7 +6,9 @@
 For each batch size, the deadlines take turns call by call (so that machine noise hits them alike), each call on
 the next examples of the test split, ``--calls`` calls per deadline. Reported per (batch, deadline): the fraction of
 calls that overran, the median and p99 overrun (ms, over all calls, 0 for calls in time), the largest, the mean
-members used and the median call time. Uses only ``Predictor.load`` and ``predict(x, deadline_ms=...)``, so that
+members used, the median call time, the runtime's own work (call time outside stacks, median and p99), and against
+the deadline's promise (``Prediction.promise_ms``: one stack's p90 and the runtime's own work) its median and the
+fraction of calls beyond it. Uses only ``Predictor.load`` and ``predict(x, deadline_ms=...)``, so that
 ``benchmarks/compare_revisions.py`` can run it against an older revision of the runtime.
 """
 
@@ -36,21 +38,29 @@ def measure(predictor: Predictor, x: np.ndarray, deadlines: list[float], batches
         chunks = [np.ascontiguousarray(x[i:i + batch]) for i in range(0, len(x) - batch + 1, batch)]
         for chunk in chunks[:3]:  # first calls of a size are slow (allocation): not measured
             predictor.predict(chunk, deadline_ms=max(deadlines))
-        records: dict[float, list[tuple[float, float, int]]] = {d: [] for d in deadlines}
+        records: dict[float, list[tuple]] = {d: [] for d in deadlines}
         for i in range(calls):
             chunk = chunks[i % len(chunks)]
             for deadline in (deadlines if i % 2 else deadlines[::-1]):
                 p = predictor.predict(chunk, deadline_ms=deadline)
-                records[deadline].append((p.overrun_ms, p.elapsed_ms, int(p.members_used.min())))
+                # promise_ms (one stack's p90 and the runtime's own work) is what older revisions do not report
+                records[deadline].append((p.overrun_ms, p.elapsed_ms, int(p.members_used.min()),
+                                          getattr(p, "promise_ms", None), p.elapsed_ms - sum(p.stack_ms.values())))
         results[str(batch)] = {}
         for deadline, rows in records.items():
             overrun = np.array([r[0] for r in rows])
+            promises = [r[3] for r in rows if r[3] is not None]
+            own = np.array([r[4] for r in rows])
             results[str(batch)][str(deadline)] = {
                 "calls": len(rows), "overran": float((overrun > 0).mean()),
                 "overrun_p50_ms": float(np.percentile(overrun, 50)),
                 "overrun_p99_ms": float(np.percentile(overrun, 99)),
                 "overrun_max_ms": float(overrun.max()), "members_mean": float(np.mean([r[2] for r in rows])),
-                "elapsed_p50_ms": statistics.median(r[1] for r in rows)}
+                "elapsed_p50_ms": statistics.median(r[1] for r in rows),
+                "own_work_p50_ms": float(np.percentile(own, 50)), "own_work_p99_ms": float(np.percentile(own, 99)),
+                "promise_p50_ms": statistics.median(promises) if promises else None,
+                "beyond_promise": (float(np.mean([r[0] > r[3] for r in rows if r[3] is not None]))
+                                   if promises else None)}
     return results
 
 
