@@ -28,12 +28,16 @@ OUTPUT_NAME = "eta"
 DEFAULT_OPSET = 18
 MIN_OPSET = 17
 EXAMPLE_BATCH = 4
-# |onnxruntime - torch| <= ATOL + RTOL * |torch| elementwise, torch computed in float64 (the exact model). Why not a
-# bare 1e-4: trained ensembles have member logits of magnitude ~200 (mlp-256x4 at lam 0.99), where one float32 ulp is
-# 1.5e-5 and torch's own float32 result already differs from the float64 one by ~1e-4. Any real export bug (wrong
-# weights, layout or op semantics) shows up as differences of the order of the logits themselves.
+# |onnxruntime - torch| <= ATOL + RTOL * |torch| + NOISE_FACTOR * noise_j elementwise, torch computed in float64 (the
+# exact model), noise_j the largest |torch float32 - torch float64| of member j over the batch: float32's own
+# rounding of this member's sums, which grows with the magnitude of the terms summed, not with the output's own size.
+# A run trained for its prefixes has members with logits in the hundreds (up to ~800), where an output near zero
+# carries the rounding error of sums of terms in the hundreds (~1e-4): a tolerance keyed to the output alone refused
+# correct exports. Any real export bug (a flipped sign, a swapped member, a dropped bias, wrong weights or layout)
+# moves outputs by the order of the logits, far beyond 16 times the rounding noise.
 ATOL = 1e-4
 RTOL = 1e-5
+NOISE_FACTOR = 16.0
 
 
 @dataclass
@@ -129,12 +133,14 @@ def _check_model(path: Path) -> None:
 
 
 def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str | None = None,
-                 atol: float = ATOL, rtol: float = RTOL, batch_size: int = 256) -> ParityReport:
+                 atol: float = ATOL, rtol: float = RTOL, batch_size: int = 256,
+                 noise_factor: float = NOISE_FACTOR) -> ParityReport:
     """Run the ONNX file in onnxruntime (CPU) on ``x`` and compare with the torch stack: input and output names,
     then shapes, then values (max absolute difference, reported even when it passes).
 
     The torch reference is computed in float64, so the check measures the exported graph's error alone; each value
-    must satisfy ``|onnx - torch| <= atol + rtol * |torch|``.
+    must satisfy ``|onnx - torch| <= atol + rtol * |torch| + noise_factor * noise_j``, where ``noise_j`` is the
+    largest difference between torch's float32 and float64 results of that member over the batch (module comment).
 
     Args:
         path: the ONNX file.
@@ -144,6 +150,7 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
         atol: absolute tolerance.
         rtol: relative tolerance (float32 rounding of large logits).
         batch_size: rows per session call.
+        noise_factor: how many times float32's own rounding noise of a member the export may differ by.
     """
     from edgens.runtime.backends.onnxruntime import load_session
 
@@ -157,6 +164,7 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
         problems.append(f"graph has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and "
                         f"[{OUTPUT_NAME!r}]")
         return ParityReport(name, float("nan"), problems)
+    single = _cpu_copy(stack).float().eval()
     reference = _cpu_copy(stack).double().eval()
     max_diff, worst_excess = 0.0, -np.inf
     with torch.no_grad():
@@ -167,9 +175,14 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
             if got.shape != want.shape:
                 problems.append(f"output shape {got.shape} for a batch of {len(chunk)}; expected {want.shape}")
                 return ParityReport(name, float("nan"), problems)
+            # (members, 1, 1): each member's float32 rounding noise over this batch
+            noise = np.abs(single(torch.from_numpy(chunk)).numpy().astype(np.float64) - want).max(axis=(1, 2),
+                                                                                                 keepdims=True)
             difference = np.abs(got - want)
             max_diff = max(max_diff, float(difference.max()))
-            worst_excess = max(worst_excess, float((difference - (atol + rtol * np.abs(want))).max()))
+            allowed = atol + rtol * np.abs(want) + noise_factor * noise
+            worst_excess = max(worst_excess, float((difference - allowed).max()))
     if not np.isfinite(max_diff) or worst_excess > 0:
-        problems.append(f"max |onnxruntime - torch| = {max_diff:.3g} exceeds {atol:g} + {rtol:g} * |torch|")
+        problems.append(f"max |onnxruntime - torch| = {max_diff:.3g} exceeds {atol:g} + {rtol:g} * |torch| + "
+                        f"{noise_factor:g} * the member's float32 rounding noise")
     return ParityReport(name, max_diff, problems)

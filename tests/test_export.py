@@ -56,6 +56,41 @@ def test_onnx_parity_and_dynamic_batch(kind: str, tmp_path: Path) -> None:
     assert report.ok and report.max_abs_diff < 1e-4
 
 
+def _loud_stack() -> torch.nn.Module:
+    """An mlp-256x4 stack whose members have logits in the hundreds (max ~440), as a run trained for its prefixes
+    has (issue 28: its correct export was refused by a tolerance keyed to each output's own size)."""
+    from edgens.presets import create_stack
+
+    torch.manual_seed(0)
+    stack = create_stack("mlp-256x4", (1, 28, 28), 10)
+    with torch.no_grad():
+        stack.first.weight.mul_(8.0)
+        stack.rest[0].weight.mul_(30.0)
+        stack.rest[0].bias.normal_(0.0, 3.0)
+    return stack.eval()
+
+
+def test_parity_of_members_with_logits_in_the_hundreds(tmp_path: Path) -> None:
+    stack = _loud_stack()
+    x = np.random.default_rng(0).standard_normal((512, 1, 28, 28)).astype(np.float32)
+    with torch.no_grad():
+        assert 300 < float(stack(torch.from_numpy(x)).abs().max()) < 1000
+    path = export_stack(stack, tmp_path / "loud.onnx")
+    report = check_parity(path, stack, x)
+    assert report.ok, report.problems
+    # a wrong graph is still refused: the reference changed as an export bug would change the graph
+    wrong = {"flipped sign": lambda s: s.rest[0].weight[7].neg_(),
+             "swapped members": lambda s: s.rest[0].weight.index_copy_(0, torch.tensor([3, 4]),
+                                                                       s.rest[0].weight[[4, 3]].clone()),
+             "dropped bias": lambda s: s.rest[0].bias[11].zero_()}
+    for what, change in wrong.items():
+        other = _loud_stack()
+        with torch.no_grad():
+            change(other)
+        refused = check_parity(path, other, x)
+        assert not refused.ok and "exceeds" in refused.problems[0], what
+
+
 def test_parity_check_catches_a_wrong_graph(tmp_path: Path) -> None:
     stack = build_stack(SMALL["mlp"]).eval()
     other = build_stack(SMALL["mlp"]).eval()  # same shape, different weights
