@@ -4,16 +4,19 @@ Python turns SIGINT into a KeyboardInterrupt wherever the main thread happens to
 finalizer (a weakref callback, a ``__del__``; torch runs many) the exception is printed as "Exception ignored in
 ..." and dropped: the command carried on and exited 0. While :func:`sticky_interrupts` is active, the interrupt is
 also remembered, and long work calls :func:`raise_if_interrupted` at safe points (every training batch, every
-exported stack, before a bundle or a run's summary is committed), so a dropped interrupt is raised again there.
+exported stack, before a bundle or a run's summary is committed), so a dropped interrupt is raised again there;
+and Python's "Exception ignored" report of it is not printed, so that Ctrl-C ends with the command's one line.
 """
 
 from __future__ import annotations
 
 import signal
+import sys
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any
 
 _interrupted = threading.Event()
 
@@ -30,12 +33,27 @@ def sticky_interrupts() -> Iterator[None]:
         yield
         return
     previous = signal.signal(signal.SIGINT, _handler)
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = _quiet_interrupts(previous_hook)
     _interrupted.clear()
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+        sys.unraisablehook = previous_hook
         _interrupted.clear()
+
+
+def _quiet_interrupts(hook: Callable[[Any], object]) -> Callable[[Any], object]:
+    """An unraisable-exception hook that drops a KeyboardInterrupt raised in a finalizer (it is remembered and
+    raised again at the next safe point, and the command then prints one line) and passes anything else on."""
+    def quiet(unraisable: Any) -> None:
+        if isinstance(unraisable.exc_value, KeyboardInterrupt):
+            _interrupted.set()
+            return
+        hook(unraisable)
+
+    return quiet
 
 
 def raise_if_interrupted() -> None:

@@ -31,7 +31,7 @@ from edgens.runtime.backends.base import StackRunner
 from edgens.runtime.onnx_weights import WeightTensor, weight_tensors
 from edgens.runtime.predictor import Predictor
 
-FAULT_KINDS = ("raise", "nan", "inf", "shape", "sleep", "flip")
+FAULT_KINDS = ("raise", "nan", "inf", "shape", "sleep", "flip", "hold")
 BIT_MODES = ("flip", "stuck-0", "stuck-1")
 # float32 bit positions: 0-22 mantissa, 23-30 exponent, 31 sign.
 MANTISSA_BITS, EXPONENT_BITS, SIGN_BIT = tuple(range(23)), tuple(range(23, 31)), 31
@@ -47,9 +47,11 @@ class Fault:
 
     Attributes:
         kind: ``raise``, ``nan`` (NaN in its output), ``inf``, ``shape`` (one member row missing), ``sleep``
-            (wait ``sleep_ms``, then answer correctly) or ``flip`` (a silent fault: flip ``bit`` of every float32
-            output of the stack's member row ``row``, a corrupted activation).
-        sleep_ms: the delay of a ``sleep`` fault.
+            (wait ``sleep_ms``, then answer correctly), ``flip`` (a silent fault: flip ``bit`` of every float32
+            output of the stack's member row ``row``, a corrupted activation) or ``hold`` (wait until
+            :meth:`FaultyRunner.release`, or ``sleep_ms`` when given, then answer correctly: a stack busy for
+            exactly as long as a test needs, without guessing a duration).
+        sleep_ms: the delay of a ``sleep`` fault; the longest wait of a ``hold`` fault (0: until released).
         times: fail only this many calls, then behave (None: every call).
         bit: the bit a ``flip`` fault flips (0-31).
         row: the member row (in the stack) a ``flip`` fault corrupts.
@@ -74,6 +76,7 @@ class FaultyRunner(StackRunner):
     Attributes:
         calls: calls so far.
         faults: calls that were made to fail.
+        entered: set when a faulty call begins (a test waits on it instead of sleeping).
     """
 
     def __init__(self, inner: StackRunner, fault: Fault):
@@ -82,7 +85,13 @@ class FaultyRunner(StackRunner):
         self.fault = fault
         self.calls = 0
         self.faults = 0
+        self.entered = threading.Event()
         self._cancelled = threading.Event()
+        self._released = threading.Event()
+
+    def release(self) -> None:
+        """Let a ``hold`` fault's calls, now and later, answer."""
+        self._released.set()
 
     @property
     def is_active(self) -> bool:
@@ -107,7 +116,11 @@ class FaultyRunner(StackRunner):
         if self.fault.times is not None and self.faults >= self.fault.times:
             return self.inner.run(x)
         self.faults += 1
+        self.entered.set()
         kind = self.fault.kind
+        if kind == "hold":
+            self._released.wait(self.fault.sleep_ms / 1e3 if self.fault.sleep_ms else None)
+            return self.inner.run(x)
         if kind == "raise":
             raise InjectedFault(f"injected fault in stack {self.name}")
         if kind == "sleep":
@@ -149,6 +162,8 @@ def inject_faults(predictor: Predictor, faults: Mapping[str, Fault | str]) -> It
         yield wrapped
     finally:
         predictor.replace_runners(originals)
+        for runner in wrapped.values():
+            runner.release()  # no call stays held after the block
 
 
 def random_faults(stacks: Sequence[str], fraction: float, seed: int | np.random.Generator = 0,

@@ -133,7 +133,26 @@ def test_ctrl_c_stops_export_and_leaves_nothing(small_run: Path, tmp_path: Path,
         # (seen about once in 25 tries at ~0.4 s)
         assert process.returncode in (130, -signal.SIGINT), stderr[-2000:]
         assert last == "Error: interrupted", stderr[-2000:]
+        assert "Exception ignored" not in stderr, stderr[-2000:]  # one line, as the README promises
     assert list(tmp_path.iterdir()) == []
+
+
+def test_an_interrupt_in_a_finalizer_is_remembered_not_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    # issue 28: Ctrl-C landing in a finalizer (torch runs many) made Python print "Exception ignored in ...
+    # KeyboardInterrupt" before the command's one error line
+    from edgens.interrupts import raise_if_interrupted, sticky_interrupts
+
+    class Finalised:
+        def __del__(self) -> None:
+            raise KeyboardInterrupt
+
+    hook = sys.unraisablehook
+    with sticky_interrupts():
+        Finalised()  # collected at once: its KeyboardInterrupt cannot be raised, Python reports it as unraisable
+        with pytest.raises(KeyboardInterrupt):
+            raise_if_interrupted()  # remembered: raised again at the next safe point
+    assert sys.unraisablehook is hook
+    assert "Exception ignored" not in capsys.readouterr().err
 
 
 @pytest.fixture(scope="module")

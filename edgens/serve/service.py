@@ -209,7 +209,10 @@ class InferenceService:
         stack = spec.get("stack")
         if spec.get("clear"):
             names = [stack] if stack is not None else list(self._faulty)
-            restore = {name: self._faulty.pop(name).inner for name in names if name in self._faulty}
+            cleared = {name: self._faulty.pop(name) for name in names if name in self._faulty}
+            for runner in cleared.values():
+                runner.release()  # a held stack answers now
+            restore = {name: runner.inner for name, runner in cleared.items()}
             predictor.replace_runners(restore)
             return {"cleared": sorted(restore)}
         if stack not in predictor.runners:

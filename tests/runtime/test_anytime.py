@@ -98,8 +98,9 @@ def test_deadline_without_a_table_overruns_by_at_most_one_stack(predictor: Predi
         first = predictor.predict(x, deadline_ms=2.5 * SLEEP_MS)
         # Nothing known about the stacks yet: the third starts at ~80 ms (before the deadline) and overruns.
         assert first.stacks_run == GENERAL
-        # The promise: never overrun by more than one stack's latency (plus the runtime's own sub-ms work).
-        assert 0 < first.overrun_ms <= max(first.stack_ms.values()) + 2
+        # The promise: never overrun by more than one stack's latency (plus the runtime's own sub-ms work; half a
+        # stack of room for a loaded machine, far from the second stack a broken deadline would add).
+        assert 0 < first.overrun_ms <= max(first.stack_ms.values()) + SLEEP_MS / 2
         # Now each stack's latency at this batch size has been observed: the same call stays in time.
         second = predictor.predict(x, deadline_ms=2.5 * SLEEP_MS)
         assert second.stacks_run == GENERAL[:2] and second.overrun_ms == 0.0
@@ -113,7 +114,7 @@ def test_a_deadline_shorter_than_one_stack_still_answers(predictor: Predictor, b
         prediction = predictor.predict(x, deadline_ms=1.0)
     assert prediction.stacks_run == GENERAL[:1]  # the first stack is always waited for
     np.testing.assert_allclose(prediction.mean, bundle.expected(x, PREFIXES[0]), atol=2e-5)
-    assert 0 < prediction.overrun_ms <= prediction.stack_ms["general-000"] + 2
+    assert 0 < prediction.overrun_ms <= prediction.stack_ms["general-000"] + SLEEP_MS / 2
 
 
 def _expected_exit(bundle: SyntheticBundle, x: np.ndarray, p: float) -> np.ndarray:

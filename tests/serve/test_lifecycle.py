@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import httpx
@@ -125,18 +126,18 @@ def test_sigterm_answers_the_requests_in_flight_then_exits_0(served_bundle: Synt
     server = Server(served_bundle.path, tmp_path, "--allow-fault-injection")
     x, _ = make_data(1, seed=33)
     with httpx.Client(base_url=server.url, timeout=30) as http:
-        http.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "sleep", "sleep_ms": 300})
+        # each call of the stack sleeps long enough for the checks below to happen while requests are in flight
+        http.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "sleep", "sleep_ms": 1500})
 
-    def call(i: int) -> int:
-        with httpx.Client(base_url=server.url, timeout=30) as http:
-            return http.post(f"/v2/models/{MODEL}/infer", json=json_request(x)).status_code
+        def call(i: int) -> int:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                return client.post(f"/v2/models/{MODEL}/infer", json=json_request(x)).status_code
 
-    threads, results = _in_threads(4, call)
-    time.sleep(0.15)  # all four are in flight: one in the sleeping stack, three queued behind it
-    server.process.send_signal(signal.SIGTERM)
-    time.sleep(0.1)
-    with pytest.raises(httpx.TransportError):  # no longer accepting connections
-        httpx.get(f"{server.url}/v2/health/live", timeout=5)
+        threads, results = _in_threads(4, call)
+        _wait_until(lambda: _gauge(http, "edgens_requests_in_flight") + _gauge(http, "edgens_queue_depth") == 4)
+    server.process.send_signal(signal.SIGTERM)  # all four in flight: one in the sleeping stack, three queued
+    _wait_until(lambda: not _accepts(server.url))  # no longer accepting connections, while it drains
+    assert all(thread.is_alive() for thread in threads)
     for thread in threads:
         thread.join(60)
     assert results == [200, 200, 200, 200]
@@ -222,3 +223,24 @@ def test_metrics_name_the_power_mode_and_follow_a_change(served_bundle: Syntheti
     finally:
         assert server.stop() == 0
     assert any("power mode changed from 25W to MAXN_SUPER" in line for line in server.stderr().splitlines())
+
+
+def _wait_until(condition: Callable[[], bool], limit_s: float = 30.0) -> None:
+    """Poll ``condition`` until it holds (a test fails after ``limit_s``, far beyond what it needs)."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, "the condition did not hold in time"
+        time.sleep(0.005)
+
+
+def _gauge(http: httpx.Client, name: str) -> float:
+    line = next(line for line in http.get("/metrics").text.splitlines() if line.startswith(f"{name} "))
+    return float(line.split()[1])
+
+
+def _accepts(url: str) -> bool:
+    try:
+        httpx.get(f"{url}/v2/health/live", timeout=5)
+    except httpx.TransportError:
+        return False
+    return True
