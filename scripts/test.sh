@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Set up (scripts/setup.sh), lint (ruff, with the rules in pyproject.toml), run the whole test suite (GPU and
 # TensorRT tests skip themselves without them), then check the device install on its own
-# (scripts/check_device_install.sh: a fresh venv with only edgens[runtime]).
+# (scripts/check_device_install.sh: a fresh venv with only edgens[runtime]), and again at the lowest versions it
+# declares (scripts/check_floors.sh, which also checks the code for Python 3.10).
 # Arguments go to pytest; with arguments (a selection of tests) the device install check is skipped.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -10,4 +11,5 @@ python3 -m ruff check .
 python3 -m pytest -q "$@"
 if [ "$#" = 0 ]; then
   bash scripts/check_device_install.sh
+  bash scripts/check_floors.sh   # the device install at its declared floors, and Python 3.10 (vermin)
 fi

@@ -37,7 +37,10 @@ def test_runtime_imports_with_torch_blocked() -> None:
 def _extra_requirements(environment: dict[str, str]) -> dict[str, set[str]]:
     """``{extra: {distribution}}`` that pip would install on a machine with ``environment``, from pyproject's own
     requirement strings, evaluated by `packaging` (pip's marker evaluator) rather than by our code."""
-    import tomllib
+    try:
+        import tomllib  # novermin  (3.11; 3.10 takes tomli below)
+    except ModuleNotFoundError:  # Python 3.10 (JetPack 6): the test extra installs tomli
+        import tomli as tomllib
 
     from packaging.requirements import Requirement
 
@@ -68,13 +71,13 @@ def test_extras_never_pip_install_tensorrt_or_a_gpu_onnxruntime_on_a_jetson() ->
     assert jetson["runtime"] == set() and jetson["runtime-gpu"] == set()
     # An aarch64 server (not a Jetson): PyPI's CPU onnxruntime is right there, PyPI has no GPU build or TensorRT.
     server = _extra_requirements({**LINUX_310, "platform_machine": "aarch64", "platform_release": "6.8.0-1013-aws"})
-    assert server["runtime"] == {"onnxruntime>=1.17"} and server["runtime-gpu"] == set()
+    assert server["runtime"] == {"onnxruntime>=1.18"} and server["runtime-gpu"] == set()
     assert server["tensorrt"] == {"cuda-python>=12.0"}
     # x86-64: every extra as before.
     x86 = _extra_requirements({**LINUX_310, "platform_machine": "x86_64", "platform_release": "6.1.0-18-amd64"})
-    assert x86["runtime"] == {"onnxruntime>=1.17"} and x86["runtime-gpu"] == {"onnxruntime-gpu>=1.17"}
+    assert x86["runtime"] == {"onnxruntime>=1.18"} and x86["runtime-gpu"] == {"onnxruntime-gpu>=1.18"}
     assert x86["tensorrt"] == {"tensorrt>=10.0", "cuda-python>=12.0"}
-    assert "onnxruntime>=1.17" in x86["train"] and "onnxruntime>=1.17" in x86["test"]
+    assert "onnxruntime>=1.18" in x86["train"] and "onnxruntime>=1.18" in x86["test"]
 
 
 def test_this_install_has_what_its_markers_say() -> None:
@@ -85,4 +88,4 @@ def test_this_install_has_what_its_markers_say() -> None:
     assert "tegra" not in platform.release()
     assert importlib.metadata.version("onnxruntime")
     requires = importlib.metadata.requires("edgens") or []
-    assert any(r.startswith("onnxruntime>=1.17") and "tegra" in r and 'extra == "runtime"' in r for r in requires)
+    assert any(r.startswith("onnxruntime>=1.18") and "tegra" in r and 'extra == "runtime"' in r for r in requires)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 from typing import Any
@@ -138,7 +139,14 @@ class OnnxRuntimeRunner(StackRunner):
                 session = ort.InferenceSession(str(self.path) if self.model is None else self.model, options,
                                                providers=self.requested_providers)
         except Exception as err:  # onnxruntime raises its own exception types for bad files
-            raise BundleError(f"stack {self.name}: onnxruntime cannot load {self.path} ({err})") from None
+            message = " ".join(str(err).split())  # one line: onnxruntime's messages end with newlines
+            found = re.search(r"Unsupported model IR version: (\d+), max supported IR version: (\d+)", message)
+            if found:  # the machine, not the stack: every stack of the bundle would fail the same way
+                raise BackendUnavailableError(
+                    f"onnxruntime {ort.__version__} reads ONNX IR versions up to {found.group(2)}, the bundle's stacks "
+                    f"are IR version {found.group(1)}: upgrade it (pip install -U 'onnxruntime>=1.18', or "
+                    f"onnxruntime-gpu)") from None
+            raise BundleError(f"stack {self.name}: onnxruntime cannot load {self.path} ({message})") from None
         self._check_io(session)
         requested = [p if isinstance(p, str) else p[0] for p in self.requested_providers]
         self._session = session

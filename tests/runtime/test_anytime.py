@@ -156,7 +156,7 @@ def test_fit_confidence_hits_the_target_mean_members(predictor: Predictor, bundl
     assert used.mean() <= 4.0
     # p is the largest threshold that fits: the next confidence level the ensemble reaches needs more members.
     levels = np.unique(np.concatenate([bundle.expected(x, ids).max(axis=1) for ids in PREFIXES]))
-    above = levels[levels > p]
+    above = levels[levels > p * (1 + 1e-5)]  # p comes from float32 outputs: its own float64 level is not above it
     if len(above):
         assert _expected_exit(bundle, x, float(above[0])).mean() > 4.0
     assert predictor.predict(x, confidence=p).members_used.mean() == pytest.approx(used.mean())

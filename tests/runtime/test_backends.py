@@ -188,3 +188,24 @@ def test_tensorrt_engines_give_the_ensembles_prediction(bundle: SyntheticBundle,
         assert predictor.backend.name == "tensorrt"
         prediction = predictor.predict(x)
     np.testing.assert_allclose(prediction.mean, bundle.expected(x, [0, 1, 2, 3, 4, 5]), atol=1e-3)
+
+
+def test_an_onnxruntime_too_old_for_the_bundle_says_so_in_one_line(bundle: SyntheticBundle) -> None:
+    # issue 28, item 7: onnxruntime 1.17 cannot read the IR version torch 2.13 writes; a stack of an IR version newer
+    # than this onnxruntime reads stands for that here
+    import onnx
+
+    from edgens.fileio import sha256_file
+
+    manifest = load_manifest(bundle.path)
+    for stack in manifest.stacks:
+        path = bundle.path / stack.file
+        model = onnx.load(path)
+        model.ir_version = 99
+        onnx.save(model, path)
+        stack.sha256, stack.bytes = sha256_file(path), path.stat().st_size
+    write_manifest(bundle.path, manifest)
+    with pytest.raises(BackendUnavailableError, match=r"^onnxruntime \S+ reads ONNX IR versions up to \d+, the "
+                                                      r"bundle's stacks are IR version 99: upgrade it") as caught:
+        Predictor.load(bundle.path, "onnxruntime")
+    assert "\n" not in str(caught.value)

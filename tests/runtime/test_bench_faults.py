@@ -3,6 +3,7 @@ evaluations of the corrupted ONNX graphs and of the survivors' mean."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -41,7 +42,9 @@ def test_faults_bench_end_to_end(guarded: SyntheticBundle, tmp_path: Path) -> No
                                 catch_exceptions=False)
     assert result.exit_code == 0, result.output
     data = json.loads((out / "faults.json").read_text())
-    assert (out / "faults.md").is_file() and (out / "faults.png").stat().st_size > 10_000
+    assert (out / "faults.md").is_file()
+    if importlib.util.find_spec("matplotlib"):  # the plots extra (not in the device install the floors check runs)
+        assert (out / "faults.png").stat().st_size > 10_000
     bundle = data["bundles"][0]
     assert set(bundle) >= {"clean", "harmful", "random", "self_test", "sweep", "thresholds"}
     assert len(bundle["sweep"]["by_bit"]) == 32 and set(bundle["sweep"]["by_flips"]) == {"1", "4", "16", "64"}
