@@ -304,12 +304,14 @@ class StackPool:
                 for name in answered:
                     self._health[name].succeeded()
             return
+        failed: dict[str, StackFailure] = {}
+        for failure in failures:  # one failed call per stack (a prefix stack may have several outlier groups)
+            failed.setdefault(failure.stack, failure)
         # silent faults are judged by the stack's own self-test (outside the lock: it runs the stack)
-        verdicts = {f.stack: self.confirm(f.stack) for f in failures if f.kind in SILENT_KINDS and self.confirm}
-        failed = {failure.stack for failure in failures}
+        verdicts = {f.stack: self.confirm(f.stack) for f in failed.values() if f.kind in SILENT_KINDS and self.confirm}
         quarantined, confirmed = [], []
         with self._lock:
-            for failure in failures:
+            for failure in failed.values():
                 health, verdict = self._health[failure.stack], verdicts.get(failure.stack)
                 if verdict is not None and verdict[0]:  # its self-test passed: the call's inputs were odd
                     health.cleared_by_self_test()
