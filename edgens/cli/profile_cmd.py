@@ -76,7 +76,7 @@ def profile(bundle: Path, backend: str, batch_sizes: str, repeats: int, warmup: 
     options = {key: value for key, value in (("threads", threads), ("accelerators", accelerators)) if value}
     with Predictor.load(bundle, backend, lanes=lanes, **options) as predictor:
         check_writable(bundle / LATENCY_FILE)  # before the measurement, not after it
-        total = len(predictor.runners) * len(sizes)
+        total = (len(predictor.runners) + len(predictor.pool.lean_runners)) * len(sizes)  # lean twins too
         with tqdm(total=total, desc="profiling", unit="stack", disable=None, leave=False) as bar:
             def advance(stack: str, batch: int) -> None:
                 bar.set_postfix_str(f"{stack} @ {batch}")
