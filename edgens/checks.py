@@ -41,11 +41,30 @@ def check_number(name: str, value: object, *, low: float | None = None, high: fl
     """
     expected = describe_range(low, high, low_open, high_open, integer)
     wrong_type = isinstance(value, bool) or not isinstance(value, Integral if integer else Real)
-    if wrong_type or not math.isfinite(value):  # type: ignore[arg-type]
-        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+    if wrong_type or not finite(value):  # type: ignore[arg-type]
+        raise ConfigError(f"{name}: expected {expected}, got {shown(value)}")
     number = int(value) if integer else float(value)  # type: ignore[arg-type]
     below = low is not None and (number <= low if low_open else number < low)
     above = high is not None and (number >= high if high_open else number > high)
     if below or above:
-        raise ConfigError(f"{name}: expected {expected}, got {value!r}")
+        raise ConfigError(f"{name}: expected {expected}, got {shown(value)}")
     return number
+
+
+def finite(value: float) -> bool:
+    """Whether a number is finite and has a float value (an integer of 400 digits has none: ``math.isfinite``
+    raises OverflowError for it)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
+def shown(value: object) -> str:
+    """``repr(value)`` for a one-line message, cut short: a user or client may send anything, of any length."""
+    return cut(repr(value))
+
+
+def cut(text: str, limit: int = 60) -> str:
+    """``text`` if at most ``limit`` characters, else its start and its length."""
+    return text if len(text) <= limit else f"{text[:limit - 10]}... ({len(text)} characters)"

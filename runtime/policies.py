@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from edgens.checks import finite, shown
 from edgens.errors import ConfigError
 from edgens.ensemble import confidence as max_probability
 from edgens.runtime.bundle import Manifest, SpecialistInfo, StackInfo
@@ -68,30 +69,30 @@ class Budget:
                                                ("deadline_ms", deadline_ms), ("confidence", confidence),
                                                ("task", task)) if value is not None}
         if len(given) > 1:
-            listed = " and ".join(f"{key}={_show(value)}" for key, value in given.items())
+            listed = " and ".join(f"{key}={shown(value)}" for key, value in given.items())
             raise ConfigError(f"give one budget at a time, got {listed}")
         if not given:
             return cls()
         kind, value = next(iter(given.items()))
         if kind == "task":
             if isinstance(value, bool) or not isinstance(value, str | int | np.integer):
-                raise ConfigError(f"task: expected a task name, class index or class name, got {_show(value)}")
+                raise ConfigError(f"task: expected a task name, class index or class name, got {shown(value)}")
             return cls(kind, value if isinstance(value, str) else int(value))
         if isinstance(value, bool) or not isinstance(value, int | float | np.integer | np.floating) \
-                or not _finite(value):
-            raise ConfigError(f"{kind}: expected a finite number, got {_show(value)}")
+                or not finite(value):
+            raise ConfigError(f"{kind}: expected a finite number, got {shown(value)}")
         if kind == "members":
             if isinstance(value, int | np.integer):
                 if value < 1:
-                    raise ConfigError(f"members: expected a count >= 1 or a fraction in (0, 1], got {_show(value)}")
+                    raise ConfigError(f"members: expected a count >= 1 or a fraction in (0, 1], got {shown(value)}")
                 return cls(kind, int(value))
             if not 0.0 < value <= 1.0:
-                raise ConfigError(f"members: expected a fraction in (0, 1] (or an int count), got {_show(value)}")
+                raise ConfigError(f"members: expected a fraction in (0, 1] (or an int count), got {shown(value)}")
             return cls(kind, float(value))
         if kind == "confidence" and not 0.0 < value <= 1.0:
-            raise ConfigError(f"confidence: expected a probability in (0, 1], got {_show(value)}")
+            raise ConfigError(f"confidence: expected a probability in (0, 1], got {shown(value)}")
         if value <= 0:
-            raise ConfigError(f"{kind}: expected a number > 0, got {_show(value)}")
+            raise ConfigError(f"{kind}: expected a number > 0, got {shown(value)}")
         return cls(kind, float(value))
 
     @classmethod
@@ -110,9 +111,9 @@ class Budget:
         if not isinstance(budget, Budget):
             raise ConfigError(f"budget: expected a Budget (e.g. Budget.parse(deadline_ms=5)) or keyword arguments "
                               f"such as deadline_ms=5, got {budget!r:.60}")
-        given = [f"{key}={_show(value)}" for key, value in kwargs.items() if value is not None]
+        given = [f"{key}={shown(value)}" for key, value in kwargs.items() if value is not None]
         if given:
-            raise ConfigError(f"give one budget at a time, got budget={_show(budget)} and {' and '.join(given)}")
+            raise ConfigError(f"give one budget at a time, got budget={shown(budget)} and {' and '.join(given)}")
         return budget
 
     def __str__(self) -> str:
@@ -120,20 +121,6 @@ class Budget:
 
 
 _ALL_MEMBERS = Budget()
-
-
-def _finite(value: int | float | np.integer | np.floating) -> bool:
-    """Whether a number is finite and within float range (an int of 400 digits is not: it has no float)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
-
-
-def _show(value: Any) -> str:
-    """A value for a one-line message, cut short (a client may send a number of any length)."""
-    text = repr(value)
-    return text if len(text) <= 40 else f"{text[:30]}... ({len(text)} characters)"
 
 
 @dataclass(frozen=True)
@@ -281,7 +268,7 @@ def _plan_members(value: int | float, manifest: Manifest, general: list[StackInf
         k = max(1, round(value * total))
     else:
         if value > total:
-            raise ConfigError(f"members: the bundle has {total} members, got members={_show(value)}")
+            raise ConfigError(f"members: the bundle has {total} members, got members={shown(value)}")
         k = value
     steps, left = [], k
     for stack in general:
@@ -352,7 +339,7 @@ def resolve_task(manifest: Manifest, task: str | int) -> SpecialistInfo:
             return specialist
     listed = ", ".join(f"{s.task} ({names[s.class_index] if s.class_index < len(names) else s.class_index})"
                        for s in manifest.specialists) or "none"
-    raise ConfigError(f"unknown task {_show(task)}; this bundle's specialists: {listed}")
+    raise ConfigError(f"unknown task {shown(task)}; this bundle's specialists: {listed}")
 
 
 def _plan_task(specialist: SpecialistInfo, manifest: Manifest, available: Callable[[str], bool]) -> list[Step]:

@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from edgens.checks import check_number
+from edgens.checks import check_number, finite, shown
 from edgens.errors import ConfigError
 
 
@@ -32,3 +32,11 @@ def test_good_values_come_back_typed() -> None:
     assert isinstance(check_number("w", 3, low=0), float)
     assert check_number("w", 1.0, low=0, high=1) == 1.0
     assert check_number("w", 0.5, low=0, high=1, low_open=True, high_open=True) == 0.5
+
+
+def test_numbers_without_a_float_value_are_refused_in_one_short_line() -> None:
+    # an integer of 400 digits made math.isfinite raise OverflowError (a 500 in serve, a traceback in the API)
+    with pytest.raises(ConfigError, match=r"^lanes: expected an integer >= 1, got 9{50}\.\.\. \(400 characters\)$"):
+        check_number("lanes", int("9" * 400), low=1, integer=True)
+    assert finite(1e308) and not finite(10 ** 400) and not finite(float("nan"))
+    assert shown("x" * 10) == "'xxxxxxxxxx'" and shown(10 ** 100).endswith("... (101 characters)")

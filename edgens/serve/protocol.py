@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from edgens.checks import cut, finite, shown
 from edgens.errors import ConfigError
 from edgens.runtime.bundle import Manifest
 from edgens.runtime.policies import Budget
@@ -142,33 +143,16 @@ def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryvi
         length = int(header_length)
     except ValueError:
         raise ProtocolError(f"Inference-Header-Content-Length: expected the JSON header's length in bytes, got "
-                            f"{_show(header_length)}") from None
+                            f"{shown(header_length)}") from None
     if not 0 < length <= len(body):
         raise ProtocolError(f"Inference-Header-Content-Length: {length} is not within the body's {len(body)} bytes")
     view = memoryview(body)
     return bytes(view[:length]), view[length:]
 
 
-def _show(value: Any) -> str:
-    """A value for a one-line message, cut short (a client may send anything, of any length)."""
-    return _cut(repr(value))
-
-
 def _listed(names: list[str]) -> str:
     """Names a client sent, for a one-line message, cut short."""
-    return _cut(", ".join(map(repr, names)))
-
-
-def _cut(text: str) -> str:
-    return text if len(text) <= 60 else f"{text[:50]}... ({len(text)} characters)"
-
-
-def _within_float(value: int | float) -> bool:
-    """Whether a JSON number has a finite float value (an integer of 400 digits has none)."""
-    try:
-        return math.isfinite(value)
-    except OverflowError:
-        return False
+    return cut(", ".join(map(repr, names)))
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -184,22 +168,22 @@ def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget, bool]:
                             f"({', '.join(BUDGET_PARAMETERS)}), timeout or binary_data_output")
     binary_default = parameters.get("binary_data_output", False)
     if not isinstance(binary_default, bool):
-        raise ProtocolError(f"binary_data_output: expected true or false, got {_show(binary_default)}")
+        raise ProtocolError(f"binary_data_output: expected true or false, got {shown(binary_default)}")
     budget = {key: parameters[key] for key in BUDGET_PARAMETERS if key in parameters}
     if "timeout" in parameters:
         timeout = parameters["timeout"]
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) or not timeout > 0 \
-                or not _within_float(timeout):
-            raise ProtocolError(f"timeout: expected microseconds > 0, got {_show(timeout)}")
+                or not finite(timeout):
+            raise ProtocolError(f"timeout: expected microseconds > 0, got {shown(timeout)}")
         if "deadline_ms" in budget:
             raise ProtocolError("give timeout (microseconds) or deadline_ms, not both")
         budget["deadline_ms"] = timeout / 1e3
     for key, value in budget.items():
         if key == "task":
             if isinstance(value, bool) or not isinstance(value, str | int):
-                raise ProtocolError(f"task: expected a task name, class index or class name, got {_show(value)}")
+                raise ProtocolError(f"task: expected a task name, class index or class name, got {shown(value)}")
         elif isinstance(value, bool) or not isinstance(value, int | float):
-            raise ProtocolError(f"{key}: expected a number, got {_show(value)}")
+            raise ProtocolError(f"{key}: expected a number, got {shown(value)}")
     try:
         return Budget.parse(**budget), binary_default
     except ConfigError as err:
@@ -216,18 +200,18 @@ def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarra
     tensor = _object(inputs[0], "inputs[0]")
     name = tensor.get("name")
     if name != expected:
-        raise ProtocolError(f"unknown input {_show(name)}; this model's input is {expected!r}")
+        raise ProtocolError(f"unknown input {shown(name)}; this model's input is {expected!r}")
     datatype = tensor.get("datatype")
     if not isinstance(datatype, str) or datatype not in DATATYPES:
-        raise ProtocolError(f"input {name}: datatype {_show(datatype)} is not supported; expected one of "
+        raise ProtocolError(f"input {name}: datatype {shown(datatype)} is not supported; expected one of "
                             f"{', '.join(DATATYPES)} ({model.input.datatype} is the data set's own)")
     shape = tensor.get("shape")
     if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0
                                                            for d in shape):
-        raise ProtocolError(f"input {name}: shape must be a non-empty list of sizes >= 0, got {_show(shape)}")
+        raise ProtocolError(f"input {name}: shape must be a non-empty list of sizes >= 0, got {shown(shape)}")
     accepted = " or ".join("[B, " + ", ".join(map(str, s)) + "]" for s in model.example_shapes)
     if tuple(shape[1:]) not in model.example_shapes:
-        raise ProtocolError(f"input {name}: shape {_show(shape)} does not fit the model; expected {accepted}")
+        raise ProtocolError(f"input {name}: shape {shown(shape)} does not fit the model; expected {accepted}")
     if shape[0] == 0:
         raise ProtocolError(f"input {name}: the batch is empty (shape {shape}); expected at least one example")
     dtype = np.dtype(DATATYPES[datatype])
@@ -238,8 +222,8 @@ def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarra
         if "data" in tensor:
             raise ProtocolError(f"input {name}: give data or binary_data_size, not both")
         if size != count * dtype.itemsize:
-            raise ProtocolError(f"input {name}: binary_data_size {_show(size)} does not match shape {_show(shape)} "
-                                f"of {datatype} ({_show(count * dtype.itemsize)} bytes)")
+            raise ProtocolError(f"input {name}: binary_data_size {shown(size)} does not match shape {shown(shape)} "
+                                f"of {datatype} ({shown(count * dtype.itemsize)} bytes)")
         if len(binary) != size:
             raise ProtocolError(f"input {name}: the body holds {len(binary)} bytes of binary data after the JSON "
                                 f"header, expected binary_data_size {size}")
@@ -248,7 +232,7 @@ def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarra
         raise ProtocolError(f"the body holds {len(binary)} bytes after the JSON header, but no input declares "
                             f"binary_data_size")
     if "data" not in tensor:
-        raise ProtocolError(f"input {name}: no data; expected data (a list of {_show(count)} numbers) or "
+        raise ProtocolError(f"input {name}: no data; expected data (a list of {shown(count)} numbers) or "
                             f"binary_data_size")
     return _json_tensor(tensor["data"], shape, dtype, name, datatype)
 
@@ -264,8 +248,8 @@ def _json_tensor(data: Any, shape: list[int], dtype: np.dtype, name: str, dataty
         raise ProtocolError(f"input {name}: data must hold {kind} for {datatype}, got {values.dtype.kind!r} "
                             f"values ({str(values.flat[0])[:20] if values.size else 'empty'}...)")
     if values.size != math.prod(shape):
-        raise ProtocolError(f"input {name}: data holds {values.size} values, expected {_show(math.prod(shape))} for "
-                            f"shape {_show(shape)}")
+        raise ProtocolError(f"input {name}: data holds {values.size} values, expected {shown(math.prod(shape))} for "
+                            f"shape {shown(shape)}")
     if integer and values.size:
         limits = np.iinfo(dtype)
         low, high = int(values.min()), int(values.max())
@@ -281,13 +265,13 @@ def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo) -> tupl
         return tuple(RequestedOutput(name, binary_default) for name in known)
     if not isinstance(outputs, list) or not outputs:
         raise ProtocolError(f"outputs: expected a non-empty list of outputs by name ({', '.join(known)}), got "
-                            f"{_show(outputs)}")
+                            f"{shown(outputs)}")
     wanted = []
     for i, output in enumerate(outputs):
         output = _object(output, f"outputs[{i}]")
         name = output.get("name")
         if name not in known:
-            raise ProtocolError(f"unknown output {_show(name)}; this model's outputs are {', '.join(known)}")
+            raise ProtocolError(f"unknown output {shown(name)}; this model's outputs are {', '.join(known)}")
         parameters = _object(output.get("parameters", {}), f"output {name} parameters")
         extra = sorted(set(parameters) - {"binary_data"})
         if extra:
@@ -295,7 +279,7 @@ def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo) -> tupl
                                 f"binary_data")
         binary = parameters.get("binary_data", binary_default)
         if not isinstance(binary, bool):
-            raise ProtocolError(f"output {name}: binary_data must be true or false, got {_show(binary)}")
+            raise ProtocolError(f"output {name}: binary_data must be true or false, got {shown(binary)}")
         if any(w.name == name for w in wanted):
             raise ProtocolError(f"output {name} is asked for twice")
         wanted.append(RequestedOutput(name, binary))

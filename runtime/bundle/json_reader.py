@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from edgens.checks import shown
 from edgens.errors import BundleError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -56,11 +57,6 @@ def plain(value: Any) -> Any:
     return value
 
 
-def show(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
 class JsonReader:
     """Typed access to the values of a parsed JSON document; every error is a :class:`BundleError` naming
     ``source: path`` and what was expected, e.g. ``manifest.json: stacks[2].sha256: expected a hex sha256 digest``.
@@ -76,7 +72,7 @@ class JsonReader:
         return BundleError(f"{self.source}: {path}: {message}")
 
     def fail(self, path: str, expected: str, value: Any) -> BundleError:
-        return self.error(path, f"expected {expected}, got {show(value)}")
+        return self.error(path, f"expected {expected}, got {shown(value)}")
 
     def get(self, obj: dict[str, Any], key: str, path: str, expected: str, default: Any = _MISSING) -> Any:
         full = f"{path}.{key}" if path else key

@@ -13,7 +13,8 @@ from typing import Any
 
 from edgens.ensemble import FAMILIES
 from edgens.errors import BundleError, unknown_choice
-from edgens.runtime.bundle.json_reader import JsonReader, plain, show
+from edgens.checks import shown
+from edgens.runtime.bundle.json_reader import JsonReader, plain
 from edgens.runtime.bundle.parse import (parse_calibration, parse_curves, parse_input, parse_member, parse_metrics,
                                          parse_outliers, parse_preprocessing, parse_self_test, parse_specialist,
                                          parse_stack, parse_training)
@@ -154,7 +155,7 @@ def _parse_manifest(r: JsonReader, data: Any) -> Manifest:
         writer = data.get("edgens_version")
         by = f" (written by edgens {writer})" if isinstance(writer, str) else ""
         raise r.error("format_version", f"this edgens reads bundle format version(s) {supported}, got "
-                                        f"{show(version)}{by}{hint}")
+                                        f"{shown(version)}{by}{hint}")
     family = r.str_(data, "family", "", FAMILIES)
     n_outputs = r.int_(data, "n_outputs", "", minimum=1)
     class_names = r.get(data, "class_names", "", "a list of strings or null")
