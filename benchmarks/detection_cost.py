@@ -10,12 +10,12 @@ and trimmed mean (both with detection), interleaved in every round (see
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 from pathlib import Path
 
 from edgens.bench.faults import detection_cost
 from edgens.data.inputs import load_input
+from edgens.fileio import atomic_write_json
 from edgens.runtime import Predictor
 
 
@@ -35,7 +35,7 @@ def main() -> None:
             results["bundles"][bundle] = detection_cost(predictor, x, batches, args.rounds)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "detection_cost.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_json(out / "detection_cost.json", results)
     print("| bundle | batch | plain mean (ms) | detection | median | trimmed |")
     print("| --- | --- | --- | --- | --- | --- |")
     for bundle, result in results["bundles"].items():

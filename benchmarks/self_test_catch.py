@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edgens.fileio import atomic_write_json
 from edgens.data.inputs import load_input
 from edgens.runtime import Predictor
 from edgens.runtime.faults import EXPONENT_BITS, inject_bit_faults, random_bit_faults
@@ -59,7 +60,7 @@ def main() -> None:
                "unchanged": len(rows) - len(changed)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "self_test_catch.json").write_text(json.dumps({"summary": summary, "draws": rows}, indent=1) + "\n")
+    atomic_write_json(out / "self_test_catch.json", {"summary": summary, "draws": rows})
     print(json.dumps({k: v for k, v in summary.items() if k != "missed"}, indent=1))
     for r in missed:
         print("missed:", r)
