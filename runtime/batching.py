@@ -54,6 +54,7 @@ class _Request:
     deadline: float | None  # absolute, for deadline budgets
     future: Future[Prediction] = field(default_factory=Future)
     rows: slice = field(default_factory=lambda: slice(0, 0))  # its examples in the merged batch
+    started: float | None = None  # when its first stack call (or predict call) started
 
 
 @dataclass(eq=False)
@@ -189,6 +190,9 @@ class Batcher:
 
     def _run_fixed(self, group: list[_Request]) -> None:
         x = self._merge(group)
+        started = time.perf_counter()
+        for request in group:
+            request.started = started
         if self.on_batch is not None:
             self.on_batch(len(x), len(group))
         try:
@@ -267,8 +271,10 @@ class Batcher:
                     break
                 taken.append(request)
                 examples += len(request.x)
+            started = time.perf_counter()
             for request in taken:
                 self._deadline_queue.remove(request)
+                request.started = started
             self._in_flight += len(taken)
         try:
             call = self.predictor.stepwise(self._merge(taken))
@@ -302,8 +308,9 @@ class Batcher:
             return
         assert prediction is not None
         elapsed_ms = (time.perf_counter() - request.arrival) * 1e3
+        queued_ms = (request.started - request.arrival) * 1e3 if request.started is not None else None
         request.future.set_result(prediction.select(
-            request.rows, elapsed_ms=elapsed_ms, budget=str(request.budget),
+            request.rows, elapsed_ms=elapsed_ms, budget=str(request.budget), queued_ms=queued_ms,
             deadline_ms=request.budget.value if request.deadline is not None else None))
 
     def _fail_all(self, err: BaseException) -> None:

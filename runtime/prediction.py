@@ -34,6 +34,8 @@ class Prediction:
             90th percentile latency (this device's latency table, else the slowest recent run) of the slowest stack
             it started, plus :data:`~edgens.runtime.execution.OWN_WORK_MS` for the runtime's own work; None
             otherwise, or when no latency is known yet.
+        queued_ms: for a request served by a :class:`~edgens.runtime.batching.Batcher`, the time from its arrival
+            to the start of its first stack call; None for a direct call.
     """
 
     family: str
@@ -50,6 +52,7 @@ class Prediction:
     task: str | None = None
     outliers_checked: bool = False
     promise_ms: float | None = None
+    queued_ms: float | None = None
 
     @property
     def probabilities(self) -> np.ndarray:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from edgens.cli.infer_cmd import BACKEND_CHOICES
+from edgens.cli.infer_cmd import BACKEND_CHOICES, parse_members
 
 
 @click.command()
@@ -19,12 +19,24 @@ from edgens.cli.infer_cmd import BACKEND_CHOICES
               help="Address to listen on. Beyond loopback, --token-file (or --insecure) is required.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True,
               help="Port to listen on (0: any free port; see --port-file).")
+@click.option("--grpc-port", type=click.IntRange(0, 65535),
+              help="Also serve the protocol over gRPC on this port (0: any free port, written as the second line "
+                   "of --port-file), on the same address, batcher, token and limits as HTTP.")
 @click.option("--model-name", help="The model's name in the protocol's URLs (default: the bundle folder's name).")
 @click.option("--backend", type=click.Choice(BACKEND_CHOICES), default="auto", show_default=True)
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most examples one merged stack call takes (and one request may send).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most requests waiting to start; beyond it, requests get 503 at once.")
+@click.option("--default-deadline-ms", type=float,
+              help="Budget of requests that give none: this deadline (Triton's default_timeout; perf_analyzer over "
+                   "HTTP cannot send parameters). A request's own budget overrides it. At most one --default-*.")
+@click.option("--default-members", "default_members_text", metavar="K|FRACTION",
+              help="Budget of requests that give none: the first K members (or 0.5, 50%).")
+@click.option("--default-flops", type=float, help="Budget of requests that give none: at most these FLOPs.")
+@click.option("--default-latency-ms", type=float, help="Budget of requests that give none: this latency table budget.")
+@click.option("--default-confidence", type=float, help="Budget of requests that give none: early exit at this p.")
+@click.option("--default-task", help="Budget of requests that give none: this specialist task.")
 @click.option("--token-file", type=click.Path(path_type=Path),
               help="File holding the bearer token clients must send (Authorization: Bearer TOKEN).")
 @click.option("--insecure", is_flag=True, help="Allow a non-loopback --host without a token.")
@@ -57,13 +69,17 @@ from edgens.cli.infer_cmd import BACKEND_CHOICES
 @click.option("--systemd-unit", is_flag=True,
               help="Print a systemd unit that runs this command (with these options) as a service, and exit.")
 @click.pass_context
-def serve(ctx: click.Context, bundle: Path, host: str, port: int, model_name: str | None, backend: str,
-          max_batch: int, max_queue: int,
-          token_file: Path | None, insecure: bool, min_available: float, stack_timeout_ms: float,
+def serve(ctx: click.Context, bundle: Path, host: str, port: int, grpc_port: int | None, model_name: str | None,
+          backend: str,
+          max_batch: int, max_queue: int, default_deadline_ms: float | None, default_members_text: str | None,
+          default_flops: float | None, default_latency_ms: float | None, default_confidence: float | None,
+          default_task: str | None, token_file: Path | None, insecure: bool, min_available: float,
+          stack_timeout_ms: float,
           max_request_bytes: int, drain_timeout_s: float, self_test_interval_s: float | None, threads: int | None,
           accelerators: str | None, solo_threads: int | None, allow_fault_injection: bool, access_log: bool,
           log_format: str, log_level: str, port_file: Path | None, systemd_unit: bool) -> None:
-    """Serve BUNDLE over HTTP with the Open Inference Protocol (KServe v2, as Triton speaks it).
+    """Serve BUNDLE with the Open Inference Protocol (KServe v2, as Triton speaks it) over HTTP, and over gRPC with
+    --grpc-port.
 
     Budgets travel as request parameters (deadline_ms, members, flops, latency_ms, confidence, task); concurrent
     requests are merged into batched stack calls, and each deadline request is answered when its own deadline
@@ -78,10 +94,17 @@ def serve(ctx: click.Context, bundle: Path, host: str, port: int, model_name: st
 
         click.echo(unit(ctx, bundle, drain_timeout_s), nl=False)
         return
+    from edgens.errors import ConfigError
+    from edgens.runtime.policies import Budget
     from edgens.serve.server import ServeOptions
     from edgens.serve.server import serve as run
 
-    options = ServeOptions(
+    try:
+        default_budget = Budget.parse(parse_members(default_members_text), default_flops, default_latency_ms,
+                                      default_deadline_ms, default_confidence, default_task)
+    except ConfigError as err:
+        raise click.BadParameter(str(err), param_hint="--default-*") from None
+    options = ServeOptions(default_budget=default_budget, grpc_port=grpc_port,
         bundle=bundle, host=host, port=port, model_name=model_name, backend=backend, max_batch=max_batch,
         max_queue=max_queue, token_file=token_file, insecure=insecure, min_available=min_available,
         stack_timeout_ms=stack_timeout_ms or None, max_request_bytes=max_request_bytes,

@@ -5,6 +5,8 @@ the transport-free :class:`~edgens.serve.service.InferenceService`, and the bear
     GET  /v2                                      server metadata
     GET  /v2/models/{name}[/versions/1]           model metadata
     GET  /v2/models/{name}[/versions/1]/ready     model readiness
+    GET  /v2/models/{name}[/versions/1]/config    model configuration (Triton's extension and JSON form)
+    GET  /v2/models[/{name}[/versions/1]]/stats   statistics (Triton's extension and JSON form)
     POST /v2/models/{name}[/versions/1]/infer     inference (JSON tensors or the binary tensor data extension)
     GET  /metrics                                 Prometheus metrics
     POST /edgens/retry                            give quarantined and excluded stacks another chance
@@ -93,6 +95,19 @@ def create_app(state: ServeState) -> Starlette:
         except ProtocolError as err:
             return _refused(service.refusal(err, infer=False))
 
+    async def model_config(request: Request) -> Response:
+        try:
+            return _json(service.model_config(*model_of(request)))
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
+
+    async def model_stats(request: Request) -> Response:
+        try:
+            return _json(service.model_statistics(request.path_params.get("model"),
+                                                  request.path_params.get("version")))
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
+
     async def model_ready(request: Request) -> Response:
         try:
             ok, body = service.model_readiness(*model_of(request))
@@ -108,7 +123,7 @@ def create_app(state: ServeState) -> Starlette:
             body = await _read_body(request, state.max_request_bytes)
             answer = await service.infer(body, request.headers.get(HEADER_LENGTH), arrival)
         except Exception as err:  # noqa: BLE001  (every refusal is one line with its status: service.refusal)
-            refusal = service.refusal(err)
+            refusal = service.refuse_infer(err, arrival)
             return _refused(refusal)
         finally:
             if state.access_log:
@@ -139,12 +154,14 @@ def create_app(state: ServeState) -> Starlette:
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2", server_metadata),
+        Route("/v2/models/stats", model_stats),
         Route("/metrics", metrics),
         Route("/edgens/retry", retry, methods=["POST"]),
         Route("/edgens/faults", faults, methods=["POST"]),
     ]
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes += [Route(base, model_metadata), Route(f"{base}/ready", model_ready),
+                   Route(f"{base}/config", model_config), Route(f"{base}/stats", model_stats),
                    Route(f"{base}/infer", infer, methods=["POST"])]
 
     async def http_error(request: Request, exc: Exception) -> Response:

@@ -84,6 +84,31 @@ class ModelInfo:
         return cls(name, TensorInfo(manifest.input.name, raw, (-1, *shape)), tuple(outputs), tuple(shapes),
                    manifest.family)
 
+    def config(self, max_batch: int, max_queue: int, default_budget: Budget) -> dict[str, Any]:
+        """Triton's model configuration (``GET /v2/models/{name}/config``, gRPC ``ModelConfig``), in its JSON form:
+        the batch axis is implicit (``max_batch_size``), the batcher is a dynamic batcher that waits for nothing
+        (``max_queue_delay_microseconds`` 0) and refuses beyond ``max_queue`` waiting requests; a default deadline
+        is the queue policy's ``default_timeout_microseconds`` (a request's own budget overrides it), and any
+        default budget is the ``default_budget`` parameter."""
+        policy: dict[str, Any] = {"timeout_action": "REJECT", "allow_timeout_override": True,
+                                  "max_queue_size": max_queue}
+        if default_budget.kind == "deadline_ms":
+            policy["default_timeout_microseconds"] = round(default_budget.value * 1e3)
+
+        def dims(shape: tuple[int, ...]) -> list[int]:
+            return list(shape[1:])  # without the batch axis, as Triton writes it when max_batch_size > 0
+
+        return {"name": self.name, "platform": "edgens", "backend": "edgens", "max_batch_size": max_batch,
+                "input": [{"name": self.input.name, "data_type": f"TYPE_{self.input.datatype}",
+                           "dims": dims(self.input.shape)}],
+                # one value per example (labels, members_used): dims [1] reshaped to none, as Triton says it
+                "output": [{"name": o.name, "data_type": f"TYPE_{o.datatype}", "dims": dims(o.shape)}
+                           if len(o.shape) > 1 else {"name": o.name, "data_type": f"TYPE_{o.datatype}", "dims": [1],
+                                                     "reshape": {"shape": []}} for o in self.outputs],
+                "dynamic_batching": {"max_queue_delay_microseconds": 0, "preserve_ordering": False,
+                                     "default_queue_policy": policy},
+                "parameters": {"default_budget": {"string_value": str(default_budget)}}}
+
     def metadata(self) -> dict[str, Any]:
         """The model metadata response (``GET /v2/models/{name}``)."""
         return {"name": self.name, "versions": [VERSION], "platform": "edgens",
@@ -98,16 +123,18 @@ class RequestedOutput:
 
 @dataclass(frozen=True)
 class InferRequest:
-    """A parsed infer request: raw inputs ``x`` (B, *example shape), the budget, and the outputs wanted."""
+    """A parsed infer request: raw inputs ``x`` (B, *example shape), its budget (None: it gave none, so the server's
+    default applies), and the outputs wanted."""
 
     id: str | None
     x: np.ndarray
-    budget: Budget
+    budget: Budget | None
     outputs: tuple[RequestedOutput, ...]
 
 
 def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> InferRequest:
-    """Parse an infer request's body (``header_length``: the ``Inference-Header-Content-Length`` header, if any).
+    """Parse an HTTP infer request's body (``header_length``: the ``Inference-Header-Content-Length`` header, if
+    any).
 
     Raises:
         ProtocolError: anything malformed, with what was expected.
@@ -120,6 +147,16 @@ def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> Inf
     except RecursionError:
         raise ProtocolError("malformed JSON in the request: nested too deeply; expected the protocol's objects "
                             "and a flat or shaped data list") from None
+    return parse_request(request, binary, model)
+
+
+def parse_request(request: Any, binary: memoryview, model: ModelInfo) -> InferRequest:
+    """Parse an infer request in the protocol's JSON form (``binary``: the bytes after the JSON header, for the
+    binary tensor data extension); the gRPC transport hands its messages over in this form too.
+
+    Raises:
+        ProtocolError: anything malformed, with what was expected.
+    """
     if not isinstance(request, dict):
         raise ProtocolError(f"the request must be a JSON object, got {type(request).__name__}")
     unknown = sorted(set(request) - {"id", "parameters", "inputs", "outputs"})
@@ -161,7 +198,7 @@ def _object(value: Any, where: str) -> dict[str, Any]:
     return value
 
 
-def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget, bool]:
+def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget | None, bool]:
     unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
     if unknown:
         raise ProtocolError(f"unknown parameter(s) {_listed(unknown)}; expected budgets "
@@ -184,6 +221,8 @@ def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget, bool]:
                 raise ProtocolError(f"task: expected a task name, class index or class name, got {shown(value)}")
         elif isinstance(value, bool) or not isinstance(value, int | float):
             raise ProtocolError(f"{key}: expected a number, got {shown(value)}")
+    if not budget:
+        return None, binary_default  # the server's default budget applies
     try:
         return Budget.parse(**budget), binary_default
     except ConfigError as err:
@@ -307,15 +346,22 @@ def response_parameters(prediction: Prediction) -> dict[str, Any]:
     return parameters
 
 
-def encode_infer(request: InferRequest, prediction: Prediction, model: ModelInfo) -> tuple[bytes, int | None]:
-    """The response body of an infer request, and the JSON header's length when binary outputs follow it."""
+def output_arrays(request: InferRequest, prediction: Prediction, model: ModelInfo
+                  ) -> list[tuple[RequestedOutput, str, np.ndarray]]:
+    """The outputs the request asked for: (what was asked, the protocol datatype, the array), in its order."""
     arrays = {"probabilities": prediction.mean, "mean": prediction.mean, "labels": prediction.labels,
               "members_used": prediction.members_used}
     datatypes = {o.name: o.datatype for o in model.outputs}
+    return [(output, datatypes[output.name],
+             np.ascontiguousarray(arrays[output.name], dtype=DATATYPES[datatypes[output.name]]))
+            for output in request.outputs]
+
+
+def encode_infer(request: InferRequest, prediction: Prediction, model: ModelInfo) -> tuple[bytes, int | None]:
+    """The response body of an infer request, and the JSON header's length when binary outputs follow it."""
     tensors, blobs = [], []
-    for output in request.outputs:
-        array = np.ascontiguousarray(arrays[output.name], dtype=DATATYPES[datatypes[output.name]])
-        tensor: dict[str, Any] = {"name": output.name, "datatype": datatypes[output.name], "shape": list(array.shape)}
+    for output, datatype, array in output_arrays(request, prediction, model):
+        tensor: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": list(array.shape)}
         if output.binary:
             blob = array.tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}

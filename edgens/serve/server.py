@@ -27,6 +27,7 @@ import uvicorn
 from edgens.errors import ConfigError, DataNotFoundError
 from edgens.fileio import atomic_write_text
 from edgens.runtime.batching import Batcher
+from edgens.runtime.policies import Budget
 from edgens.runtime.predictor import Predictor
 from edgens.serve.app import ServeState, create_app
 from edgens.serve.metrics import ServeMetrics
@@ -62,6 +63,8 @@ class ServeOptions:
     threads: int | None = None
     solo_threads: int | None = 1
     accelerators: str | None = None
+    default_budget: Budget | None = None
+    grpc_port: int | None = None
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,11 +134,16 @@ class _Server(uvicorn.Server):
     """uvicorn's server, but a signal starts the drain and, once drained, the process exits with status 0 (uvicorn
     itself re-raises the signal after its graceful shutdown)."""
 
-    def __init__(self, config: uvicorn.Config, state: ServeState, url: str, port_file: Path | None):
+    def __init__(self, config: uvicorn.Config, state: ServeState, url: str, port_file: Path | None,
+                 grpc_address: tuple[str, int] | None = None, drain_timeout_s: float = 30.0):
         super().__init__(config)
         self.state = state
         self.url = url
         self.port_file = port_file
+        self.grpc_address = grpc_address
+        self.drain_timeout_s = drain_timeout_s
+        self.grpc: Any = None
+        self.grpc_port: int | None = None
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         if self.should_exit and sig == signal.SIGINT:
@@ -150,11 +158,43 @@ class _Server(uvicorn.Server):
         self.should_exit = True
 
     async def startup(self, sockets: Any = None) -> None:
+        if self.grpc_address is not None:  # in this event loop, beside HTTP: one service, one batcher
+            from edgens.serve.grpc_server import create_grpc_server
+
+            state = self.state
+            self.grpc = create_grpc_server(state.service, state.token, state.max_request_bytes)
+            host, port = self.grpc_address
+            self.grpc_port = _add_port(self.grpc, host, port)
+            await self.grpc.start()
         await super().startup(sockets)
-        if self.port_file is not None:  # written once the server accepts connections
-            atomic_write_text(self.port_file, f"{self.url.rsplit(':', 1)[1]}\n")
-        log.info("listening", extra={"fields": {"event": "listening", "url": self.url,
-                                                 "model": self.state.service.model.name}})
+        if self.port_file is not None:  # written once the server accepts connections; line 2: the gRPC port
+            ports = self.url.rsplit(":", 1)[1] + (f"\n{self.grpc_port}" if self.grpc_port is not None else "")
+            atomic_write_text(self.port_file, ports + "\n")
+        fields = {"event": "listening", "url": self.url, "model": self.state.service.model.name}
+        if self.grpc_port is not None:
+            fields["grpc"] = f"{self.grpc_address[0]}:{self.grpc_port}"  # type: ignore[index]
+        log.info("listening", extra={"fields": fields})
+
+    async def shutdown(self, sockets: Any = None) -> None:
+        if self.grpc is not None:  # draining already refuses new calls; those in flight finish within the grace
+            await self.grpc.stop(self.drain_timeout_s)
+        await super().shutdown(sockets)
+
+
+def _add_port(server: Any, host: str, port: int) -> int:
+    """Bind the gRPC server's port; the port bound (port 0: a free one).
+
+    Raises:
+        ConfigError: the address cannot be bound.
+    """
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        bound = server.add_insecure_port(address)
+    except RuntimeError as err:  # grpcio raises where older versions returned 0
+        raise ConfigError(f"cannot serve gRPC on {address}: {err}") from None
+    if not bound:
+        raise ConfigError(f"cannot serve gRPC on {address}: the port is in use or the address is not this machine's")
+    return bound
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -190,6 +230,13 @@ def serve(options: ServeOptions) -> int:
     token = read_token(options.token_file) if options.token_file is not None else None
     if not 0.0 <= options.min_available <= 1.0:
         raise ConfigError(f"--min-available: expected a fraction in [0, 1], got {options.min_available}")
+    if options.grpc_port is not None:
+        try:
+            import grpc  # noqa: F401  (the serve extra has it; a hand-made install may not)
+        except ImportError:
+            raise ConfigError("--grpc-port needs grpcio and protobuf: pip install 'edgens[serve]'") from None
+        if options.grpc_port:  # a busy gRPC port fails before the bundle loads, as a busy HTTP port does
+            bind(options.host, options.grpc_port).close()
     sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     url = f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
@@ -206,7 +253,8 @@ def serve(options: ServeOptions) -> int:
         state = _start(options, predictor, token)
         config = uvicorn.Config(create_app(state), log_config=None, access_log=False, lifespan="off",
                                 server_header=False, timeout_graceful_shutdown=options.drain_timeout_s)
-        server = _Server(config, state, url, options.port_file)
+        grpc_address = (options.host, options.grpc_port) if options.grpc_port is not None else None
+        server = _Server(config, state, url, options.port_file, grpc_address, options.drain_timeout_s)
         server.run(sockets=[sock])
         drained = state.service.batcher.close(timeout=options.drain_timeout_s)
         log.info("stopped", extra={"fields": {"event": "stopped", "drained": drained}})
@@ -221,8 +269,7 @@ def serve(options: ServeOptions) -> int:
 def _start(options: ServeOptions, predictor: Predictor, token: str | None) -> ServeState:
     name = options.model_name or options.bundle.resolve().name
     batcher = Batcher(predictor, options.max_batch, options.max_queue)
-    metrics = ServeMetrics(predictor, batcher)  # its gauges read the batcher, which reports batch sizes to it
-    batcher.on_batch = metrics.merged_call
+    metrics = ServeMetrics(predictor, batcher)  # its gauges read the batcher; the service hooks its batch sizes
     # First runs of a session are slow (allocation); and without a latency table, deadlines need observed latencies
     # (a batch size not seen borrows the next larger one's, so warming up at the largest batch covers all).
     predictor.warm_up(sorted({1, options.max_batch}))
@@ -232,5 +279,5 @@ def _start(options: ServeOptions, predictor: Predictor, token: str | None) -> Se
     log.info("loaded", extra={"fields": {"event": "loaded", "bundle": str(options.bundle), "model": name,
                                          "pid": os.getpid(), **predictor.describe()}})
     service = InferenceService(predictor, batcher, ModelInfo.from_manifest(predictor.manifest, name), metrics,
-                               options.min_available, options.allow_fault_injection)
+                               options.min_available, options.allow_fault_injection, options.default_budget)
     return ServeState(service, token, options.max_request_bytes, options.access_log)

@@ -20,16 +20,18 @@ from edgens.errors import (ConfigError, InputError, NoMembersAvailableError, Ove
                            ServiceStoppingError)
 from edgens.runtime.batching import Batcher
 from edgens.runtime.faults import FAULT_KINDS, Fault, FaultyRunner
+from edgens.runtime.policies import Budget
 from edgens.runtime.prediction import Prediction
 from edgens.runtime.predictor import Predictor
 from edgens.serve.metrics import ServeMetrics
-from edgens.serve.protocol import VERSION, ModelInfo, ProtocolError, encode_infer, parse_infer
+from edgens.serve.protocol import VERSION, InferRequest, ModelInfo, ProtocolError, encode_infer, parse_infer
+from edgens.serve.statistics import ModelStatistics
 
 log = logging.getLogger("edgens.serve")
 
 # Bodies above this are parsed in a worker thread, so that one large JSON request does not hold up the event loop.
 PARSE_INLINE_BYTES = 32 * 1024
-EXTENSIONS = ["binary_tensor_data", "parameters"]  # the protocol extensions served
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "statistics"]  # extensions served
 
 # What each error means for the client, first match wins: (error class, status, outcome in the metrics). A
 # ProtocolError carries its own status (400 malformed, 403 forbidden, 404 unknown, 413 too large).
@@ -87,18 +89,30 @@ class InferenceService:
         metrics: the service's metrics.
         min_available: the fraction of members that must be available for the service to be ready.
         allow_fault_injection: whether :meth:`apply_fault` works.
+        default_budget: the budget of requests that give none (``edgens serve --default-deadline-ms``, as Triton's
+            ``default_timeout``); None: all members.
 
     Attributes:
         draining: set on SIGTERM: readiness turns false, new infer requests are refused.
+        statistics: Triton's statistics of the model (counted here and by the batcher's merged calls).
     """
 
     def __init__(self, predictor: Predictor, batcher: Batcher, model: ModelInfo, metrics: ServeMetrics,
-                 min_available: float = 0.5, allow_fault_injection: bool = False):
+                 min_available: float = 0.5, allow_fault_injection: bool = False,
+                 default_budget: Budget | None = None):
         self.predictor, self.batcher, self.model, self.metrics = predictor, batcher, model, metrics
         self.min_available = min_available
         self.allow_fault_injection = allow_fault_injection
+        self.default_budget = default_budget if default_budget is not None else Budget.parse()
+        self.statistics = ModelStatistics(model.name, VERSION)
         self.draining = False
         self._faulty: dict[str, FaultyRunner] = {}  # stacks made faulty, by name
+
+        def merged_call(examples: int, requests: int) -> None:
+            metrics.merged_call(examples, requests)
+            self.statistics.executed(examples, requests)
+
+        batcher.on_batch = merged_call
 
     # ------------------------------------------------------------------------------------------ health, metadata
 
@@ -130,6 +144,18 @@ class InferenceService:
         self.check_model(name, version)
         return self.model.metadata()
 
+    def model_config(self, name: str, version: str | None = None) -> dict[str, Any]:
+        """The model configuration extension's answer (Triton's JSON form of its ``ModelConfig``)."""
+        self.check_model(name, version)
+        return self.model.config(self.batcher.max_batch, self.batcher.max_queue, self.default_budget)
+
+    def model_statistics(self, name: str | None = None, version: str | None = None) -> dict[str, Any]:
+        """The statistics extension's answer: ``{"model_stats": [...]}`` for this model (``name`` None: every
+        model, which is this one)."""
+        if name:
+            self.check_model(name, version or None)
+        return {"model_stats": [self.statistics.to_dict()]}
+
     def model_readiness(self, name: str, version: str | None = None) -> tuple[bool, dict[str, Any]]:
         self.check_model(name, version)
         ready, body = self.readiness()
@@ -149,8 +175,7 @@ class InferenceService:
             raise ServiceStoppingError("the server is draining and accepts no new requests")
 
     async def infer(self, body: bytes, header_length: str | None, arrival: float) -> Answer:
-        """Parse an infer request's body, queue it (its deadline counts from ``arrival``, a
-        ``time.perf_counter()``), wait for its prediction and encode the response; count it in the metrics.
+        """Parse an HTTP infer request's body, answer it (:meth:`answer`) and encode the response.
 
         Raises:
             ProtocolError, InputError, ConfigError: a bad request.
@@ -160,11 +185,32 @@ class InferenceService:
             parsed = await asyncio.to_thread(parse_infer, body, header_length, self.model)
         else:
             parsed = parse_infer(body, header_length, self.model)
-        future = self.batcher.submit(parsed.x, parsed.budget, arrival)
-        prediction = await asyncio.wrap_future(future)
+        parsed_at = time.perf_counter()
+        prediction = await self.answer(parsed, arrival)
+        answered_at = time.perf_counter()
         content, json_length = encode_infer(parsed, prediction, self.model)
-        self.metrics.answered(prediction, time.perf_counter() - arrival)
+        self.count_answer(prediction, arrival, parsed_at, answered_at)
         return Answer(content, json_length, prediction)
+
+    async def answer(self, parsed: InferRequest, arrival: float) -> Prediction:
+        """Queue a parsed request (its budget, or the server's default) and wait for its prediction; its deadline
+        counts from ``arrival``, a ``time.perf_counter()`` taken when the transport first saw the request.
+
+        Raises:
+            OverloadedError, ServiceStoppingError, NoMembersAvailableError: the service cannot answer it now.
+        """
+        budget = parsed.budget if parsed.budget is not None else self.default_budget
+        future = self.batcher.submit(parsed.x, budget, arrival)
+        return await asyncio.wrap_future(future)
+
+    def count_answer(self, prediction: Prediction, arrival: float, parsed_at: float, answered_at: float) -> None:
+        """Count an answered request in the metrics and the statistics, once its response is encoded."""
+        done = time.perf_counter()
+        self.metrics.answered(prediction, done - arrival)
+        queued = prediction.queued_ms / 1e3 if prediction.queued_ms is not None else 0.0
+        queue_s = max(0.0, queued - (parsed_at - arrival))
+        self.statistics.answered(len(prediction.members_used), parsed_at - arrival, queue_s,
+                                 max(0.0, answered_at - parsed_at - queue_s), done - answered_at)
 
     def refusal(self, err: BaseException, infer: bool = True) -> Refusal:
         """The refusal of a request that raised ``err`` (counted in the metrics when it was an infer request); an
@@ -175,6 +221,11 @@ class InferenceService:
         if infer:
             self.metrics.refused(refusal.outcome)
         return refusal
+
+    def refuse_infer(self, err: BaseException, arrival: float) -> Refusal:
+        """The refusal of an infer request, counted in the metrics and in the statistics' failures."""
+        self.statistics.failed(time.perf_counter() - arrival)
+        return self.refusal(err)
 
     # ------------------------------------------------------------------------------------------- administration
 

@@ -34,7 +34,9 @@ class Server:
                 self.process.kill()
                 raise RuntimeError(f"edgens serve did not start in 60 s: {self.stderr()}")
             time.sleep(0.05)
-        self.port = int(self.port_file.read_text())
+        ports = self.port_file.read_text().split()
+        self.port = int(ports[0])
+        self.grpc_port = int(ports[1]) if len(ports) > 1 else None
         self.url = f"http://127.0.0.1:{self.port}"
 
     def stderr(self) -> str:
