@@ -7,7 +7,10 @@ the transport-free :class:`~edgens.serve.service.InferenceService`, and the bear
     GET  /v2/models/{name}[/versions/1]/ready     model readiness
     GET  /v2/models/{name}[/versions/1]/config    model configuration (Triton's extension and JSON form)
     GET  /v2/models[/{name}[/versions/1]]/stats   statistics (Triton's extension and JSON form)
-    POST /v2/models/{name}[/versions/1]/infer     inference (JSON tensors or the binary tensor data extension)
+    POST /v2/models/{name}[/versions/1]/infer     inference (JSON tensors, binary tensor data, shared memory)
+    GET  /v2/systemsharedmemory[/region/{r}]/status          registered regions (Triton's extension)
+    POST /v2/systemsharedmemory/region/{r}/register         register a /dev/shm region {key, offset, byte_size}
+    POST /v2/systemsharedmemory[/region/{r}]/unregister     unregister it (or all)
     GET  /metrics                                 Prometheus metrics
     POST /edgens/retry                            give quarantined and excluded stacks another chance
     POST /edgens/faults                           make a stack faulty (only with --allow-fault-injection)
@@ -40,7 +43,7 @@ from edgens.serve.service import Answer, InferenceService, Refusal
 
 log = logging.getLogger("edgens.serve")
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")  # probes need no token
-FAULT_SPEC_BYTES = 64 * 1024
+FAULT_SPEC_BYTES = 64 * 1024  # also the largest shared-memory registration body
 
 
 @dataclass
@@ -133,6 +136,30 @@ def create_app(state: ServeState) -> Starlette:
         return Response(answer.content, 200, headers={"Inference-Header-Content-Length": str(answer.json_length)},
                         media_type="application/octet-stream")
 
+    async def shm_status(request: Request) -> Response:
+        try:
+            return _json(service.shared_memory_status(request.path_params.get("region")))
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
+
+    async def shm_register(request: Request) -> Response:
+        try:
+            try:
+                spec = json.loads(await _read_body(request, FAULT_SPEC_BYTES))
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ProtocolError(f"malformed JSON in the request: {err}") from None
+            service.register_shared_memory(request.path_params["region"], spec)
+            return _json({})
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
+
+    async def shm_unregister(request: Request) -> Response:
+        try:
+            service.unregister_shared_memory(request.path_params.get("region"))
+            return _json({})
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
+
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 
@@ -155,6 +182,11 @@ def create_app(state: ServeState) -> Starlette:
         Route("/v2/health/ready", ready),
         Route("/v2", server_metadata),
         Route("/v2/models/stats", model_stats),
+        Route("/v2/systemsharedmemory/status", shm_status),
+        Route("/v2/systemsharedmemory/region/{region}/status", shm_status),
+        Route("/v2/systemsharedmemory/region/{region}/register", shm_register, methods=["POST"]),
+        Route("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister, methods=["POST"]),
+        Route("/v2/systemsharedmemory/unregister", shm_unregister, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/edgens/retry", retry, methods=["POST"]),
         Route("/edgens/faults", faults, methods=["POST"]),

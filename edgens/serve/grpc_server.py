@@ -2,10 +2,11 @@
 the same :class:`~edgens.serve.service.InferenceService` as HTTP: one batcher, one set of metrics and statistics, one
 token, one drain.
 
-Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (``raw_input_contents`` or
-typed ``contents``; budgets as request parameters; outputs always as ``raw_output_contents``, as Triton sends them),
-ModelStreamInfer (requests of one stream answered in order, an error as the response's ``error_message``),
-ModelConfig and ModelStatistics. Any other method is UNIMPLEMENTED.
+Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (``raw_input_contents``,
+typed ``contents`` or system shared memory; budgets as request parameters; outputs as ``raw_output_contents``, as
+Triton sends them, or into shared memory), ModelStreamInfer (requests of one stream answered in order, an error as
+the response's ``error_message``), ModelConfig, ModelStatistics and the SystemSharedMemory methods. Any other method
+(repository, CUDA shared memory, trace, logging) is UNIMPLEMENTED.
 
 Errors: the service's refusal (:data:`~edgens.serve.service.ERROR_STATUS`) mapped to the gRPC status that fits
 (:data:`GRPC_STATUS`), with its one-line message; never UNKNOWN with a traceback.
@@ -26,7 +27,7 @@ from grpc import aio
 from edgens.serve.proto import grpc_service_pb2 as pb
 from edgens.serve.proto import grpc_service_pb2_grpc as pb_grpc
 from edgens.serve.protocol import VERSION, InferRequest, ProtocolError, output_arrays, parse_request, \
-    response_parameters
+    response_parameters, shared_output_parameters, write_shared_outputs
 from edgens.serve.service import InferenceService, Refusal
 
 log = logging.getLogger("edgens.serve")
@@ -90,7 +91,7 @@ def parse_grpc_infer(request: pb.ModelInferRequest, service: InferenceService) -
             if tensor.HasField("contents"):
                 raise ProtocolError(f"input {tensor.name}: give raw_input_contents or contents, not both")
             parameters["binary_data_size"] = len(raw[i])
-        else:
+        elif "shared_memory_region" not in parameters:
             field = CONTENTS_FIELD.get(tensor.datatype)
             if field is None or not tensor.HasField("contents"):
                 raise ProtocolError(f"input {tensor.name}: no data; expected raw_input_contents or contents."
@@ -105,17 +106,30 @@ def parse_grpc_infer(request: pb.ModelInferRequest, service: InferenceService) -
     if request.outputs:
         as_json["outputs"] = [{"name": o.name, "parameters": {k: parameter_value(v) for k, v in o.parameters.items()}}
                               for o in request.outputs]
-    return parse_request(as_json, memoryview(b"".join(raw)), service.model)
+    return parse_request(as_json, memoryview(b"".join(raw)), service.model, service.shared_memory)
 
 
 def encode_grpc_infer(parsed: InferRequest, prediction: Any, service: InferenceService) -> pb.ModelInferResponse:
-    """The ModelInferResponse: every output asked for as raw bytes, the call's report as parameters."""
+    """The ModelInferResponse: every output asked for as raw bytes (or written to the shared memory the request
+    placed it in: then its raw entry is empty, as Triton's, so that entries keep the outputs' order), the call's
+    report as parameters.
+
+    Raises:
+        ProtocolError: an output placed in shared memory does not fit there.
+    """
     response = pb.ModelInferResponse(model_name=service.model.name, model_version=VERSION, id=parsed.id or "")
     for key, value in response_parameters(prediction).items():
         response.parameters[key].CopyFrom(infer_parameter(value))
-    for output, datatype, array in output_arrays(parsed, prediction, service.model):
-        response.outputs.add(name=output.name, datatype=datatype, shape=list(array.shape))
-        response.raw_output_contents.append(array.tobytes())
+    arrays = output_arrays(parsed, prediction, service.model)
+    write_shared_outputs(parsed, arrays, service.shared_memory)
+    for output, datatype, array in arrays:
+        tensor = response.outputs.add(name=output.name, datatype=datatype, shape=list(array.shape))
+        if output.shared_memory is not None:
+            for key, value in shared_output_parameters(output, array).items():
+                tensor.parameters[key].CopyFrom(infer_parameter(value))
+            response.raw_output_contents.append(b"")
+        else:
+            response.raw_output_contents.append(array.tobytes())
     return response
 
 
@@ -173,15 +187,46 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             await self._refuse(context, err)
         return json_format.ParseDict(statistics, pb.ModelStatisticsResponse())
 
+    async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
+                                       context: aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:
+        try:
+            regions = self.service.shared_memory_status(request.name or None)
+        except ProtocolError as err:
+            await self._refuse(context, err)
+        response = pb.SystemSharedMemoryStatusResponse()
+        for region in regions:
+            response.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
+        return response
+
+    async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
+                                         context: aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:
+        try:
+            self.service.register_shared_memory(request.name, {"key": request.key, "offset": request.offset,
+                                                               "byte_size": request.byte_size})
+        except ProtocolError as err:
+            await self._refuse(context, err)
+        return pb.SystemSharedMemoryRegisterResponse()
+
+    async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
+                                           context: aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
+        try:
+            self.service.unregister_shared_memory(request.name or None)
+        except ProtocolError as err:
+            await self._refuse(context, err)
+        return pb.SystemSharedMemoryUnregisterResponse()
+
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """Answer one request (raises what refuses it); counted in the metrics and statistics when answered."""
         arrival = time.perf_counter()
         self.service.admit(request.model_name, request.model_version or None)
         parsed = parse_grpc_infer(request, self.service)
-        parsed_at = time.perf_counter()
-        prediction = await self.service.answer(parsed, arrival)
-        answered_at = time.perf_counter()
-        response = encode_grpc_infer(parsed, prediction, self.service)
+        try:
+            parsed_at = time.perf_counter()
+            prediction = await self.service.answer(parsed, arrival)
+            answered_at = time.perf_counter()
+            response = encode_grpc_infer(parsed, prediction, self.service)
+        finally:
+            parsed.release(self.service.shared_memory)
         self.service.count_answer(prediction, arrival, parsed_at, answered_at)
         return response
 

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -36,6 +36,7 @@ BUDGET_PARAMETERS = ("deadline_ms", "members", "flops", "latency_ms", "confidenc
 # timeout: Triton's request timeout in microseconds (tritonclient's infer(timeout=)); edgens reads it as a deadline.
 REQUEST_PARAMETERS = (*BUDGET_PARAMETERS, "binary_data_output", "timeout")
 HEADER_LENGTH = "inference-header-content-length"
+SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 VERSION = "1"  # a bundle is one model version
 
 
@@ -116,9 +117,32 @@ class ModelInfo:
 
 
 @dataclass(frozen=True)
+class RegionUse:
+    """Where a tensor is read or written in shared memory: ``byte_size`` bytes at ``offset`` in region ``name``."""
+
+    name: str
+    offset: int
+    byte_size: int
+
+
+@dataclass(frozen=True)
 class RequestedOutput:
     name: str
     binary: bool
+    shared_memory: RegionUse | None = None  # write it there instead of into the response
+
+
+class SharedMemory(Protocol):
+    """What parsing and encoding need of the registered regions (:class:`~edgens.serve.shared_memory.
+    SharedMemoryRegions`)."""
+
+    def read(self, use: RegionUse, what: str) -> bytes: ...
+
+    def hold(self, use: RegionUse, what: str) -> Any: ...
+
+    def write(self, region: Any, use: RegionUse, data: bytes, what: str) -> None: ...
+
+    def release(self, region: Any) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -130,9 +154,17 @@ class InferRequest:
     x: np.ndarray
     budget: Budget | None
     outputs: tuple[RequestedOutput, ...]
+    held: dict[str, Any] = field(default_factory=dict)  # shared-memory regions of placed outputs, until written
+
+    def release(self, shared_memory: SharedMemory | None) -> None:
+        """Let go of the regions of outputs not written (a request refused or failed after parsing)."""
+        while self.held:
+            assert shared_memory is not None
+            shared_memory.release(self.held.popitem()[1])
 
 
-def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> InferRequest:
+def parse_infer(body: bytes, header_length: str | None, model: ModelInfo,
+                shared_memory: SharedMemory | None = None) -> InferRequest:
     """Parse an HTTP infer request's body (``header_length``: the ``Inference-Header-Content-Length`` header, if
     any).
 
@@ -147,12 +179,14 @@ def parse_infer(body: bytes, header_length: str | None, model: ModelInfo) -> Inf
     except RecursionError:
         raise ProtocolError("malformed JSON in the request: nested too deeply; expected the protocol's objects "
                             "and a flat or shaped data list") from None
-    return parse_request(request, binary, model)
+    return parse_request(request, binary, model, shared_memory)
 
 
-def parse_request(request: Any, binary: memoryview, model: ModelInfo) -> InferRequest:
+def parse_request(request: Any, binary: memoryview, model: ModelInfo,
+                  shared_memory: SharedMemory | None = None) -> InferRequest:
     """Parse an infer request in the protocol's JSON form (``binary``: the bytes after the JSON header, for the
-    binary tensor data extension); the gRPC transport hands its messages over in this form too.
+    binary tensor data extension; ``shared_memory``: the registered regions, for tensors the request places in
+    shared memory); the gRPC transport hands its messages over in this form too.
 
     Raises:
         ProtocolError: anything malformed, with what was expected.
@@ -168,9 +202,18 @@ def parse_request(request: Any, binary: memoryview, model: ModelInfo) -> InferRe
         raise ProtocolError(f"id: expected a string, got {type(request_id).__name__}")
     parameters = _object(request.get("parameters", {}), "parameters")
     budget, binary_default = _parse_parameters(parameters)
-    x = _parse_input(request.get("inputs"), binary, model)
-    outputs = _parse_outputs(request.get("outputs"), binary_default, model)
-    return InferRequest(request_id, x, budget, outputs)
+    x = _parse_input(request.get("inputs"), binary, model, shared_memory)
+    outputs = _parse_outputs(request.get("outputs"), binary_default, model, shared_memory is not None)
+    parsed = InferRequest(request_id, x, budget, outputs)
+    try:  # hold the regions outputs go to now: unregistering one while the request runs cannot pull it away
+        for output in outputs:
+            if output.shared_memory is not None:
+                assert shared_memory is not None
+                parsed.held[output.name] = shared_memory.hold(output.shared_memory, f"output {output.name}")
+    except ProtocolError:
+        parsed.release(shared_memory)
+        raise
+    return parsed
 
 
 def _split_body(body: bytes, header_length: str | None) -> tuple[bytes, memoryview]:
@@ -229,7 +272,8 @@ def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget | None, bool]:
         raise ProtocolError(str(err)) from None
 
 
-def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarray:
+def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo, shared_memory: SharedMemory | None
+                 ) -> np.ndarray:
     expected = model.input.name
     if inputs is None:
         raise ProtocolError(f"the request has no inputs; expected one tensor named {expected!r}")
@@ -256,6 +300,16 @@ def _parse_input(inputs: Any, binary: memoryview, model: ModelInfo) -> np.ndarra
     dtype = np.dtype(DATATYPES[datatype])
     count = math.prod(shape)
     parameters = _object(tensor.get("parameters", {}), f"input {name} parameters")
+    if "shared_memory_region" in parameters:
+        if "data" in tensor or "binary_data_size" in parameters:
+            raise ProtocolError(f"input {name}: give shared_memory_region, data or binary_data_size, one of them")
+        if shared_memory is None:
+            raise ProtocolError(f"input {name}: this transport does not take shared memory")
+        use = region_use(parameters, f"input {name}")
+        if use.byte_size != count * dtype.itemsize:
+            raise ProtocolError(f"input {name}: shared_memory_byte_size {use.byte_size} does not match shape "
+                                f"{shown(shape)} of {datatype} ({count * dtype.itemsize} bytes)")
+        return np.frombuffer(shared_memory.read(use, f"input {name}"), dtype=dtype).reshape(shape)
     if "binary_data_size" in parameters:
         size = parameters["binary_data_size"]
         if "data" in tensor:
@@ -298,7 +352,26 @@ def _json_tensor(data: Any, shape: list[int], dtype: np.dtype, name: str, dataty
     return values.astype(dtype, copy=False).reshape(shape)
 
 
-def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo) -> tuple[RequestedOutput, ...]:
+def region_use(parameters: dict[str, Any], what: str) -> RegionUse:
+    """The shared-memory placement a tensor's parameters give.
+
+    Raises:
+        ProtocolError: a region name that is not a string, or a size or offset that is not a whole number >= 0.
+    """
+    name = parameters.get("shared_memory_region")
+    if not isinstance(name, str):
+        raise ProtocolError(f"{what}: shared_memory_region must be a region's name, got {shown(name)}")
+    numbers = {}
+    for key in ("shared_memory_byte_size", "shared_memory_offset"):
+        value = parameters.get(key, 0 if key == "shared_memory_offset" else None)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ProtocolError(f"{what}: {key} must be a whole number of bytes >= 0, got {shown(value)}")
+        numbers[key] = value
+    return RegionUse(name, numbers["shared_memory_offset"], numbers["shared_memory_byte_size"])
+
+
+def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo, shared_memory: bool = False
+                   ) -> tuple[RequestedOutput, ...]:
     known = [o.name for o in model.outputs]
     if outputs is None:
         return tuple(RequestedOutput(name, binary_default) for name in known)
@@ -312,16 +385,21 @@ def _parse_outputs(outputs: Any, binary_default: bool, model: ModelInfo) -> tupl
         if name not in known:
             raise ProtocolError(f"unknown output {shown(name)}; this model's outputs are {', '.join(known)}")
         parameters = _object(output.get("parameters", {}), f"output {name} parameters")
-        extra = sorted(set(parameters) - {"binary_data"})
+        extra = sorted(set(parameters) - {"binary_data", *SHARED_MEMORY_KEYS})
         if extra:
             raise ProtocolError(f"output {name}: unsupported parameter(s) {_listed(extra)}; expected "
-                                f"binary_data")
+                                f"binary_data or {', '.join(SHARED_MEMORY_KEYS)}")
         binary = parameters.get("binary_data", binary_default)
         if not isinstance(binary, bool):
             raise ProtocolError(f"output {name}: binary_data must be true or false, got {shown(binary)}")
         if any(w.name == name for w in wanted):
             raise ProtocolError(f"output {name} is asked for twice")
-        wanted.append(RequestedOutput(name, binary))
+        placed = None
+        if any(key in parameters for key in SHARED_MEMORY_KEYS):
+            if not shared_memory:
+                raise ProtocolError(f"output {name}: this transport does not take shared memory")
+            placed = region_use(parameters, f"output {name}")
+        wanted.append(RequestedOutput(name, binary, placed))
     return tuple(wanted)
 
 
@@ -357,12 +435,43 @@ def output_arrays(request: InferRequest, prediction: Prediction, model: ModelInf
             for output in request.outputs]
 
 
-def encode_infer(request: InferRequest, prediction: Prediction, model: ModelInfo) -> tuple[bytes, int | None]:
-    """The response body of an infer request, and the JSON header's length when binary outputs follow it."""
+def write_shared_outputs(request: InferRequest, arrays: list[tuple[RequestedOutput, str, np.ndarray]],
+                         shared_memory: SharedMemory | None) -> None:
+    """Write the outputs placed in shared memory into the regions the parser held for them.
+
+    Raises:
+        ProtocolError: an output larger than the bytes given for it.
+    """
+    for output, _, array in arrays:
+        if output.shared_memory is not None:
+            assert shared_memory is not None  # the parser refuses placed outputs without it
+            region = request.held.pop(output.name)
+            shared_memory.write(region, output.shared_memory, array.tobytes(), f"output {output.name}")
+
+
+def shared_output_parameters(output: RequestedOutput, array: np.ndarray) -> dict[str, Any]:
+    """What the response says of an output written to shared memory: where, and how many bytes."""
+    assert output.shared_memory is not None
+    return {"shared_memory_region": output.shared_memory.name, "shared_memory_byte_size": array.nbytes,
+            "shared_memory_offset": output.shared_memory.offset}
+
+
+def encode_infer(request: InferRequest, prediction: Prediction, model: ModelInfo,
+                 shared_memory: SharedMemory | None = None) -> tuple[bytes, int | None]:
+    """The response body of an infer request, and the JSON header's length when binary outputs follow it; outputs
+    placed in shared memory are written there.
+
+    Raises:
+        ProtocolError: an output placed in shared memory does not fit where the request placed it.
+    """
     tensors, blobs = [], []
-    for output, datatype, array in output_arrays(request, prediction, model):
+    arrays = output_arrays(request, prediction, model)
+    write_shared_outputs(request, arrays, shared_memory)
+    for output, datatype, array in arrays:
         tensor: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": list(array.shape)}
-        if output.binary:
+        if output.shared_memory is not None:
+            tensor["parameters"] = shared_output_parameters(output, array)
+        elif output.binary:
             blob = array.tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)

@@ -257,6 +257,7 @@ def serve(options: ServeOptions) -> int:
         server = _Server(config, state, url, options.port_file, grpc_address, options.drain_timeout_s)
         server.run(sockets=[sock])
         drained = state.service.batcher.close(timeout=options.drain_timeout_s)
+        state.service.close()
         log.info("stopped", extra={"fields": {"event": "stopped", "drained": drained}})
         return 0 if drained else 1
     finally:

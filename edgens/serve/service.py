@@ -25,13 +25,15 @@ from edgens.runtime.prediction import Prediction
 from edgens.runtime.predictor import Predictor
 from edgens.serve.metrics import ServeMetrics
 from edgens.serve.protocol import VERSION, InferRequest, ModelInfo, ProtocolError, encode_infer, parse_infer
+from edgens.serve.shared_memory import SharedMemoryRegions
 from edgens.serve.statistics import ModelStatistics
 
 log = logging.getLogger("edgens.serve")
 
 # Bodies above this are parsed in a worker thread, so that one large JSON request does not hold up the event loop.
 PARSE_INLINE_BYTES = 32 * 1024
-EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "statistics"]  # extensions served
+EXTENSIONS = ["binary_tensor_data", "parameters", "model_configuration", "statistics",  # the extensions served
+              "system_shared_memory"]
 
 # What each error means for the client, first match wins: (error class, status, outcome in the metrics). A
 # ProtocolError carries its own status (400 malformed, 403 forbidden, 404 unknown, 413 too large).
@@ -95,6 +97,7 @@ class InferenceService:
     Attributes:
         draining: set on SIGTERM: readiness turns false, new infer requests are refused.
         statistics: Triton's statistics of the model (counted here and by the batcher's merged calls).
+        shared_memory: the registered system shared-memory regions (closed by :meth:`close`).
     """
 
     def __init__(self, predictor: Predictor, batcher: Batcher, model: ModelInfo, metrics: ServeMetrics,
@@ -105,6 +108,7 @@ class InferenceService:
         self.allow_fault_injection = allow_fault_injection
         self.default_budget = default_budget if default_budget is not None else Budget.parse()
         self.statistics = ModelStatistics(model.name, VERSION)
+        self.shared_memory = SharedMemoryRegions()
         self.draining = False
         self._faulty: dict[str, FaultyRunner] = {}  # stacks made faulty, by name
 
@@ -182,13 +186,16 @@ class InferenceService:
             OverloadedError, ServiceStoppingError, NoMembersAvailableError: the service cannot answer it now.
         """
         if len(body) > PARSE_INLINE_BYTES:
-            parsed = await asyncio.to_thread(parse_infer, body, header_length, self.model)
+            parsed = await asyncio.to_thread(parse_infer, body, header_length, self.model, self.shared_memory)
         else:
-            parsed = parse_infer(body, header_length, self.model)
-        parsed_at = time.perf_counter()
-        prediction = await self.answer(parsed, arrival)
-        answered_at = time.perf_counter()
-        content, json_length = encode_infer(parsed, prediction, self.model)
+            parsed = parse_infer(body, header_length, self.model, self.shared_memory)
+        try:
+            parsed_at = time.perf_counter()
+            prediction = await self.answer(parsed, arrival)
+            answered_at = time.perf_counter()
+            content, json_length = encode_infer(parsed, prediction, self.model, self.shared_memory)
+        finally:
+            parsed.release(self.shared_memory)
         self.count_answer(prediction, arrival, parsed_at, answered_at)
         return Answer(content, json_length, prediction)
 
@@ -226,6 +233,35 @@ class InferenceService:
         """The refusal of an infer request, counted in the metrics and in the statistics' failures."""
         self.statistics.failed(time.perf_counter() - arrival)
         return self.refusal(err)
+
+    # -------------------------------------------------------------------------------------- system shared memory
+
+    def shared_memory_status(self, name: str | None = None) -> list[dict[str, Any]]:
+        """The registered regions (Triton's status form), or the one named."""
+        return self.shared_memory.status(name)
+
+    def register_shared_memory(self, name: str, spec: Any) -> None:
+        """Register region ``name`` from ``{"key": ..., "offset": ..., "byte_size": ...}``.
+
+        Raises:
+            ProtocolError: a malformed spec, a bad key or bound, a name in use.
+        """
+        if not isinstance(spec, dict):
+            raise ProtocolError(f"expected a JSON object with key, offset and byte_size, got {type(spec).__name__}")
+        unknown = sorted(set(spec) - {"key", "offset", "byte_size"})
+        if unknown:
+            raise ProtocolError(f"unknown field(s) {', '.join(map(repr, unknown))}; expected key, offset, byte_size")
+        self.shared_memory.register(name, spec.get("key"), spec.get("offset", 0), spec.get("byte_size"))
+        log.info("shared memory registered", extra={"fields": {"event": "shm_register", "region": name,
+                                                               "key": spec.get("key")}})
+
+    def unregister_shared_memory(self, name: str | None = None) -> list[str]:
+        """Unregister region ``name`` (None: all); regions in use are closed once their requests end."""
+        return self.shared_memory.unregister(name)
+
+    def close(self) -> None:
+        """Release what the service holds beyond the predictor and batcher: the shared-memory regions."""
+        self.shared_memory.close()
 
     # ------------------------------------------------------------------------------------------- administration
 

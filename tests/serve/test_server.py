@@ -74,7 +74,7 @@ def test_health_and_metadata_endpoints(client: httpx.Client, served_bundle: Synt
     ready = client.get("/v2/health/ready")
     assert ready.status_code == 200 and ready.json()["ready"] and ready.json()["members_available"] == 1.0
     assert client.get("/v2").json()["extensions"] == ["binary_tensor_data", "parameters", "model_configuration",
-                                                       "statistics"]
+                                                       "statistics", "system_shared_memory"]
     metadata = client.get(f"/v2/models/{MODEL}").json()
     assert metadata["inputs"] == [{"name": "x", "datatype": "UINT8", "shape": [-1, 1, 28, 28]}]
     assert [o["name"] for o in metadata["outputs"]] == ["probabilities", "labels", "members_used"]

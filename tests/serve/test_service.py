@@ -85,7 +85,7 @@ def test_readiness_follows_the_members_available_and_draining(service: Inference
 
 def test_metadata_and_unknown_models(service: InferenceService) -> None:
     assert service.server_metadata()["extensions"] == ["binary_tensor_data", "parameters", "model_configuration",
-                                                       "statistics"]
+                                                       "statistics", "system_shared_memory"]
     assert service.model_metadata("model", "1")["inputs"][0]["shape"] == [-1, 1, 28, 28]
     for name, version in (("other", None), ("model", "2")):
         with pytest.raises(ProtocolError) as caught:
