@@ -110,7 +110,7 @@ for command in "train --epochs 1 --out run2" "export run -o bundle2"; do
   echo "device venv: edgens ${command%% *} says: $(cat err.txt)"
 done
 # 4. `edgens serve` needs the serve extra: without it, one line naming it; with it (still no torch), a real server
-#    answers an infer request like the Predictor, and SIGTERM stops it with status 0.
+#    answers an infer request like the Predictor over HTTP and over gRPC, and SIGTERM stops it with status 0.
 status=0
 "$EDGENS" serve bundle --port 0 > out.txt 2> err.txt || status=$?
 if [ "$status" != 2 ] || ! grep -q "pip install 'edgens\[serve\]'" err.txt; then
@@ -122,15 +122,17 @@ if ! "$VENV_PY" -m pip install -q "$ROOT[runtime,serve]" > "$WORK/pip-serve.log"
   cat "$WORK/pip-serve.log" >&2
   exit 1
 fi
-"$EDGENS" serve bundle --port 0 --port-file port.txt --no-access-log 2> serve.log &
+"$EDGENS" serve bundle --port 0 --grpc-port 0 --port-file port.txt --no-access-log 2> serve.log &
 SERVER=$!
 for _ in $(seq 300); do [ -s port.txt ] && break; sleep 0.1; done
 "$VENV_PY" - <<'EOF'
 import importlib.util, json, urllib.request
+import grpc
 import numpy as np
 from edgens.runtime import Predictor
+from edgens.serve.proto import grpc_service_pb2 as pb, grpc_service_pb2_grpc as pb_grpc
 assert importlib.util.find_spec("torch") is None, "the serve extra pulled in torch"
-port = int(open("port.txt").read())
+port, grpc_port = map(int, open("port.txt").read().split())
 x = np.load("x.npy")[:8]
 body = {"inputs": [{"name": "x", "datatype": "UINT8", "shape": list(x.shape), "data": x.reshape(-1).tolist()}],
         "parameters": {"members": 8}}
@@ -141,8 +143,15 @@ probabilities = np.asarray(answer["outputs"][0]["data"]).reshape(answer["outputs
 with Predictor.load("bundle") as predictor:
     expected = predictor.predict(x, members=8).probabilities
 np.testing.assert_allclose(probabilities, expected, atol=1e-5)
-print(f"device venv: edgens serve answered like the Predictor (max difference "
-      f"{np.abs(probabilities - expected).max():.1e}), without torch")
+request = pb.ModelInferRequest(model_name="bundle", raw_input_contents=[x.tobytes()])
+request.inputs.add(name="x", datatype="UINT8", shape=list(x.shape))
+request.parameters["members"].int64_param = 8
+with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+    reply = pb_grpc.GRPCInferenceServiceStub(channel).ModelInfer(request, timeout=30)
+over_grpc = np.frombuffer(reply.raw_output_contents[0], "<f4").reshape(expected.shape)
+np.testing.assert_allclose(over_grpc, expected, atol=1e-5)
+print(f"device venv: edgens serve answered like the Predictor over HTTP and gRPC (max difference "
+      f"{max(np.abs(probabilities - expected).max(), np.abs(over_grpc - expected).max()):.1e}), without torch")
 EOF
 kill -TERM "$SERVER"
 status=0

@@ -11,6 +11,7 @@ the transport-free :class:`~edgens.serve.service.InferenceService`, and the bear
     GET  /v2/systemsharedmemory[/region/{r}]/status          registered regions (Triton's extension)
     POST /v2/systemsharedmemory/region/{r}/register         register a /dev/shm region {key, offset, byte_size}
     POST /v2/systemsharedmemory[/region/{r}]/unregister     unregister it (or all)
+    /v2/cudasharedmemory/...                                 none registered; registering refused (not supported)
     GET  /metrics                                 Prometheus metrics
     POST /edgens/retry                            give quarantined and excluded stacks another chance
     POST /edgens/faults                           make a stack faulty (only with --allow-fault-injection)
@@ -160,6 +161,14 @@ def create_app(state: ServeState) -> Starlette:
         except ProtocolError as err:
             return _refused(service.refusal(err, infer=False))
 
+    async def cuda_shm(request: Request) -> Response:  # not implemented: see InferenceService.cuda_shared_memory
+        action = request.url.path.rsplit("/", 1)[-1]
+        try:
+            regions = service.cuda_shared_memory(action, request.path_params.get("region"))
+        except ProtocolError as err:
+            return _refused(service.refusal(err, infer=False))
+        return _json(regions if action == "status" else {})
+
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
 
@@ -187,6 +196,11 @@ def create_app(state: ServeState) -> Starlette:
         Route("/v2/systemsharedmemory/region/{region}/register", shm_register, methods=["POST"]),
         Route("/v2/systemsharedmemory/region/{region}/unregister", shm_unregister, methods=["POST"]),
         Route("/v2/systemsharedmemory/unregister", shm_unregister, methods=["POST"]),
+        Route("/v2/cudasharedmemory/status", cuda_shm),
+        Route("/v2/cudasharedmemory/region/{region}/status", cuda_shm),
+        Route("/v2/cudasharedmemory/region/{region}/register", cuda_shm, methods=["POST"]),
+        Route("/v2/cudasharedmemory/region/{region}/unregister", cuda_shm, methods=["POST"]),
+        Route("/v2/cudasharedmemory/unregister", cuda_shm, methods=["POST"]),
         Route("/metrics", metrics),
         Route("/edgens/retry", retry, methods=["POST"]),
         Route("/edgens/faults", faults, methods=["POST"]),

@@ -5,8 +5,9 @@ token, one drain.
 Served: ServerLive, ServerReady, ModelReady, ServerMetadata, ModelMetadata, ModelInfer (``raw_input_contents``,
 typed ``contents`` or system shared memory; budgets as request parameters; outputs as ``raw_output_contents``, as
 Triton sends them, or into shared memory), ModelStreamInfer (requests of one stream answered in order, an error as
-the response's ``error_message``), ModelConfig, ModelStatistics and the SystemSharedMemory methods. Any other method
-(repository, CUDA shared memory, trace, logging) is UNIMPLEMENTED.
+the response's ``error_message``), ModelConfig, ModelStatistics and the SystemSharedMemory methods; the
+CudaSharedMemory methods answer that no region is registered and refuse to register one. Any other method
+(repository, trace, logging) is UNIMPLEMENTED.
 
 Errors: the service's refusal (:data:`~edgens.serve.service.ERROR_STATUS`) mapped to the gRPC status that fits
 (:data:`GRPC_STATUS`), with its one-line message; never UNKNOWN with a traceback.
@@ -214,6 +215,27 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         except ProtocolError as err:
             await self._refuse(context, err)
         return pb.SystemSharedMemoryUnregisterResponse()
+
+    async def _cuda(self, context: aio.ServicerContext, action: str, name: str) -> None:
+        try:
+            self.service.cuda_shared_memory(action, name or None)
+        except ProtocolError as err:
+            await self._refuse(context, err)
+
+    async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
+                                     context: aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:
+        await self._cuda(context, "status", request.name)
+        return pb.CudaSharedMemoryStatusResponse()
+
+    async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
+                                       context: aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:
+        await self._cuda(context, "register", request.name)
+        return pb.CudaSharedMemoryRegisterResponse()
+
+    async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
+                                         context: aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:
+        await self._cuda(context, "unregister", request.name)
+        return pb.CudaSharedMemoryUnregisterResponse()
 
     async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
         """Answer one request (raises what refuses it); counted in the metrics and statistics when answered."""

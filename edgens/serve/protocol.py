@@ -36,6 +36,7 @@ BUDGET_PARAMETERS = ("deadline_ms", "members", "flops", "latency_ms", "confidenc
 # timeout: Triton's request timeout in microseconds (tritonclient's infer(timeout=)); edgens reads it as a deadline.
 REQUEST_PARAMETERS = (*BUDGET_PARAMETERS, "binary_data_output", "timeout")
 HEADER_LENGTH = "inference-header-content-length"
+TRITON_PREFIX = "triton_"  # request parameters reserved for Triton's server, ignored
 SHARED_MEMORY_KEYS = ("shared_memory_region", "shared_memory_byte_size", "shared_memory_offset")
 VERSION = "1"  # a bundle is one model version
 
@@ -242,7 +243,9 @@ def _object(value: Any, where: str) -> dict[str, Any]:
 
 
 def _parse_parameters(parameters: dict[str, Any]) -> tuple[Budget | None, bool]:
-    unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS))
+    # "triton_"-prefixed names are Triton's own, reserved for its server (perf_analyzer sends
+    # triton_enable_empty_final_response on every gRPC request); they do not concern a non-decoupled model
+    unknown = sorted(set(parameters) - set(REQUEST_PARAMETERS) - {k for k in parameters if k.startswith(TRITON_PREFIX)})
     if unknown:
         raise ProtocolError(f"unknown parameter(s) {_listed(unknown)}; expected budgets "
                             f"({', '.join(BUDGET_PARAMETERS)}), timeout or binary_data_output")
@@ -470,7 +473,7 @@ def encode_infer(request: InferRequest, prediction: Prediction, model: ModelInfo
     for output, datatype, array in arrays:
         tensor: dict[str, Any] = {"name": output.name, "datatype": datatype, "shape": list(array.shape)}
         if output.shared_memory is not None:
-            tensor["parameters"] = shared_output_parameters(output, array)
+            pass  # no data and no parameters: Triton's C++ client reads any output parameters as binary data
         elif output.binary:
             blob = array.tobytes()
             tensor["parameters"] = {"binary_data_size": len(blob)}

@@ -259,6 +259,21 @@ class InferenceService:
         """Unregister region ``name`` (None: all); regions in use are closed once their requests end."""
         return self.shared_memory.unregister(name)
 
+    def cuda_shared_memory(self, action: str, name: str | None = None) -> list[dict[str, Any]]:
+        """Triton's CUDA shared-memory extension, which edgens does not implement (it is not among its extensions):
+        status lists no region and unregistering all succeeds (clients such as perf_analyzer clean up both kinds),
+        a named region is unknown, and registering is refused with what to use instead.
+
+        Raises:
+            ProtocolError: 404 for a named region, 400 for registering.
+        """
+        if action == "register":
+            raise ProtocolError("CUDA shared memory is not supported by edgens serve; use system shared memory "
+                                "(/v2/systemsharedmemory, tritonclient.utils.shared_memory)")
+        if name:
+            raise ProtocolError(f"no CUDA shared-memory region {name!r} is registered", 404)
+        return []
+
     def close(self) -> None:
         """Release what the service holds beyond the predictor and batcher: the shared-memory regions."""
         self.shared_memory.close()
