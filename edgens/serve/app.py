@@ -40,7 +40,7 @@ from starlette.routing import Route
 from edgens.errors import ConfigError
 from edgens.serve.metrics import CONTENT_TYPE, ServeMetrics
 from edgens.serve.protocol import HEADER_LENGTH, ProtocolError
-from edgens.serve.service import Answer, InferenceService, Refusal
+from edgens.serve.service import Answer, InferenceService, Refusal, log_infer
 
 log = logging.getLogger("edgens.serve")
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")  # probes need no token
@@ -288,17 +288,5 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def _log_request(request: Request, answer: Answer | None, refusal: Refusal | None, arrival: float) -> None:
-    outcome = "ok" if answer is not None else refusal.outcome if refusal is not None else "error"
-    fields: dict[str, Any] = {"event": "infer", "outcome": outcome,
-                              "status": 200 if answer is not None else refusal.status if refusal is not None else 500,
-                              "latency_ms": round((time.perf_counter() - arrival) * 1e3, 3),
-                              "client": request.client.host if request.client else None}
-    if answer is not None:
-        prediction = answer.prediction
-        fields.update(examples=len(prediction.members_used), budget=prediction.budget,
-                      members=int(prediction.members_used.min()), stacks=len(prediction.stacks_run),
-                      failures=[f"{f.stack}:{f.kind}" for f in prediction.failures],
-                      overrun_ms=round(prediction.overrun_ms, 3))
-    elif refusal is not None:
-        fields["error"] = refusal.message
-    log.info("infer %s", outcome, extra={"fields": fields})
+    log_infer(answer.prediction if answer is not None else None, refusal, arrival,
+              request.client.host if request.client else None, "http")

@@ -29,7 +29,7 @@ from edgens.serve.proto import grpc_service_pb2 as pb
 from edgens.serve.proto import grpc_service_pb2_grpc as pb_grpc
 from edgens.serve.protocol import VERSION, InferRequest, ProtocolError, output_arrays, parse_request, \
     response_parameters, shared_output_parameters, write_shared_outputs
-from edgens.serve.service import InferenceService, Refusal
+from edgens.serve.service import InferenceService, Refusal, log_infer
 
 log = logging.getLogger("edgens.serve")
 
@@ -137,8 +137,15 @@ def encode_grpc_infer(parsed: InferRequest, prediction: Any, service: InferenceS
 class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     """The gRPC methods, each a thin call into the :class:`InferenceService`."""
 
-    def __init__(self, service: InferenceService):
+    def __init__(self, service: InferenceService, access_log: bool = True):
         self.service = service
+        self.access_log = access_log
+
+    def _log(self, prediction: Any, refusal: Refusal | None, arrival: float, context: aio.ServicerContext) -> None:
+        if self.access_log:
+            peer = context.peer() or ""  # "ipv4:127.0.0.1:50000", "ipv6:[::1]:50000"
+            host = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else None
+            log_infer(prediction, refusal, arrival, host, "grpc")
 
     async def _refuse(self, context: aio.ServicerContext, err: BaseException, infer: bool = False,
                       arrival: float | None = None) -> None:
@@ -237,8 +244,9 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         await self._cuda(context, "unregister", request.name)
         return pb.CudaSharedMemoryUnregisterResponse()
 
-    async def _infer(self, request: pb.ModelInferRequest) -> pb.ModelInferResponse:
-        """Answer one request (raises what refuses it); counted in the metrics and statistics when answered."""
+    async def _infer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, Any]:
+        """Answer one request (raises what refuses it): the response and its prediction, counted in the metrics and
+        statistics."""
         arrival = time.perf_counter()
         self.service.admit(request.model_name, request.model_version or None)
         parsed = parse_grpc_infer(request, self.service)
@@ -250,26 +258,33 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         finally:
             parsed.release(self.service.shared_memory)
         self.service.count_answer(prediction, arrival, parsed_at, answered_at)
-        return response
+        return response, prediction
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext
                          ) -> pb.ModelInferResponse:
         arrival = time.perf_counter()
         try:
-            return await self._infer(request)
+            response, prediction = await self._infer(request)
         except Exception as err:  # noqa: BLE001  (every refusal is one status and one line)
-            await self._refuse(context, err, infer=True, arrival=arrival)
-            raise  # not reached: abort raises
+            refusal = self.service.refuse_infer(err, arrival)
+            self._log(None, refusal, arrival, context)
+            await context.abort(code_for(refusal), refusal.message)
+        self._log(prediction, None, arrival, context)
+        return response
 
     async def ModelStreamInfer(self, requests: AsyncIterator[pb.ModelInferRequest], context: aio.ServicerContext
                                ) -> AsyncIterator[pb.ModelStreamInferResponse]:
         async for request in requests:
             arrival = time.perf_counter()
             try:
-                yield pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+                response, prediction = await self._infer(request)
             except Exception as err:  # noqa: BLE001  (the stream goes on; this request's error is its answer)
                 refusal = self.service.refuse_infer(err, arrival)
+                self._log(None, refusal, arrival, context)
                 yield pb.ModelStreamInferResponse(error_message=refusal.message)
+                continue
+            self._log(prediction, None, arrival, context)
+            yield pb.ModelStreamInferResponse(infer_response=response)
 
 
 class TokenInterceptor(aio.ServerInterceptor):
@@ -300,7 +315,8 @@ class TokenInterceptor(aio.ServerInterceptor):
         return grpc.unary_unary_rpc_method_handler(deny)
 
 
-def create_grpc_server(service: InferenceService, token: str | None, max_request_bytes: int) -> aio.Server:
+def create_grpc_server(service: InferenceService, token: str | None, max_request_bytes: int,
+                       access_log: bool = True) -> aio.Server:
     """The gRPC server (not started, no port yet) for ``service``; requests above ``max_request_bytes`` are refused
     by grpc itself with RESOURCE_EXHAUSTED."""
     options = [("grpc.max_receive_message_length", max_request_bytes),
@@ -308,5 +324,5 @@ def create_grpc_server(service: InferenceService, token: str | None, max_request
                ("grpc.so_reuseport", 0)]  # a busy port must fail, not be shared with another server
     interceptors = [TokenInterceptor(token, service)] if token is not None else []
     server = aio.server(options=options, interceptors=interceptors)
-    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service), server)
+    pb_grpc.add_GRPCInferenceServiceServicer_to_server(InferenceServicer(service, access_log), server)
     return server

@@ -162,7 +162,7 @@ class _Server(uvicorn.Server):
             from edgens.serve.grpc_server import create_grpc_server
 
             state = self.state
-            self.grpc = create_grpc_server(state.service, state.token, state.max_request_bytes)
+            self.grpc = create_grpc_server(state.service, state.token, state.max_request_bytes, state.access_log)
             host, port = self.grpc_address
             self.grpc_port = _add_port(self.grpc, host, port)
             await self.grpc.start()

@@ -82,6 +82,25 @@ def refusal_for(err: BaseException) -> Refusal:
     return Refusal(500, "error", f"internal error: {type(err).__name__}: {err}")
 
 
+def log_infer(prediction: Prediction | None, refusal: Refusal | None, arrival: float, client: str | None,
+              transport: str) -> None:
+    """The access log's line of one infer request (either transport): outcome, status, latency, and what the
+    prediction used, or the error."""
+    outcome = "ok" if prediction is not None else refusal.outcome if refusal is not None else "error"
+    fields: dict[str, Any] = {"event": "infer", "transport": transport, "outcome": outcome,
+                              "status": 200 if prediction is not None else refusal.status if refusal is not None
+                              else 500,
+                              "latency_ms": round((time.perf_counter() - arrival) * 1e3, 3), "client": client}
+    if prediction is not None:
+        fields.update(examples=len(prediction.members_used), budget=prediction.budget,
+                      members=int(prediction.members_used.min()), stacks=len(prediction.stacks_run),
+                      failures=[f"{f.stack}:{f.kind}" for f in prediction.failures],
+                      overrun_ms=round(prediction.overrun_ms, 3))
+    elif refusal is not None:
+        fields["error"] = refusal.message
+    log.info("infer %s", outcome, extra={"fields": fields})
+
+
 class InferenceService:
     """One bundle served: what the protocol's endpoints answer, whatever carries them.
 

@@ -243,6 +243,10 @@ def test_statistics_count_what_was_answered_and_refused(server: Server, client: 
     assert abs(total - success_ns) <= 4 * 4  # rounding to whole nanoseconds, per phase and request
     assert 0 < success_ns < sum(latencies)
     assert after["last_inference"] >= before["last_inference"] > 0 or before["inference_count"] == 0
+    # the access log has each of them, on its transport
+    lines = [e for e in server.log_entries() if e.get("event") == "infer" and e.get("transport") == "grpc"]
+    assert any(e["outcome"] == "ok" and e["budget"] == "members=8" for e in lines)
+    assert any(e["outcome"] == "bad_request" and "members" in e["error"] for e in lines)
 
 
 def test_config_and_stats_with_a_stock_http_client(server: Server) -> None:
