@@ -26,7 +26,8 @@ from edgens import __version__
 from edgens.checkpoint import save_checkpoint
 from edgens.config import TrainConfig
 from edgens.data import Dataset, load_dataset
-from edgens.diagnostics import DOMINANCE_RATIO, epoch_diagnostics, is_dominated
+from edgens.diagnostics import (DOMINANCE_RATIO, collusion_diagnostics, collusion_probe, epoch_diagnostics,
+                                is_colluding, is_dominated)
 from edgens.errors import ConfigError, TrainingDivergedError
 from edgens.interrupts import raise_if_interrupted
 from edgens.losses import modular_loss
@@ -134,6 +135,8 @@ class Trainer:
         self.epochs_without_improvement = 0
         self.history: list[dict] = []
         self.dominance_warned = False
+        self.collusion_warned = False
+        self.probe = collusion_probe(len(dataset.train_x), config.seed).to(device)  # training examples it watches
 
     # --- hooks (one process here; see edgens.distributed) ----------------------------------------------------
     def build_model(self) -> MemberStack:
@@ -162,7 +165,8 @@ class Trainer:
         return {"epoch": self.epoch, "model": self.model_state(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "best_epoch": self.best_epoch,
                 "best_score": self.best_score, "epochs_without_improvement": self.epochs_without_improvement,
-                "history": self.history, "dominance_warned": self.dominance_warned, "spec": self.spec.to_dict()}
+                "history": self.history, "dominance_warned": self.dominance_warned,
+                "collusion_warned": self.collusion_warned, "spec": self.spec.to_dict()}
 
     def load_state(self, state: dict) -> None:
         """Restore from :meth:`state`."""
@@ -172,6 +176,7 @@ class Trainer:
         self.epoch, self.best_epoch, self.best_score = state["epoch"], state["best_epoch"], state["best_score"]
         self.epochs_without_improvement = state["epochs_without_improvement"]
         self.history, self.dominance_warned = state["history"], state["dominance_warned"]
+        self.collusion_warned = state.get("collusion_warned", False)  # checkpoints before it have none
 
     # --- one epoch ------------------------------------------------------------------------------------------
     def loss(self, eta: torch.Tensor, y: torch.Tensor, index: torch.Tensor):  # -> (ModularLoss, Tensor)
@@ -247,6 +252,10 @@ class Trainer:
             self.scheduler.step()
             val_eta = self.predict(self.data["val"][0])  # None on the processes that do not write the run
             val = self.share(epoch_diagnostics(val_eta, self.data["val"][1], config.family) if self.is_main else None)
+            probe_eta = self.predict(self.data["train"][0][self.probe])
+            collusion = self.share(collusion_diagnostics(probe_eta, self.data["train"][1][self.probe], val_eta,
+                                                         self.data["val"][1], config.family)
+                                   if self.is_main else None)
             self.epoch += 1
             score = self.validation_score(val)
             improved = score < self.best_score
@@ -262,8 +271,17 @@ class Trainer:
                             "CIFAR-10 results near lam = 1)", self.epoch, val["best_member_error"],
                             100 * DOMINANCE_RATIO,
                             val["median_member_error"])
+            colluding = is_colluding(collusion)
+            if colluding and not self.collusion_warned:
+                self.collusion_warned = True
+                log.warning("learner collusion at epoch %d: the members' validation diversity is %.0f%% of their own "
+                            "loss and %.0f%% of their spread is constant offsets that cancel in the ensemble; expect "
+                            "a large rise in error when members are dropped (Jeffares et al.; a lam further from 1 "
+                            "keeps members useful alone)", self.epoch, 100 * collusion["val_diversity_ratio"],
+                            100 * collusion["val_debiased_fraction"])
             record = {"epoch": self.epoch, "lr": lr_used, "time_s": round(time.perf_counter() - started, 3),
-                      "train": train, "val": val, "best_epoch": self.best_epoch, "dominance": dominated}
+                      "train": train, "val": val, "best_epoch": self.best_epoch, "dominance": dominated,
+                      "collusion": collusion, "colluding": colluding}
             self.history.append(record)
             best = {"epoch": self.epoch, "model": self.model_state(), "spec": self.spec.to_dict()} if improved else None
             last = self.state()
