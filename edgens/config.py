@@ -62,6 +62,11 @@ class TrainConfig:
     """mu: weight of the nested-prefix term added to the modular loss (0: the paper's loss). See edgens.losses."""
     prefixes: tuple[int, ...] | None = None
     """Member counts of the nested prefixes the anytime term trains (None: M/16, 10%, M/8, M/4, M/2)."""
+    fault_weight: float = 0.0
+    """nu: weight of the random-subset term (each example's ensemble of a random subset of the members, as faults
+    leave it) added to the loss (0: none). See edgens.losses.subset_term."""
+    fault_draws: int = 2
+    """Random subsets per example and step for the random-subset term."""
     eval_batch_size: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the run (e.g. which sweep started it)."""
@@ -103,6 +108,11 @@ class TrainConfig:
         check_number("anytime_weight", self.anytime_weight, low=0)
         if self.anytime_weight and self.method == "bagging":
             raise ConfigError("the anytime term trains ensembles of members jointly; bagging trains them independently")
+        check_number("fault_weight", self.fault_weight, low=0)
+        check_number("fault_draws", self.fault_draws, low=1, integer=True)
+        if self.fault_weight and self.method == "bagging":
+            raise ConfigError("the random-subset term trains ensembles of members jointly; bagging trains them "
+                              "independently")
         if self.prefixes is not None:
             for k in self.prefixes:
                 check_number("prefixes", k, low=1, integer=True)

@@ -39,6 +39,8 @@ class ModularLoss:
     """Mean over members of KL(q_bar || q_j): the ensemble's diversity; member_nll - ensemble_nll."""
     anytime: torch.Tensor | None = None
     """The nested-prefix term sum_k (k / M) NLL(mean of the first k members), before its weight; None without it."""
+    faults: torch.Tensor | None = None
+    """The random-subset term (:func:`subset_term`), before its weight; None without it."""
 
 
 def class_log_probs(eta: torch.Tensor) -> torch.Tensor:
@@ -149,6 +151,40 @@ def anytime_term(prefix_sums: torch.Tensor, target: torch.Tensor, prefixes: tupl
     return (sizes / n_members * nll).sum()
 
 
+def subset_term(subset_sums: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor, n_members: int,
+                family: str = "categorical") -> torch.Tensor:
+    """The random-subset term: the mean over R draws and the batch of (k / M) * NLL(mean of the k members an
+    example kept in that draw), as random faults leave an ensemble (each example its own survivors).
+
+    Args:
+        subset_sums: (R, B, K): each draw's sum of its kept members' natural parameters, per example.
+        sizes: (R, B): how many members each example kept in each draw (>= 1).
+        target: (B,) targets (already long / float).
+        n_members: M.
+
+    The k / M weight gives each kept member 1 / M of the gradient, as :func:`anytime_term` and the lam term do.
+    """
+    nll = member_nll(subset_sums / sizes[..., None], target, family)  # (R, B)
+    return (sizes / n_members * nll).mean()
+
+
+def subset_masks(generator: torch.Generator, draws: int, n_members: int, batch: int,
+                 keep: tuple[float, float] = (0.05, 0.5)) -> torch.Tensor:
+    """(R, M, B) 0/1 masks of the members each example keeps in each of R draws: draw r keeps each member with a
+    probability p_r drawn log-uniformly from ``keep`` (budgets and faults leave a few members as often as many), and
+    an example that would keep none keeps one member at random. Drawn on the CPU from ``generator``, so that every
+    process of a member-parallel run draws the same masks."""
+    low, high = torch.log(torch.tensor(keep[0])), torch.log(torch.tensor(keep[1]))
+    p = torch.exp(low + (high - low) * torch.rand(draws, 1, 1, generator=generator))
+    masks = (torch.rand(draws, n_members, batch, generator=generator) < p).float()
+    empty = masks.sum(1) == 0  # (R, B)
+    if bool(empty.any()):
+        chosen = torch.randint(n_members, (draws, batch), generator=generator)
+        masks[torch.arange(draws)[:, None].expand(draws, batch)[empty], chosen[empty],
+              torch.arange(batch)[None].expand(draws, batch)[empty]] = 1.0
+    return masks
+
+
 def prefix_sums(eta: torch.Tensor, prefixes: tuple[int, ...]) -> torch.Tensor:
     """(P, B, K): for each k of ``prefixes``, the sum of the first k members of ``eta`` (M, B, K)."""
     return torch.stack([eta[:k].sum(0) for k in prefixes])
@@ -156,7 +192,8 @@ def prefix_sums(eta: torch.Tensor, prefixes: tuple[int, ...]) -> torch.Tensor:
 
 def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: str = "categorical",
                  validate: bool = True, member_weights: torch.Tensor | None = None, anytime_weight: float = 0.0,
-                 prefixes: tuple[int, ...] = ()) -> ModularLoss:
+                 prefixes: tuple[int, ...] = (), fault_weight: float = 0.0,
+                 fault_masks: torch.Tensor | None = None) -> ModularLoss:
     """The modular loss of an ensemble, averaged over the batch.
 
     Args:
@@ -172,6 +209,9 @@ def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: st
             ensembles of the first k members, in index order, the order the deployed runtime runs them in).
         prefixes: member counts k in [1, M) of the nested prefixes (used when ``anytime_weight`` > 0; checked with
             ``validate``).
+        fault_weight: nu >= 0: adds nu * :func:`subset_term` over ``fault_masks`` (fault-aware training: the
+            ensembles of random member subsets per example, what random faults and drops leave).
+        fault_masks: (R, M, B) 0/1 masks from :func:`subset_masks` (used when ``fault_weight`` > 0).
 
     Returns:
         :class:`ModularLoss` with ``total``, ``ensemble_nll``, ``member_nll`` and ``ambiguity``.
@@ -206,4 +246,12 @@ def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: st
     if anytime_weight:
         anytime = anytime_term(prefix_sums(eta, prefixes), target, prefixes, eta.shape[0], family)
         total = total + anytime_weight * anytime
-    return ModularLoss(total=total, ensemble_nll=ensemble, member_nll=members, ambiguity=ambiguity, anytime=anytime)
+    faults = None
+    if fault_weight:
+        if fault_masks is None:
+            raise ConfigError("fault_weight needs fault_masks (subset_masks)")
+        masks = fault_masks.to(eta.dtype)
+        faults = subset_term(torch.einsum("rmb,mbk->rbk", masks, eta), masks.sum(1), target, eta.shape[0], family)
+        total = total + fault_weight * faults
+    return ModularLoss(total=total, ensemble_nll=ensemble, member_nll=members, ambiguity=ambiguity, anytime=anytime,
+                       faults=faults)

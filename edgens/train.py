@@ -30,7 +30,7 @@ from edgens.diagnostics import (DOMINANCE_RATIO, collusion_diagnostics, collusio
                                 is_colluding, is_dominated)
 from edgens.errors import ConfigError, TrainingDivergedError
 from edgens.interrupts import raise_if_interrupted
-from edgens.losses import modular_loss
+from edgens.losses import modular_loss, subset_masks
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import MemberStack, StackSpec, build_stack
@@ -68,6 +68,11 @@ def resolve_device(name: str) -> torch.device:
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     """The generator of one epoch's data order: a function of (seed, epoch) only, so resume repeats it exactly."""
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+def fault_generator(seed: int, epoch: int) -> torch.Generator:
+    """The generator of one epoch's random-subset masks (another stream than the data order's)."""
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 2 + 1)
 
 
 def bootstrap_counts(n_members: int, n_examples: int, seed: int) -> np.ndarray:
@@ -179,15 +184,26 @@ class Trainer:
         self.collusion_warned = state.get("collusion_warned", False)  # checkpoints before it have none
 
     # --- one epoch ------------------------------------------------------------------------------------------
-    def loss(self, eta: torch.Tensor, y: torch.Tensor, index: torch.Tensor):  # -> (ModularLoss, Tensor)
+    def loss(self, eta: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+             masks: torch.Tensor | None = None):  # -> (ModularLoss, Tensor)
         """The modular loss of a batch and the ensemble's natural parameters ``eta_bar`` (B, K), detached.
 
-        ``index``: the batch's rows in the training set (for bagging weights).
+        ``index``: the batch's rows in the training set (for bagging weights); ``masks``: the random-subset term's
+        (R, M, B) masks for this batch (:meth:`fault_masks`), with ``fault_weight``.
         """
         weights = None if self.weights is None else self.weights[:, index].float()
         parts = modular_loss(eta, y, self.config.lam, self.config.family, validate=False, member_weights=weights,
-                             anytime_weight=self.config.anytime_weight, prefixes=self.prefixes)
+                             anytime_weight=self.config.anytime_weight, prefixes=self.prefixes,
+                             fault_weight=self.config.fault_weight, fault_masks=masks)
         return parts, eta.detach().mean(0)
+
+    def fault_masks(self, generator: torch.Generator | None, batch: int) -> torch.Tensor | None:
+        """The random-subset term's masks of the next batch (None without the term), drawn from the epoch's
+        :func:`fault_generator`: a function of (seed, epoch, batch number) alone, so that a resumed run and every
+        process of a member-parallel one draw the same."""
+        if generator is None:
+            return None
+        return subset_masks(generator, self.config.fault_draws, self.spec.n_members, batch).to(self.device)
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
         """Row indices of each batch of ``epoch`` (a final batch of one example is dropped: batch norm needs 2)."""
@@ -205,10 +221,11 @@ class Trainer:
         m = self.spec.n_members
         sums = torch.zeros(5, device=self.device)  # total, ensemble nll, member nll, ambiguity, ensemble errors
         seen = 0
+        faults = fault_generator(self.config.seed, epoch) if self.config.fault_weight else None
         for number, index in enumerate(batches, 1):
             x, y = x_all[index], y_all[index]
             eta = self.model(x)
-            parts, eta_bar = self.loss(eta, y, index)
+            parts, eta_bar = self.loss(eta, y, index, self.fault_masks(faults, len(y)))
             self.optimizer.zero_grad(set_to_none=True)
             (parts.total * m).backward()  # per-member learning-rate convention (edgens.config)
             self.optimizer.step()

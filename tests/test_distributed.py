@@ -47,7 +47,7 @@ from edgens.errors import ConfigError, DistributedError, RunDirectoryError
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import build_stack
-from edgens.train import Trainer, train
+from edgens.train import Trainer, fault_generator, train
 
 pytestmark = pytest.mark.distributed
 
@@ -191,9 +191,11 @@ def _gradient_worker(rank: int, port: int, cases: list[dict], out_dir: str) -> N
                 x, y = trainer.data["train"][0][index], trainer.data["train"][1][index]
                 eta = trainer.model(x)
                 eta.retain_grad()
-                parts, eta_bar = trainer.loss(eta, y, index)
+                generator = fault_generator(config.seed, 0) if config.fault_weight else None
+                masks = trainer.fault_masks(generator, len(y))
+                parts, eta_bar = trainer.loss(eta, y, index, masks)
                 (parts.total * spec.n_members).backward()  # as Trainer.train_epoch does
-                results[name] = {"eta": eta.detach(), "eta_grad": eta.grad, "eta_bar": eta_bar, "y": y,
+                results[name] = {"eta": eta.detach(), "eta_grad": eta.grad, "eta_bar": eta_bar, "y": y, "masks": masks,
                                  "parts": [float(getattr(parts, f).detach())
                                            for f in ("total", "ensemble_nll", "member_nll", "ambiguity")],
                                  "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()}}
@@ -202,11 +204,14 @@ def _gradient_worker(rank: int, port: int, cases: list[dict], out_dir: str) -> N
 
 
 def _formula_gradient(eta: np.ndarray, y: np.ndarray, lam: float, family: str, anytime_weight: float = 0.0,
-                      prefixes: tuple[int, ...] = ()) -> np.ndarray:
+                      prefixes: tuple[int, ...] = (), fault_weight: float = 0.0,
+                      masks: np.ndarray | None = None) -> np.ndarray:
     """The paper's dL/d eta_j times M, for the batch mean: (yhat_j - y - lam (yhat_j - ybar)) / B, in float64.
 
     With the anytime term mu * sum_k (k/M) NLL(mean of the first k), member j gets mu * sum_{k > j} (yhat(mean of
-    the first k) - y) / B more (times M): each prefix it belongs to passes it 1/k of its gradient, times k/M."""
+    the first k) - y) / B more (times M): each prefix it belongs to passes it 1/k of its gradient, times k/M.
+    With the random-subset term nu * mean_{r,n} (k_rn/M) NLL(mean of the members example n kept in draw r), member j
+    gets nu * sum_r mask_rjn (yhat(subset rn) - y_n) / (R B) more (times M), by the same 1/k times k/M."""
     eta = eta.astype(np.float64)
     batch = eta.shape[1]
     if family == "categorical":
@@ -222,6 +227,11 @@ def _formula_gradient(eta: np.ndarray, y: np.ndarray, lam: float, family: str, a
     grad = (yhat - target - lam * (yhat - ybar[None])) / batch
     for k in prefixes:
         grad[:k] += anytime_weight * (mean(eta[:k].mean(0)) - target) / batch
+    if fault_weight:
+        masks = masks.astype(np.float64)  # (R, M, B)
+        for mask in masks:
+            subset = (mask[..., None] * eta).sum(0) / mask.sum(0)[:, None]
+            grad += fault_weight * mask[..., None] * (mean(subset) - target)[None] / (len(masks) * batch)
     return grad
 
 
@@ -241,6 +251,9 @@ def test_one_step_gradients_equal_single_process(tmp_path: Path, fashion_mnist_d
          **fashion},
         {"preset": "mlp-16x64", "n_members": 4, "lam": 0.5, "family": "gaussian", "dataset": f"npz:{tmp_path}/reg.npz",
          "seed": 2, "batch_size": 64, "anytime_weight": 2.0, "prefixes": (1, 3)},
+        # the random-subset term with the anytime term: subsets span both ranks' members
+        {"preset": "mlp-16x64", "n_members": 5, "lam": 0.99, "anytime_weight": 0.5, "prefixes": (2,),
+         "fault_weight": 0.7, "fault_draws": 3, **fashion},
     ]
     _spawn(_gradient_worker, _free_port(), cases, str(tmp_path))
     for number, case in enumerate(cases):
@@ -248,7 +261,7 @@ def test_one_step_gradients_equal_single_process(tmp_path: Path, fashion_mnist_d
             got = torch.load(tmp_path / f"case{number}-rank{rank}.pt", weights_only=False)
             single, mine = got["single"], got["rank"]
             start, stop = got["members"]
-            assert stop - start == [[3, 2], [2, 1], [2, 2], [2, 2], [3, 2], [2, 2]][number][rank]
+            assert stop - start == [[3, 2], [2, 1], [2, 2], [2, 2], [3, 2], [2, 2], [3, 2]][number][rank]
             # the rank's members compute the single-process members' outputs (same initial weights; narrower
             # matrix products, so equal up to float32 rounding, not bitwise)
             reference = single["eta"][start:stop]
@@ -261,7 +274,8 @@ def test_one_step_gradients_equal_single_process(tmp_path: Path, fashion_mnist_d
             # gradients w.r.t. the members' outputs: the paper's formula, and the single-process autograd
             formula = _formula_gradient(single["eta"].numpy(), single["y"].numpy(), case["lam"],
                                         case.get("family", "categorical"), case.get("anytime_weight", 0.0),
-                                        case.get("prefixes", ()))
+                                        case.get("prefixes", ()), case.get("fault_weight", 0.0),
+                                        None if single["masks"] is None else single["masks"].numpy())
             if case.get("method") != "bagging":  # the formula is for unweighted members
                 np.testing.assert_allclose(mine["eta_grad"], formula[start:stop], rtol=0,
                                            atol=_rounding_tolerance(formula, 128))

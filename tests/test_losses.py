@@ -264,3 +264,41 @@ def test_a_run_records_the_prefixes_it_trains() -> None:
     assert with_resolved_prefixes(TrainConfig(anytime_weight=1.0), 256).prefixes == (16, 26, 32, 64, 128)
     assert with_resolved_prefixes(TrainConfig(anytime_weight=1.0, prefixes=(8,)), 256).prefixes == (8,)
     assert with_resolved_prefixes(TrainConfig(), 256).prefixes is None  # the paper's loss: nothing to record
+
+
+def test_random_subset_masks_and_term_against_numpy() -> None:
+    from edgens.config import TrainConfig
+    from edgens.losses import subset_masks, subset_term
+
+    masks = subset_masks(torch.Generator().manual_seed(5), 200, 64, 50)
+    again = subset_masks(torch.Generator().manual_seed(5), 200, 64, 50)
+    assert torch.equal(masks, again) and masks.shape == (200, 64, 50)  # a function of the generator's seed
+    assert set(masks.unique().tolist()) <= {0.0, 1.0} and bool((masks.sum(1) >= 1).all())  # nobody keeps nothing
+    kept = masks.mean((1, 2)).numpy()  # each draw's keep fraction: log-uniform in [0.05, 0.5]
+    assert 0.03 < kept.min() < 0.08 and 0.4 < kept.max() < 0.55 and 0.1 < np.median(kept) < 0.22
+    # the term: mean over draws and examples of (k/M) NLL(mean of the kept members), against numpy
+    rng = np.random.default_rng(3)
+    eta = rng.normal(size=(6, 20, 4))
+    y = rng.integers(0, 4, 20)
+    small = subset_masks(torch.Generator().manual_seed(1), 3, 6, 20)
+    sums = torch.einsum("rmb,mbk->rbk", small.double(), torch.tensor(eta))
+    got = float(subset_term(sums, small.sum(1).double(), torch.tensor(y), 6))
+    expected = []
+    for mask in small.numpy():
+        for n in range(20):
+            members = eta[mask[:, n] == 1, n]
+            logits = members.mean(0)
+            nll = np.log(np.exp(logits - logits.max()).sum()) + logits.max() - logits[y[n]]
+            expected.append(len(members) / 6 * nll)
+    assert got == pytest.approx(np.mean(expected), rel=1e-9)
+    # in the loss: total = modular loss + nu * term; the term needs its masks
+    base = modular_loss(torch.tensor(eta), torch.tensor(y), 0.99)
+    with_term = modular_loss(torch.tensor(eta), torch.tensor(y), 0.99, fault_weight=0.5, fault_masks=small)
+    assert float(with_term.total) == pytest.approx(float(base.total) + 0.5 * got, rel=1e-9)
+    assert float(with_term.faults) == pytest.approx(got, rel=1e-9)
+    with pytest.raises(ConfigError, match="fault_masks"):
+        modular_loss(torch.tensor(eta), torch.tensor(y), 0.99, fault_weight=0.5)
+    for bad, message in (({"fault_weight": -1.0}, "fault_weight"), ({"fault_draws": 0}, "fault_draws"),
+                         ({"method": "bagging", "lam": 0.0, "fault_weight": 1.0}, "bagging")):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**bad).validate()

@@ -62,8 +62,11 @@ class _Interrupt(Exception):
     pass
 
 
-def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path, fashion_mnist_dir: Path) -> None:
-    config = _small(fashion_mnist_dir, epochs=4, train_limit=1500, lr_milestones=(0.5,))
+@pytest.mark.parametrize("terms", [{}, {"anytime_weight": 1.0, "fault_weight": 1.0}], ids=["paper", "budgets+faults"])
+def test_resume_after_interruption_matches_uninterrupted_run(tmp_path: Path, fashion_mnist_dir: Path,
+                                                             terms: dict) -> None:
+    # with the random-subset term too: its masks are a function of (seed, epoch, batch), so a resume redraws them
+    config = _small(fashion_mnist_dir, epochs=4, train_limit=1500, lr_milestones=(0.5,), **terms)
     full = train(config, tmp_path / "full")
 
     def stop_in_epoch_three(batch: int, loss: float | None) -> None:

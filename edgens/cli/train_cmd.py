@@ -33,6 +33,12 @@ def _milestones(text: str) -> tuple[float, ...]:
                    "the member order the device runs are strong ensembles (0: the paper's loss).")
 @click.option("--prefixes", "prefixes_text", default=None, metavar="K1,K2,...",
               help="Member counts k of the nested prefixes the anytime term trains [M/16, 10%, M/8, M/4, M/2].")
+@click.option("--fault-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="nu: add nu * the mean over random member subsets (each example its own, keeping 5-50% of the "
+                   "members) of (k/M) NLL(mean of the kept members), so that what random faults and drops leave is a "
+                   "strong ensemble too; combine with --anytime-weight for budgets and faults at once (0: none).")
+@click.option("--fault-draws", type=click.IntRange(min=1), default=2, show_default=True,
+              help="Random subsets per example and step for --fault-weight.")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--lr", type=float, default=None,
               help=f"Per-member learning rate (the paper's rate / M). Default: {DEFAULT_LR['mlp']} for mlp, "
@@ -74,6 +80,7 @@ def _milestones(text: str) -> tuple[float, ...]:
               help="Distributed runs: seconds a process waits for the others before failing.")
 @click.pass_context
 def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, anytime_weight: float,
+          fault_weight: float, fault_draws: int,
           prefixes_text: str | None, epochs: int, lr: float | None,
           lr_milestones: str, lr_gamma: float, momentum: float, nesterov: bool, weight_decay: float, batch_size: int,
           patience: int | None, method: str, dataset: str, family: str, data_dir: str | None, val_size: int | None,
@@ -95,7 +102,8 @@ def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, an
                              nesterov=nesterov, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
                              seed=seed, device=device, dataset=dataset, family=family, data_dir=data_dir,
                              val_size=val_size, train_limit=train_limit, method=method, anytime_weight=anytime_weight,
-                             prefixes=_prefixes(prefixes_text)).validate()
+                             prefixes=_prefixes(prefixes_text), fault_weight=fault_weight,
+                             fault_draws=fault_draws).validate()
         out = out or f"runs/{preset}-lam{lam:g}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}"
         from edgens.rundir import RunDir  # torch-free
 

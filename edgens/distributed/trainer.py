@@ -32,7 +32,7 @@ from edgens.distributed.comm import Communicator, process_group, use_rank_device
 from edgens.distributed.launch import DEFAULT_TIMEOUT_S
 from edgens.distributed.slices import (concat_model_members, concat_optimizer_members, member_slices,
                                        take_model_members, take_optimizer_members, to_cpu)
-from edgens.losses import ModularLoss, anytime_term, member_nll
+from edgens.losses import ModularLoss, anytime_term, member_nll, subset_term
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import MemberStack, StackSpec, build_stack
@@ -115,7 +115,8 @@ class DistributedTrainer(Trainer):
         state = dict(state, optimizer=take_optimizer_members(state["optimizer"], self.spec.n_members, self.members))
         super().load_state(state)
 
-    def loss(self, eta: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> tuple[ModularLoss, torch.Tensor]:
+    def loss(self, eta: torch.Tensor, y: torch.Tensor, index: torch.Tensor,
+             masks: torch.Tensor | None = None) -> tuple[ModularLoss, torch.Tensor]:
         """The modular loss of the whole ensemble on a batch, differentiable w.r.t. this rank's members only.
 
         ``eta``: this rank's members' natural parameters (M_r, B, K). The returned parts hold the whole ensemble's
@@ -135,6 +136,10 @@ class DistributedTrainer(Trainer):
         # over its own members below k (one more B x K per prefix in the same collective).
         start = self.members.start
         partial = [eta[:max(0, min(k - start, len(eta)))].sum(0) for k in self.prefixes]
+        # With the random-subset term, each draw's sum over the members an example kept is likewise the sum of
+        # every rank's partial sum over its own kept members (R more B x K; every rank drew the same masks).
+        if masks is not None:
+            partial += list(torch.einsum("rmb,mbk->rbk", masks[:, self.members].to(eta.dtype), eta))
         reduced = self.comm.sum_across_ranks(torch.cat([eta.sum(0).flatten(), *(p.flatten() for p in partial),
                                                         sums]))
         eta_bar = reduced[:eta[0].numel()].view(eta.shape[1:]) / m
@@ -147,13 +152,19 @@ class DistributedTrainer(Trainer):
         members = all_weighted + (local - local.detach())
         total = config.lam * ensemble + (1.0 - config.lam) * members
         anytime = None
+        size, p = eta[0].numel(), len(self.prefixes)
         if self.prefixes:
-            size = eta[0].numel()
-            prefix_sums = reduced[size:size * (1 + len(self.prefixes))].view(len(self.prefixes), *eta.shape[1:])
+            prefix_sums = reduced[size:size * (1 + p)].view(p, *eta.shape[1:])
             anytime = anytime_term(prefix_sums, target, self.prefixes, m, config.family)
             total = total + config.anytime_weight * anytime
+        faults = None
+        if masks is not None:
+            draws = len(masks)
+            subset_sums = reduced[size * (1 + p):size * (1 + p + draws)].view(draws, *eta.shape[1:])
+            faults = subset_term(subset_sums, masks.sum(1).to(eta.dtype), target, m, config.family)
+            total = total + config.fault_weight * faults
         parts = ModularLoss(total=total, ensemble_nll=ensemble, member_nll=members, ambiguity=all_members - ensemble,
-                            anytime=anytime)
+                            anytime=anytime, faults=faults)
         return parts, eta_bar.detach()
 
 
