@@ -7,8 +7,10 @@ One command for the device side of ``benchmarks/results/``: it trains what it ne
 ``edgens train --preset mlp-256x4 --lam 0.99 --epochs 30 --seed 0``, and the lam 0 and lam 1 runs the fault
 benchmarks compare with, 30 epochs each, about 150 s each on 2 cores), exports the bundles (default layout,
 single graph, int8, lam 0, lam 1), profiles the default bundle, then runs every benchmark below one after another
-(never two at once: they time things) and writes ``regenerate.json`` to ``--out``: the commit (and whether the
-tree had uncommitted changes), the machine, the scale, and each step's command, seconds and files.
+(never two at once: they time things) and writes ``regenerate.json`` to ``--out``: for each step, its command,
+seconds, files, scale, commit (and whether the tree had uncommitted changes) and machine. Rerunning some steps
+(``--steps``) replaces their entries and keeps the others'. Timings are only as good as the machine is quiet: run it
+with nothing else on the cores.
 
 Scales: ``full`` is what the published numbers of issue 13/14 used (1,000 harmful flips per budget; about 3 hours
 in all); ``standard`` (the default, about 75 minutes) has the same steps with fewer fault draws and shorter serve
@@ -169,30 +171,46 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     start = time.perf_counter()
-    record: dict = {"commit": git("rev-parse", "HEAD"), "uncommitted_changes": bool(git("status", "--porcelain")),
-                    "cpu": cpu_model(), "cores": len(__import__("os").sched_getaffinity(0)),
-                    "python": platform.python_version(), "scale": args.scale,
-                    "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "prepare": [], "steps": []}
+    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
+    machine = {"cpu": cpu_model(), "cores": len(__import__("os").sched_getaffinity(0)),
+               "python": platform.python_version()}
+    # A run of some steps updates their entries and keeps the others': each entry says its own commit and machine.
+    previous = args.out / "regenerate.json"
+    record: dict = {"steps": [], "prepare": []}
+    if previous.exists():
+        record = json.loads(previous.read_text())
+        record.setdefault("prepare", [])
+        for old in record["steps"]:  # files written before entries had their own: the run's commit and machine
+            for key in ("commit", "uncommitted_changes", "cpu", "cores", "python", "scale"):
+                if key not in old and key in record:
+                    old[key] = record[key]
+        for key in ("commit", "uncommitted_changes", "cpu", "cores", "python", "seconds"):
+            record.pop(key, None)
+    record.update(scale=args.scale, started=time.strftime("%Y-%m-%d %H:%M:%S %Z"))
     for key, command in PREPARE:
         if Path(paths[key]).exists():
             continue
         words = command.format(**paths).split()
         seconds = run_logged(f"prepare {key}", [sys.executable, "-m", "edgens", *words[1:]])
-        record["prepare"].append({"command": command.format(**paths), "seconds": round(seconds, 1)})
+        record["prepare"].append({"command": command.format(**paths), "seconds": round(seconds, 1),
+                                  "commit": commit})
     profiled = Path(paths["bundle"]) / "latency.json"
     if not profiled.exists():  # the latency-budget and deadline steps plan from the bundle's latency table
         seconds = run_logged("prepare profile", [sys.executable, "-m", "edgens", "profile", paths["bundle"],
                                                  "--batch-sizes", "1,8,64", "--repeats", "100"])
         record["prepare"].append({"command": f"edgens profile {paths['bundle']} --batch-sizes 1,8,64 --repeats 100",
-                                  "seconds": round(seconds, 1)})
+                                  "seconds": round(seconds, 1), "commit": commit})
     for step in steps:
         step_argv = step.argv(paths, args.scale)
         seconds = run_logged(step.name, step_argv)
-        record["steps"].append({"name": step.name, "command": " ".join(step_argv[1:]), "writes": step.writes,
-                                "seconds": round(seconds, 1)})
-        record["seconds"] = round(time.perf_counter() - start, 1)
-        atomic_write_json(args.out / "regenerate.json", record)  # after every step: a stopped run says how far
-    log(f"regenerate: {len(steps)} steps in {record.get('seconds', 0) / 60:.1f} min; {args.out / 'regenerate.json'}")
+        entry = {"name": step.name, "command": " ".join(step_argv[1:]), "writes": step.writes,
+                 "seconds": round(seconds, 1), "scale": args.scale, "commit": commit, "uncommitted_changes": dirty,
+                 "finished": time.strftime("%Y-%m-%d %H:%M:%S %Z"), **machine}
+        record["steps"] = [s for s in record["steps"] if s["name"] != step.name] + [entry]
+        record["steps"].sort(key=lambda s: [st.name for st in STEPS].index(s["name"]))
+        atomic_write_json(previous, record)  # after every step: a stopped run says how far it got
+    total = time.perf_counter() - start
+    log(f"regenerate: {len(steps)} steps in {total / 60:.1f} min; {previous}")
     print(json.dumps({s["name"]: s["seconds"] for s in record["steps"]}, indent=1))
     return record
 
