@@ -59,6 +59,8 @@ class Step:
 
 
 STEPS = (
+    Step("runs", "benchmarks/run_summaries.py {lam0_run} {run} {lam1_run} --out {out}/runs.json", {},
+         "runs.{json,md}"),
     Step("export", "benchmarks/export_bench.py {run} {bundle} --out {out}/export.json", {}, "export.json"),
     Step("runtime", "benchmarks/runtime_bench.py {bundle} --data fashion-mnist:test --out {out}/runtime",
          {"quick": "--quick --limit 2000"}, "runtime/runtime_bench.{json,md}, runtime/*.png"),
