@@ -1,7 +1,7 @@
 """Anytime-aware training against the paper's loss (issue 16): test error of the prefixes of the order each run is
 deployed in, and of members dropped at random.
 
-    python benchmarks/anytime_training.py --base RUN... --anytime RUN... [--out DIR] [--repeats 5]
+    python benchmarks/anytime_training.py --base RUN... --anytime RUN... [--faults RUN...] [--out DIR] [--repeats 5]
 
 ``--base`` runs were trained with the paper's loss and are deployed in the greedy order (forward selection on their
 validation outputs, as ``edgens export`` does); ``--anytime`` runs were trained with ``--anytime-weight`` and are
@@ -9,7 +9,9 @@ deployed as ``edgens export`` orders them: the trained (index) order, refined by
 trained prefix when that measures better on validation. Per run: test error of all members, of the first 10% and
 25% of the deployed order, of every prefix (to check that each prefix beats the base's prefix of the same size),
 and with 90% of the members dropped at random per example. Means and standard errors over the runs of each
-group. Writes ``anytime_training.json`` and ``anytime_training.md`` to ``--out``.
+group. ``--faults`` runs (trained with ``--fault-weight`` too, issue 27) are deployed like the anytime runs and
+reported as a third group, with their own prefix comparison against the base. Writes ``anytime_training.json``
+and ``anytime_training.md`` to ``--out``.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ def one_run(path: Path, trained_order: bool, repeats: int) -> dict:
     curve = analysis.prefix_curve(test_eta, test_y, order)["error"]
     dropped = analysis.random_drop_curve(test_eta, test_y, repeats, seed=0).at_fraction(0.9)
     result = {"run": str(path), "seed": config["seed"], "anytime_weight": config.get("anytime_weight", 0.0),
+              "fault_weight": config.get("fault_weight", 0.0),
               "order": method, "prefix_error": curve,
               "at": {f"{f:g}": curve[max(1, round(f * m)) - 1] for f in FRACTIONS},
               "random_90pct_dropped": dropped["error"]}
@@ -72,16 +75,22 @@ def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--base", type=Path, nargs="+", required=True)
     parser.add_argument("--anytime", type=Path, nargs="+", required=True)
+    parser.add_argument("--faults", type=Path, nargs="+", default=[],
+                        help="runs trained with --fault-weight as well (deployed like --anytime runs)")
     parser.add_argument("--repeats", type=int, default=5, help="random-drop repeats per run")
     parser.add_argument("--out", type=Path, default=ROOT / "bench-out" / "anytime_training")
     args = parser.parse_args(argv)
     base = [one_run(path, False, args.repeats) for path in args.base]
-    anytime = [one_run(path, True, args.repeats) for path in args.anytime]
-    results = {"base": {"runs": base, **summarise(base)}, "anytime": {"runs": anytime, **summarise(anytime)}}
-    # Every prefix of the deployed order against the base's prefix of the same size, on the mean curves.
-    b, a = np.asarray(results["base"]["prefix_error_mean"]), np.asarray(results["anytime"]["prefix_error_mean"])
-    results["prefixes_better"] = int((a < b).sum())
-    results["prefixes_worse"] = [int(k) for k in np.flatnonzero(a > b) + 1]
+    results = {"base": {"runs": base, **summarise(base)}}
+    for name, paths in (("anytime", args.anytime), ("faults", args.faults)):
+        if not paths:
+            continue
+        runs = [one_run(path, True, args.repeats) for path in paths]
+        results[name] = {"runs": runs, **summarise(runs)}
+        # Every prefix of the deployed order against the base's prefix of the same size, on the mean curves.
+        b, a = np.asarray(results["base"]["prefix_error_mean"]), np.asarray(results[name]["prefix_error_mean"])
+        results[name]["prefixes_better"] = int((a < b).sum())
+        results[name]["prefixes_worse"] = [int(k) for k in np.flatnonzero(a > b) + 1]
     args.out.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out / "anytime_training.json", results)
     atomic_write_text(args.out / "anytime_training.md", markdown(results))
@@ -96,18 +105,29 @@ def markdown(results: dict) -> str:
     lines = ["| test error (deployed order) | " + " | ".join(f"first {100 * f:g}%" if f < 1 else "all members"
                                                             for f in FRACTIONS) + " | 90% dropped at random |",
              "| --- |" + " --- |" * (len(FRACTIONS) + 1)]
-    for name, label in (("base", "paper's loss, greedy order"), ("anytime", "anytime term, trained order")):
+    labels = (("base", "paper's loss, greedy order"), ("anytime", "anytime term, trained order"),
+              ("faults", "anytime and random-subset terms, trained order"))
+    for name, label in labels:
+        if name not in results:
+            continue
         group = results[name]
         mu = sorted({r["anytime_weight"] for r in group["runs"]})
-        lines.append(f"| {label} (mu {', '.join(f'{v:g}' for v in mu)}; {len(group['runs'])} seeds) | "
+        nu = sorted({r.get("fault_weight", 0.0) for r in group["runs"]})
+        weights = f"mu {', '.join(f'{v:g}' for v in mu)}" + (f", nu {', '.join(f'{v:g}' for v in nu)}" if any(nu)
+                                                                else "")
+        lines.append(f"| {label} ({weights}; {len(group['runs'])} seeds) | "
                      + " | ".join(cell(group["at"][f"{f:g}"]) for f in FRACTIONS)
                      + f" | {cell(group['random_90pct_dropped'])} |")
     m = len(results["base"]["prefix_error_mean"])
-    worse = results["prefixes_worse"]
-    lines += ["", f"Prefixes of the deployed order better than the base's prefix of the same size (mean over seeds): "
-                  f"{results['prefixes_better']} of {m}"
-              + (f"; worse at k = {', '.join(map(str, worse[:20]))}{' ...' if len(worse) > 20 else ''}" if worse
-                 else "")]
+    lines.append("")
+    for name, label in labels[1:]:
+        if name not in results:
+            continue
+        worse = results[name]["prefixes_worse"]
+        lines.append(f"{label}: prefixes of the deployed order better than the base's prefix of the same size (mean "
+                     f"over seeds): {results[name]['prefixes_better']} of {m}"
+                     + (f"; worse at k = {', '.join(map(str, worse[:20]))}{' ...' if len(worse) > 20 else ''}"
+                        if worse else "") + ".")
     return "\n".join(lines) + "\n"
 
 
