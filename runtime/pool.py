@@ -307,8 +307,10 @@ class StackPool:
         failed: dict[str, StackFailure] = {}
         for failure in failures:  # one failed call per stack (a prefix stack may have several outlier groups)
             failed.setdefault(failure.stack, failure)
-        # silent faults are judged by the stack's own self-test (outside the lock: it runs the stack)
-        verdicts = {f.stack: self.confirm(f.stack) for f in failed.values() if f.kind in SILENT_KINDS and self.confirm}
+        # silent faults are judged by the stack's own self-test (outside the lock: it runs the stack); without
+        # quarantine (quarantine_after None) there is nothing to judge: the stack is only left out of the call
+        judge = self.confirm if self.quarantine_after is not None else None
+        verdicts = {f.stack: judge(f.stack) for f in failed.values() if f.kind in SILENT_KINDS and judge}
         quarantined, confirmed = [], []
         with self._lock:
             for failure in failed.values():

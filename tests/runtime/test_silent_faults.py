@@ -269,6 +269,21 @@ def test_an_outlier_its_self_test_confirms_quarantines_the_stack_at_once(guarded
         assert predictor.retry() == ["general-001"]  # reloaded from its file, and its self-test passes
 
 
+def test_without_quarantine_a_confirmed_outlier_is_only_left_out(guarded: SyntheticBundle,
+                                                                   test_x: np.ndarray) -> None:
+    # quarantine_after=None means never: the corrupted stack is left out of every call that meets it, and stays
+    # available (bench faults measures each call on its own this way)
+    with Predictor.load(guarded.path, "onnxruntime", lanes=1, quarantine_after=None) as predictor:
+        with inject_bit_faults(predictor, {"general-001": _boost("w2", 0)}):
+            calls = [predictor.predict(test_x, deadline_ms=10_000) for _ in range(5)]
+        assert all([f.stack for f in call.failures] == ["general-001"] and f.kind == "outlier"
+                   for call in calls for f in call.failures)
+        assert all(len(call.failures) == 1 for call in calls)
+        assert predictor.health()["general-001"].status == "ok"
+        clean = predictor.predict(test_x, deadline_ms=10_000)
+    assert "general-001" in clean.stacks_run and not clean.failures
+
+
 def test_outliers_a_self_test_does_not_confirm_never_quarantine(guarded: SyntheticBundle, test_x: np.ndarray,
                                                                monkeypatch: pytest.MonkeyPatch) -> None:
     # A margin this small makes healthy groups outliers in every call (as odd inputs would): each call still leaves
