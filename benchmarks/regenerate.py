@@ -173,7 +173,8 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
 
     start = time.perf_counter()
-    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain"))
+    # uncommitted changes to anything but the results themselves (which a regeneration rewrites)
+    commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--", ".", ":!benchmarks/results"))
     machine = {"cpu": cpu_model(), "cores": len(__import__("os").sched_getaffinity(0)),
                "python": platform.python_version()}
     # A run of some steps updates their entries and keeps the others': each entry says its own commit and machine.
