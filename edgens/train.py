@@ -70,9 +70,10 @@ def epoch_generator(seed: int, epoch: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
 
 
-def fault_generator(seed: int, epoch: int) -> torch.Generator:
-    """The generator of one epoch's random-subset masks (another stream than the data order's)."""
-    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) * 2 + 1)
+def fault_generator(seed: int, epoch: int) -> np.random.Generator:
+    """The generator of one epoch's random-subset masks: a function of (seed, epoch), another stream than the data
+    order's."""
+    return np.random.default_rng([seed, epoch, 27])
 
 
 def bootstrap_counts(n_members: int, n_examples: int, seed: int) -> np.ndarray:
@@ -197,7 +198,7 @@ class Trainer:
                              fault_weight=self.config.fault_weight, fault_masks=masks)
         return parts, eta.detach().mean(0)
 
-    def fault_masks(self, generator: torch.Generator | None, batch: int) -> torch.Tensor | None:
+    def fault_masks(self, generator: np.random.Generator | None, batch: int) -> torch.Tensor | None:
         """The random-subset term's masks of the next batch (None without the term), drawn from the epoch's
         :func:`fault_generator`: a function of (seed, epoch, batch number) alone, so that a resumed run and every
         process of a member-parallel one draw the same."""

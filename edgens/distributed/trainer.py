@@ -32,7 +32,7 @@ from edgens.distributed.comm import Communicator, process_group, use_rank_device
 from edgens.distributed.launch import DEFAULT_TIMEOUT_S
 from edgens.distributed.slices import (concat_model_members, concat_optimizer_members, member_slices,
                                        take_model_members, take_optimizer_members, to_cpu)
-from edgens.losses import ModularLoss, anytime_term, member_nll, subset_term
+from edgens.losses import ModularLoss, anytime_term, member_nll, subset_sums, subset_term
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import MemberStack, StackSpec, build_stack
@@ -139,7 +139,7 @@ class DistributedTrainer(Trainer):
         # With the random-subset term, each draw's sum over the members an example kept is likewise the sum of
         # every rank's partial sum over its own kept members (R more B x K; every rank drew the same masks).
         if masks is not None:
-            partial += list(torch.einsum("rmb,mbk->rbk", masks[:, self.members].to(eta.dtype), eta))
+            partial += list(subset_sums(masks[:, self.members].to(eta.dtype), eta))
         reduced = self.comm.sum_across_ranks(torch.cat([eta.sum(0).flatten(), *(p.flatten() for p in partial),
                                                         sums]))
         eta_bar = reduced[:eta[0].numel()].view(eta.shape[1:]) / m
@@ -160,8 +160,8 @@ class DistributedTrainer(Trainer):
         faults = None
         if masks is not None:
             draws = len(masks)
-            subset_sums = reduced[size * (1 + p):size * (1 + p + draws)].view(draws, *eta.shape[1:])
-            faults = subset_term(subset_sums, masks.sum(1).to(eta.dtype), target, m, config.family)
+            kept_sums = reduced[size * (1 + p):size * (1 + p + draws)].view(draws, *eta.shape[1:])
+            faults = subset_term(kept_sums, masks.sum(1).to(eta.dtype), target, m, config.family)
             total = total + config.fault_weight * faults
         parts = ModularLoss(total=total, ensemble_nll=ensemble, member_nll=members, ambiguity=all_members - ensemble,
                             anytime=anytime, faults=faults)
