@@ -175,8 +175,17 @@ def prefix_within(steps: list[Step], manifest: Manifest, available: Callable[[st
     holds exactly the first general stacks of ``steps`` and is expected to finish within ``limit_ms`` replaces them
     (the same members in one call, several times faster than their general stacks one after another); the replaced
     steps become its fallback. ``steps`` unchanged when no prefix stack fits or has an estimate."""
+    # Without a latency table, a prefix stack never run has no estimate; for the smallest that fits, a larger prefix
+    # stack's estimate bounds it (fewer members, the same graph shape): so a streaming caller still starts small.
+    bound: dict[str, float | None] = {}
+    larger: float | None = None
+    for prefix in reversed(manifest.prefix_stacks):
+        own = estimate(prefix.name) if available(prefix.name) else None
+        bound[prefix.name] = own if own is not None else (larger if smallest and available(prefix.name) else None)
+        if own is not None:
+            larger = own if larger is None else min(larger, own)
     for prefix in manifest.prefix_stacks if smallest else reversed(manifest.prefix_stacks):
-        expected = estimate(prefix.name) if available(prefix.name) else None
+        expected = bound[prefix.name]
         if expected is None or expected > limit_ms:
             continue
         count = _leading(prefix, steps)

@@ -57,6 +57,22 @@ def test_a_bundle_with_prefix_stacks_answers_after_the_smallest_then_each_genera
             assert [int(p.members_used[0]) for p in predictor.anytime(x)] == [2, 4, 6, 8]
 
 
+def test_a_streaming_deadline_call_starts_small_without_a_latency_table(tmp_path, data) -> None:
+    # Without a latency table only stacks that ran have estimates. Once an all-members call has run the prefix stack
+    # of all, a streaming deadline call must still start with the smallest prefix stack (its estimate bounded by the
+    # larger one's), not answer once after every member.
+    x, _ = data
+    made = make_bundle(tmp_path / "b", n_members=8, per_stack=2, prefixes=[4, 8])
+    with Predictor.load(made.path, "onnxruntime", lanes=1) as predictor:
+        assert predictor.latency_table is None
+        assert predictor.predict(x).stacks_run == ["prefix-0008"]  # the only prefix stack with an estimate
+        answers = list(predictor.anytime(x, deadline_ms=10_000))
+        assert [p.stacks_run[-1] for p in answers] == ["prefix-0004", "general-002", "general-003"]
+        assert [int(p.members_used[0]) for p in answers] == [4, 6, 8]
+        # a caller who wants one answer still gets the largest prefix stack that fits
+        assert predictor.predict(x, deadline_ms=10_000).stacks_run == ["prefix-0008"]
+
+
 def test_iterator_can_stop_early(predictor: Predictor, data) -> None:
     counting = {name: Fault("sleep", sleep_ms=0.0) for name in GENERAL}  # a zero sleep: counts calls only
     with inject_faults(predictor, counting) as runners:
