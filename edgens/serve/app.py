@@ -28,6 +28,7 @@ import json
 import logging
 import time
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,24 +94,22 @@ def create_app(state: ServeState) -> Starlette:
     async def server_metadata(request: Request) -> Response:
         return _json(service.server_metadata())
 
-    async def model_metadata(request: Request) -> Response:
+    def answer(call: Callable[[], Any]) -> Response:
+        """``call()``'s answer as JSON, or the refusal of the ProtocolError it raised (not an infer request)."""
         try:
-            return _json(service.model_metadata(*model_of(request)))
+            return _json(call())
         except ProtocolError as err:
             return _refused(service.refusal(err, infer=False))
+
+    async def model_metadata(request: Request) -> Response:
+        return answer(lambda: service.model_metadata(*model_of(request)))
 
     async def model_config(request: Request) -> Response:
-        try:
-            return _json(service.model_config(*model_of(request)))
-        except ProtocolError as err:
-            return _refused(service.refusal(err, infer=False))
+        return answer(lambda: service.model_config(*model_of(request)))
 
     async def model_stats(request: Request) -> Response:
-        try:
-            return _json(service.model_statistics(request.path_params.get("model"),
-                                                  request.path_params.get("version")))
-        except ProtocolError as err:
-            return _refused(service.refusal(err, infer=False))
+        return answer(lambda: service.model_statistics(request.path_params.get("model"),
+                                                       request.path_params.get("version")))
 
     async def model_ready(request: Request) -> Response:
         try:
@@ -138,28 +137,21 @@ def create_app(state: ServeState) -> Starlette:
                         media_type="application/octet-stream")
 
     async def shm_status(request: Request) -> Response:
-        try:
-            return _json(service.shared_memory_status(request.path_params.get("region")))
-        except ProtocolError as err:
-            return _refused(service.refusal(err, infer=False))
+        return answer(lambda: service.shared_memory_status(request.path_params.get("region")))
 
     async def shm_register(request: Request) -> Response:
         try:
-            try:
-                spec = json.loads(await _read_body(request, FAULT_SPEC_BYTES))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ProtocolError(f"malformed JSON in the request: {err}") from None
-            service.register_shared_memory(request.path_params["region"], spec)
-            return _json({})
+            service.register_shared_memory(request.path_params["region"], await _read_json(request, FAULT_SPEC_BYTES))
         except ProtocolError as err:
             return _refused(service.refusal(err, infer=False))
+        return _json({})
 
     async def shm_unregister(request: Request) -> Response:
         try:
             service.unregister_shared_memory(request.path_params.get("region"))
-            return _json({})
         except ProtocolError as err:
             return _refused(service.refusal(err, infer=False))
+        return _json({})
 
     async def cuda_shm(request: Request) -> Response:  # not implemented: see InferenceService.cuda_shared_memory
         action = request.url.path.rsplit("/", 1)[-1]
@@ -178,11 +170,7 @@ def create_app(state: ServeState) -> Starlette:
     async def faults(request: Request) -> Response:
         try:
             service.check_fault_injection()  # before the body is read
-            try:
-                spec = json.loads(await _read_body(request, FAULT_SPEC_BYTES))
-            except (json.JSONDecodeError, UnicodeDecodeError) as err:
-                raise ProtocolError(f"malformed JSON in the request: {err}") from None
-            return _json(service.apply_fault(spec))
+            return _json(service.apply_fault(await _read_json(request, FAULT_SPEC_BYTES)))
         except (ProtocolError, ConfigError) as err:
             return _refused(service.refusal(err, infer=False))
 
@@ -285,6 +273,18 @@ async def _read_body(request: Request, limit: int) -> bytes:
         raise ProtocolError(f"the decompressed request body exceeds the server's limit of {limit} bytes "
                             f"(--max-request-bytes)", 413)
     return plain
+
+
+async def _read_json(request: Request, limit: int) -> Any:
+    """A small JSON request body (fault specs, shared-memory registrations), at most ``limit`` bytes.
+
+    Raises:
+        ProtocolError: 413 when larger; 400 for malformed JSON.
+    """
+    try:
+        return json.loads(await _read_body(request, limit))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ProtocolError(f"malformed JSON in the request: {err}") from None
 
 
 def _log_request(request: Request, answer: Answer | None, refusal: Refusal | None, arrival: float) -> None:

@@ -147,11 +147,15 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
             host = peer.split(":", 1)[1].rsplit(":", 1)[0].strip("[]") if ":" in peer else None
             log_infer(prediction, refusal, arrival, host, "grpc")
 
-    async def _refuse(self, context: aio.ServicerContext, err: BaseException, infer: bool = False,
-                      arrival: float | None = None) -> None:
-        refusal = self.service.refuse_infer(err, arrival) if infer and arrival is not None \
-            else self.service.refusal(err, infer=False)
-        await context.abort(code_for(refusal), refusal.message)
+    async def _ask(self, context: aio.ServicerContext, method: Callable[..., Any], *args: Any) -> Any:
+        """``method(*args)`` of the service, or the call aborted with the status and one line of the
+        :class:`ProtocolError` it raised (not counted as an infer request)."""
+        try:
+            return method(*args)
+        except ProtocolError as err:
+            refusal = self.service.refusal(err, infer=False)
+            await context.abort(code_for(refusal), refusal.message)
+            raise  # not reached: abort raises
 
     async def ServerLive(self, request: pb.ServerLiveRequest, context: aio.ServicerContext) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=True)
@@ -161,10 +165,7 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
         return pb.ServerReadyResponse(ready=self.service.readiness()[0])
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: aio.ServicerContext) -> pb.ModelReadyResponse:
-        try:
-            ready, _ = self.service.model_readiness(request.name, request.version or None)
-        except ProtocolError as err:
-            await self._refuse(context, err)
+        ready, _ = await self._ask(context, self.service.model_readiness, request.name, request.version or None)
         return pb.ModelReadyResponse(ready=ready)
 
     async def ServerMetadata(self, request: pb.ServerMetadataRequest, context: aio.ServicerContext
@@ -173,34 +174,23 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def ModelMetadata(self, request: pb.ModelMetadataRequest, context: aio.ServicerContext
                             ) -> pb.ModelMetadataResponse:
-        try:
-            metadata = self.service.model_metadata(request.name, request.version or None)
-        except ProtocolError as err:
-            await self._refuse(context, err)
+        metadata = await self._ask(context, self.service.model_metadata, request.name, request.version or None)
         return json_format.ParseDict(metadata, pb.ModelMetadataResponse())
 
     async def ModelConfig(self, request: pb.ModelConfigRequest, context: aio.ServicerContext
                           ) -> pb.ModelConfigResponse:
-        try:
-            config = self.service.model_config(request.name, request.version or None)
-        except ProtocolError as err:
-            await self._refuse(context, err)
+        config = await self._ask(context, self.service.model_config, request.name, request.version or None)
         return json_format.ParseDict({"config": config}, pb.ModelConfigResponse())
 
     async def ModelStatistics(self, request: pb.ModelStatisticsRequest, context: aio.ServicerContext
                               ) -> pb.ModelStatisticsResponse:
-        try:
-            statistics = self.service.model_statistics(request.name or None, request.version or None)
-        except ProtocolError as err:
-            await self._refuse(context, err)
+        statistics = await self._ask(context, self.service.model_statistics, request.name or None,
+                                     request.version or None)
         return json_format.ParseDict(statistics, pb.ModelStatisticsResponse())
 
     async def SystemSharedMemoryStatus(self, request: pb.SystemSharedMemoryStatusRequest,
                                        context: aio.ServicerContext) -> pb.SystemSharedMemoryStatusResponse:
-        try:
-            regions = self.service.shared_memory_status(request.name or None)
-        except ProtocolError as err:
-            await self._refuse(context, err)
+        regions = await self._ask(context, self.service.shared_memory_status, request.name or None)
         response = pb.SystemSharedMemoryStatusResponse()
         for region in regions:
             response.regions[region["name"]].CopyFrom(pb.SystemSharedMemoryStatusResponse.RegionStatus(**region))
@@ -208,40 +198,28 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
 
     async def SystemSharedMemoryRegister(self, request: pb.SystemSharedMemoryRegisterRequest,
                                          context: aio.ServicerContext) -> pb.SystemSharedMemoryRegisterResponse:
-        try:
-            self.service.register_shared_memory(request.name, {"key": request.key, "offset": request.offset,
-                                                               "byte_size": request.byte_size})
-        except ProtocolError as err:
-            await self._refuse(context, err)
+        await self._ask(context, self.service.register_shared_memory, request.name,
+                        {"key": request.key, "offset": request.offset, "byte_size": request.byte_size})
         return pb.SystemSharedMemoryRegisterResponse()
 
     async def SystemSharedMemoryUnregister(self, request: pb.SystemSharedMemoryUnregisterRequest,
                                            context: aio.ServicerContext) -> pb.SystemSharedMemoryUnregisterResponse:
-        try:
-            self.service.unregister_shared_memory(request.name or None)
-        except ProtocolError as err:
-            await self._refuse(context, err)
+        await self._ask(context, self.service.unregister_shared_memory, request.name or None)
         return pb.SystemSharedMemoryUnregisterResponse()
-
-    async def _cuda(self, context: aio.ServicerContext, action: str, name: str) -> None:
-        try:
-            self.service.cuda_shared_memory(action, name or None)
-        except ProtocolError as err:
-            await self._refuse(context, err)
 
     async def CudaSharedMemoryStatus(self, request: pb.CudaSharedMemoryStatusRequest,
                                      context: aio.ServicerContext) -> pb.CudaSharedMemoryStatusResponse:
-        await self._cuda(context, "status", request.name)
+        await self._ask(context, self.service.cuda_shared_memory, "status", request.name or None)
         return pb.CudaSharedMemoryStatusResponse()
 
     async def CudaSharedMemoryRegister(self, request: pb.CudaSharedMemoryRegisterRequest,
                                        context: aio.ServicerContext) -> pb.CudaSharedMemoryRegisterResponse:
-        await self._cuda(context, "register", request.name)
+        await self._ask(context, self.service.cuda_shared_memory, "register", request.name or None)
         return pb.CudaSharedMemoryRegisterResponse()
 
     async def CudaSharedMemoryUnregister(self, request: pb.CudaSharedMemoryUnregisterRequest,
                                          context: aio.ServicerContext) -> pb.CudaSharedMemoryUnregisterResponse:
-        await self._cuda(context, "unregister", request.name)
+        await self._ask(context, self.service.cuda_shared_memory, "unregister", request.name or None)
         return pb.CudaSharedMemoryUnregisterResponse()
 
     async def _infer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, Any]:
