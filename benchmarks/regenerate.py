@@ -38,6 +38,7 @@ if str(ROOT) not in sys.path:  # runnable from a checkout (or a worktree of anot
     sys.path.insert(0, str(ROOT))
 
 from edgens.fileio import atomic_write_json  # noqa: E402
+from edgens.runtime.device_info import cpu_name  # noqa: E402
 
 SCALES = ("quick", "standard", "full")
 
@@ -117,13 +118,7 @@ def git(*args: str) -> str:
 
 
 def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name() or platform.processor() or platform.machine()
 
 
 def paths_for(runs: Path, out: Path, run: Path | None, bundle: Path | None) -> dict[str, str]:

@@ -30,6 +30,7 @@ if str(ROOT) not in sys.path:
 sys.path.insert(0, str(ROOT / "tests" / "serve"))
 
 from edgens.fileio import atomic_write_json, atomic_write_text  # noqa: E402
+from edgens.runtime.device_info import cpu_name  # noqa: E402
 from server_process import Server  # noqa: E402
 
 DEFAULT_PA = Path(os.environ.get("EDGENS_PERF_VENV", "/opt/edgens-perf-analyzer")) / "bin" / "perf_analyzer"
@@ -127,15 +128,10 @@ def main(argv: list[str] | None = None) -> dict:
         if name in variants and baseline in variants and at_c in concurrency else []
     result = {"bundle": str(args.bundle), "rounds": args.rounds, "concurrency": concurrency,
               "command": "python benchmarks/serve_tools.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "cpu": platform.processor() or platform.machine(), "python": platform.python_version(),
+              "cpu": cpu_name() or platform.processor() or platform.machine(), "python": platform.python_version(),
               "seconds": time.perf_counter() - start, "median": median, "rounds_measured": rounds,
               "goal": {"variant": name, "baseline": baseline, "concurrency": at_c, "at_least": at_least,
                        "per_round": per_round, "met": bool(per_round) and min(per_round) >= at_least}}
-    try:
-        result["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                             if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out, result)
     atomic_write_text(args.out.with_suffix(".md"), markdown(result))
