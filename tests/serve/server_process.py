@@ -69,3 +69,8 @@ def json_request(x: np.ndarray, parameters: dict | None = None, outputs: list | 
     if outputs:
         request["outputs"] = outputs
     return request
+
+
+def members_of(bundle, stacks_run: str) -> list[int]:
+    """The members a response says it used: those of the stacks it ran (``stacks_run``, comma-separated), once."""
+    return list(dict.fromkeys(m for name in stacks_run.split(",") for m in bundle.manifest.stack(name).members))

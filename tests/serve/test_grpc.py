@@ -23,7 +23,7 @@ import pytest
 import tritonclient.grpc as tgrpc
 import tritonclient.http as thttp
 from bundle_factory import SyntheticBundle, make_data
-from server_process import Server, json_request
+from server_process import Server, json_request, members_of
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
@@ -51,10 +51,6 @@ def _input(x: np.ndarray) -> tgrpc.InferInput:
     tensor = tgrpc.InferInput("x", list(x.shape), "UINT8")
     tensor.set_data_from_numpy(x)
     return tensor
-
-
-def _members_of(bundle: SyntheticBundle, stacks_run: str) -> list[int]:
-    return list(dict.fromkeys(m for name in stacks_run.split(",") for m in bundle.manifest.stack(name).members))
 
 
 def _parameters(result: tgrpc.InferResult) -> dict:
@@ -119,7 +115,7 @@ def test_raw_tensors_and_budgets_give_the_ensemble_numpy_computes(client: tgrpc.
     for parameters, k in (({"members": 8}, 8), ({"members": 0.25}, 4), ({"deadline_ms": 1000.0}, None)):
         result = client.infer(MODEL, [_input(x)], parameters=parameters, request_id="r1")
         report = _parameters(result)
-        used = served_bundle.order[:k] if k is not None else _members_of(served_bundle, report["stacks_run"])
+        used = served_bundle.order[:k] if k is not None else members_of(served_bundle, report["stacks_run"])
         assert report["members_used"] == len(used)
         np.testing.assert_allclose(result.as_numpy("probabilities"), served_bundle.expected(x, used), atol=2e-5)
         assert result.as_numpy("labels").tolist() == served_bundle.expected(x, used).argmax(axis=1).tolist()

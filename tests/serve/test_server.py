@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import tritonclient.http as triton
 from bundle_factory import SyntheticBundle, make_data
-from server_process import Server, json_request
+from server_process import Server, json_request, members_of
 from tritonclient.utils import InferenceServerException
 
 from edgens.runtime import Predictor
@@ -51,10 +51,6 @@ def _parse_binary_response(response: httpx.Response) -> tuple[dict, dict[str, np
 
 def _outputs(body: dict) -> dict[str, np.ndarray]:
     return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in body["outputs"]}
-
-
-def _members_of(bundle: SyntheticBundle, stacks_run: str) -> list[int]:
-    return list(dict.fromkeys(m for name in stacks_run.split(",") for m in bundle.manifest.stack(name).members))
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +187,7 @@ def test_a_deadline_answer_is_the_ensemble_of_the_stacks_it_reports(client: http
         response = client.post(f"/v2/models/{MODEL}/infer", json=json_request(x, {"deadline_ms": deadline}))
         body = response.json()
         parameters = body["parameters"]
-        members = _members_of(served_bundle, parameters["stacks_run"])
+        members = members_of(served_bundle, parameters["stacks_run"])
         assert parameters["members_used"] == len(members) >= 4 and parameters["deadline_ms"] == deadline
         np.testing.assert_allclose(_outputs(body)["probabilities"], served_bundle.expected(x, members), atol=2e-5)
         assert parameters["overrun_ms"] >= 0 and parameters["elapsed_ms"] > 0
@@ -378,7 +374,7 @@ def test_concurrent_clients_each_get_their_own_answer(server: Server, served_bun
         thread.join(60)
     assert len(results) == 40
     for i, body in results.items():
-        members = (_members_of(served_bundle, body["parameters"]["stacks_run"]) if i % 2
+        members = (members_of(served_bundle, body["parameters"]["stacks_run"]) if i % 2
                    else served_bundle.order[:8])
         np.testing.assert_allclose(_outputs(body)["probabilities"], served_bundle.expected(x[i:i + 1], members),
                                    atol=2e-5)
