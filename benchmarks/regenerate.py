@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     start = time.perf_counter()
     # uncommitted changes to anything but the results themselves (which a regeneration rewrites)
     commit, dirty = git("rev-parse", "HEAD"), bool(git("status", "--porcelain", "--", ".", ":!benchmarks/results"))
-    machine = {"cpu": cpu_model(), "cores": len(__import__("os").sched_getaffinity(0)),
+    machine = {"cpu": cpu_model(), "cores": len(os.sched_getaffinity(0)),
                "python": platform.python_version()}
     # A run of some steps updates their entries and keeps the others': each entry says its own commit and machine.
     previous = args.out / "regenerate.json"
