@@ -63,10 +63,10 @@ class TrainConfig:
     prefixes: tuple[int, ...] | None = None
     """Member counts of the nested prefixes the anytime term trains (None: M/16, 10%, M/8, M/4, M/2)."""
     fault_weight: float = 0.0
-    """nu: weight of the random-subset term (each example's ensemble of a random subset of the members, as faults
-    leave it) added to the loss (0: none). See edgens.losses.subset_term."""
+    """nu: weight of the random-subset term (the ensemble of a random subset of the members, as faults leave it)
+    added to the loss (0: none). See edgens.losses.subset_term."""
     fault_draws: int = 2
-    """Random subsets per example and step for the random-subset term."""
+    """Random member subsets per step for the random-subset term (each serves the whole batch)."""
     eval_batch_size: int = 1000
     extra: dict[str, Any] = field(default_factory=dict)
     """Free-form notes recorded with the run (e.g. which sweep started it)."""

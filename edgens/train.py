@@ -190,7 +190,7 @@ class Trainer:
         """The modular loss of a batch and the ensemble's natural parameters ``eta_bar`` (B, K), detached.
 
         ``index``: the batch's rows in the training set (for bagging weights); ``masks``: the random-subset term's
-        (R, M, B) masks for this batch (:meth:`fault_masks`), with ``fault_weight``.
+        (R, M) masks for this batch (:meth:`fault_masks`), with ``fault_weight``.
         """
         weights = None if self.weights is None else self.weights[:, index].float()
         parts = modular_loss(eta, y, self.config.lam, self.config.family, validate=False, member_weights=weights,
@@ -198,13 +198,13 @@ class Trainer:
                              fault_weight=self.config.fault_weight, fault_masks=masks)
         return parts, eta.detach().mean(0)
 
-    def fault_masks(self, generator: np.random.Generator | None, batch: int) -> torch.Tensor | None:
+    def fault_masks(self, generator: np.random.Generator | None) -> torch.Tensor | None:
         """The random-subset term's masks of the next batch (None without the term), drawn from the epoch's
         :func:`fault_generator`: a function of (seed, epoch, batch number) alone, so that a resumed run and every
         process of a member-parallel one draw the same."""
         if generator is None:
             return None
-        return subset_masks(generator, self.config.fault_draws, self.spec.n_members, batch).to(self.device)
+        return subset_masks(generator, self.config.fault_draws, self.spec.n_members).to(self.device)
 
     def batches(self, epoch: int) -> list[torch.Tensor]:
         """Row indices of each batch of ``epoch`` (a final batch of one example is dropped: batch norm needs 2)."""
@@ -226,7 +226,7 @@ class Trainer:
         for number, index in enumerate(batches, 1):
             x, y = x_all[index], y_all[index]
             eta = self.model(x)
-            parts, eta_bar = self.loss(eta, y, index, self.fault_masks(faults, len(y)))
+            parts, eta_bar = self.loss(eta, y, index, self.fault_masks(faults))
             self.optimizer.zero_grad(set_to_none=True)
             (parts.total * m).backward()  # per-member learning-rate convention (edgens.config)
             self.optimizer.step()

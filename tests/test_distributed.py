@@ -192,7 +192,7 @@ def _gradient_worker(rank: int, port: int, cases: list[dict], out_dir: str) -> N
                 eta = trainer.model(x)
                 eta.retain_grad()
                 generator = fault_generator(config.seed, 0) if config.fault_weight else None
-                masks = trainer.fault_masks(generator, len(y))
+                masks = trainer.fault_masks(generator)
                 parts, eta_bar = trainer.loss(eta, y, index, masks)
                 (parts.total * spec.n_members).backward()  # as Trainer.train_epoch does
                 results[name] = {"eta": eta.detach(), "eta_grad": eta.grad, "eta_bar": eta_bar, "y": y, "masks": masks,
@@ -210,8 +210,8 @@ def _formula_gradient(eta: np.ndarray, y: np.ndarray, lam: float, family: str, a
 
     With the anytime term mu * sum_k (k/M) NLL(mean of the first k), member j gets mu * sum_{k > j} (yhat(mean of
     the first k) - y) / B more (times M): each prefix it belongs to passes it 1/k of its gradient, times k/M.
-    With the random-subset term nu * mean_{r,n} (k_rn/M) NLL(mean of the members example n kept in draw r), member j
-    gets nu * sum_r mask_rjn (yhat(subset rn) - y_n) / (R B) more (times M), by the same 1/k times k/M."""
+    With the random-subset term nu * mean_r (k_r/M) mean_n NLL(mean of the members draw r kept), member j gets
+    nu * sum_r mask_rj (yhat(subset r) - y) / (R B) more (times M), by the same 1/k times k/M."""
     eta = eta.astype(np.float64)
     batch = eta.shape[1]
     if family == "categorical":
@@ -228,10 +228,10 @@ def _formula_gradient(eta: np.ndarray, y: np.ndarray, lam: float, family: str, a
     for k in prefixes:
         grad[:k] += anytime_weight * (mean(eta[:k].mean(0)) - target) / batch
     if fault_weight:
-        masks = masks.astype(np.float64)  # (R, M, B)
+        masks = masks.astype(np.float64)  # (R, M)
         for mask in masks:
-            subset = (mask[..., None] * eta).sum(0) / mask.sum(0)[:, None]
-            grad += fault_weight * mask[..., None] * (mean(subset) - target)[None] / (len(masks) * batch)
+            subset = eta[mask == 1].mean(0)
+            grad[mask == 1] += fault_weight * (mean(subset) - target) / (len(masks) * batch)
     return grad
 
 

@@ -34,11 +34,11 @@ def _milestones(text: str) -> tuple[float, ...]:
 @click.option("--prefixes", "prefixes_text", default=None, metavar="K1,K2,...",
               help="Member counts k of the nested prefixes the anytime term trains [M/16, 10%, M/8, M/4, M/2].")
 @click.option("--fault-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
-              help="nu: add nu * the mean over random member subsets (each example its own, keeping 5-50% of the "
-                   "members) of (k/M) NLL(mean of the kept members), so that what random faults and drops leave is a "
-                   "strong ensemble too; combine with --anytime-weight for budgets and faults at once (0: none).")
+              help="nu: add nu * the mean over random member subsets (each keeping 5-50% of the members) of "
+                   "(k/M) NLL(mean of the kept members), so that what random faults and drops leave is a strong "
+                   "ensemble too; combine with --anytime-weight for budgets and faults at once (0: none).")
 @click.option("--fault-draws", type=click.IntRange(min=1), default=2, show_default=True,
-              help="Random subsets per example and step for --fault-weight.")
+              help="Random subsets per step for --fault-weight (each serves the whole batch).")
 @click.option("--epochs", type=click.IntRange(min=1), default=30, show_default=True)
 @click.option("--lr", type=float, default=None,
               help=f"Per-member learning rate (the paper's rate / M). Default: {DEFAULT_LR['mlp']} for mlp, "

@@ -32,7 +32,7 @@ from edgens.distributed.comm import Communicator, process_group, use_rank_device
 from edgens.distributed.launch import DEFAULT_TIMEOUT_S
 from edgens.distributed.slices import (concat_model_members, concat_optimizer_members, member_slices,
                                        take_model_members, take_optimizer_members, to_cpu)
-from edgens.losses import ModularLoss, anytime_term, member_nll, subset_sums, subset_term
+from edgens.losses import ModularLoss, anytime_term, member_nll, prefix_masks, subset_sums, subset_term
 from edgens.presets import preset_spec
 from edgens.rundir import RunDir
 from edgens.stacks import MemberStack, StackSpec, build_stack
@@ -134,14 +134,13 @@ class DistributedTrainer(Trainer):
         sums = torch.stack([per_member.sum(), weighted.sum()]).detach()
         # With the anytime term, each prefix's sum of natural parameters is the sum of every rank's partial sum
         # over its own members below k (one more B x K per prefix in the same collective).
-        start = self.members.start
-        partial = [eta[:max(0, min(k - start, len(eta)))].sum(0) for k in self.prefixes]
-        # With the random-subset term, each draw's sum over the members an example kept is likewise the sum of
-        # every rank's partial sum over its own kept members (R more B x K; every rank drew the same masks).
-        if masks is not None:
-            partial += list(subset_sums(masks[:, self.members].to(eta.dtype), eta))
-        reduced = self.comm.sum_across_ranks(torch.cat([eta.sum(0).flatten(), *(p.flatten() for p in partial),
-                                                        sums]))
+        # With the random-subset term, each draw's sum over the members it kept is likewise the sum of every rank's
+        # partial sum over its own kept members (R more B x K; every rank drew the same masks).
+        selected = [prefix_masks(self.prefixes, m)] if self.prefixes else []
+        selected += [masks.cpu()] if masks is not None else []
+        partial = (subset_sums(torch.cat(selected)[:, self.members].to(eta.device), eta).flatten() if selected
+                   else eta.new_zeros(0))
+        reduced = self.comm.sum_across_ranks(torch.cat([eta.sum(0).flatten(), partial, sums]))
         eta_bar = reduced[:eta[0].numel()].view(eta.shape[1:]) / m
         all_members, all_weighted = reduced[-2:].detach() / (m * batch)
         ensemble = member_nll(eta_bar, target, config.family).mean()
