@@ -30,7 +30,7 @@ from edgens.checks import check_number
 from edgens.ensemble import error_rate, mean_nll
 from edgens.errors import ConfigError, ExportError
 from edgens.export.onnx_export import (DEFAULT_OPSET, INPUT_NAME, OUTPUT_NAME, ParityReport, check_parity,
-                                       export_stack)
+                                       export_checked_stack, export_stack)
 from edgens.export.run_model import LoadedRun, load_run
 from edgens.export.silent_faults import fit_outliers, write_self_test
 from edgens.fileio import (check_can_create, make_directory, remove_stale_temporaries, sha256_file,
@@ -82,6 +82,9 @@ class ExportOptions:
             validation inputs) for the ONNX stacks, and the TensorRT engines' precision.
         precision_tolerance: a quantized stack whose own validation error rises by more than this (a fraction:
             0.005 = 0.5 points) over its fp32 graph's is refused and kept in fp32.
+        checksums: write checked graphs (:mod:`edgens.export.checksums`: the runtime then catches a corrupted weight
+            on every call, at every budget) for the stacks whose kind has a checked form; int8 stacks stay
+            unchecked (quantization breaks the sums' exactness).
         force: replace an existing destination.
         random_draws: random orders averaged for the random-drop curve.
         seed: seed of random choices (random curve, best-of-random specialists).
@@ -95,6 +98,7 @@ class ExportOptions:
     tensorrt: bool = False
     precision: str = "fp32"
     precision_tolerance: float = 0.005
+    checksums: bool = True
     force: bool = False
     random_draws: int = 20
     seed: int = 0
@@ -186,15 +190,17 @@ def _specialists(loaded: LoadedRun, size: int, seed: int, progress: Progress) ->
 
 
 def _write_stack(loaded: LoadedRun, members: list[int], name: str, role: str, directory: Path, opset: int,
-                 parity_inputs: np.ndarray, flops: int) -> tuple[StackInfo, ParityReport]:
+                 parity_inputs: np.ndarray, flops: int, checked: bool) -> tuple[StackInfo, ParityReport]:
     relative = f"stacks/{name}.onnx"
     path = directory / relative
     substack = loaded.stack.subset(members)
-    export_stack(substack, path, opset)
-    report = check_parity(path, substack, parity_inputs, name=name)
+    checksum = export_checked_stack(substack, path, opset) if checked else None
+    if checksum is None:
+        export_stack(substack, path, opset)
+    report = check_parity(path, substack, parity_inputs, name=name, checksum=checksum)
     info = StackInfo(name=name, role=role, file=relative, sha256=sha256_file(path), bytes=path.stat().st_size,
                      members=list(members), flops=flops * len(members), input_name=INPUT_NAME,
-                     output_name=OUTPUT_NAME)
+                     output_name=OUTPUT_NAME, checksum=checksum)
     return info, report
 
 
@@ -281,7 +287,7 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
             raise_if_interrupted()  # a Ctrl-C that a torch finalizer swallowed stops the export here
             progress("export stacks", number, len(jobs))
             info, report = _write_stack(loaded, members, name, role, partial, options.opset, parity_inputs,
-                                        flops_per_member)
+                                        flops_per_member, options.checksums and options.precision != "int8")
             stacks.append(info)
             reports.append(report)
             log.info("%s: %d members, max |onnxruntime - torch| = %.2e", name, len(members), report.max_abs_diff)
@@ -351,14 +357,18 @@ def _convert_stacks(loaded: LoadedRun, stacks: list[StackInfo], directory: Path,
         fp32_path = directory / stack.file
         relative = f"stacks/{stack.name}.{precision}.onnx"
         path = directory / relative
-        torch_eta = None
+        torch_eta, checksum = None, None
         if precision == "int8":
             quantize_int8(fp32_path, path, val_x[:PARITY_EXAMPLES], stack.input_name)
         else:
             substack = loaded.stack.subset(stack.members)
-            export_stack(substack, path, options.opset, float16=True)
+            checksum = (export_checked_stack(substack, path, options.opset, float16=True)
+                        if stack.checksum is not None else None)
+            if checksum is None:
+                export_stack(substack, path, options.opset, float16=True)
             torch_eta = functools.partial(_torch_float16_outputs, substack, val_x)  # run only if onnxruntime cannot
-        check = check_converted(fp32_path, path, val_x, loaded.dataset.val_y, family, torch_eta)
+        check = check_converted(fp32_path, path, val_x, loaded.dataset.val_y, family, torch_eta, stack.checksum,
+                                checksum)
         stack.val_error_change = check.change
         how = "" if check.cpu_checked else " (checked in torch float16: onnxruntime has no float16 kernels here)"
         if check.change > options.precision_tolerance:
@@ -369,7 +379,7 @@ def _convert_stacks(loaded: LoadedRun, stacks: list[StackInfo], directory: Path,
             continue
         fp32_path.unlink()
         stack.file, stack.sha256, stack.bytes = relative, sha256_file(path), path.stat().st_size
-        stack.precision = precision
+        stack.precision, stack.checksum = precision, checksum
         stack.precision_note = None if check.cpu_checked else how.strip(" ()")
         log.info("%s: %s, validation error %+.2f points%s", stack.name, precision, 100 * check.change, how)
     progress(f"{precision} stacks", len(stacks), len(stacks))

@@ -20,6 +20,7 @@ from edgens.export.tensorrt_build import (build_engine, check_precision, import_
                                           target_device)
 from edgens.fileio import atomic_write_bytes, sha256_file
 from edgens.runtime.inputs import InputPreparer
+from edgens.runtime.checksums import members_view
 from edgens.runtime.bundle import (EngineInfo, Manifest, StackInfo, load_manifest, read_calibration,
                                      write_manifest)
 
@@ -55,10 +56,11 @@ def _error_change(bundle_dir: Path, manifest: Manifest, stack: StackInfo, engine
 
     x, y = data
     session = load_session(bundle_dir / stack.file)
-    reference = session.run(None, {stack.input_name: x})[0]
+    rows, k = len(stack.members), manifest.n_outputs
+    reference = members_view(session.run(None, {stack.input_name: x})[0], rows, k)
     runner = TensorRTRunner(stack, engine, bundle_dir / engine.file, tuple(manifest.input.shape), manifest.n_outputs)
     with runner:
-        got = np.concatenate([runner.run(np.ascontiguousarray(x[i:i + engine.max_batch]))
+        got = np.concatenate([members_view(runner.run(np.ascontiguousarray(x[i:i + engine.max_batch])), rows, k)
                               for i in range(0, len(x), engine.max_batch)], axis=1)
     return _stack_error(got, y) - _stack_error(reference, y)
 
@@ -103,10 +105,13 @@ def add_engines(bundle_dir: Path, manifest: Manifest, precision: str,
         source = bundle_dir / stack.file
         with tempfile.TemporaryDirectory() as scratch:
             if float16_graph and stack.precision != "fp16":
-                from edgens.export.onnx_export import export_stack
+                from edgens.export.onnx_export import export_checked_stack, export_stack
 
                 assert loaded is not None
-                source = export_stack(loaded.stack.subset(stack.members), Path(scratch) / "fp16.onnx", float16=True)
+                substack, source = loaded.stack.subset(stack.members), Path(scratch) / "fp16.onnx"
+                # the same outputs as the stack's ONNX graph: checked (the runtime reads both) or not
+                if stack.checksum is None or export_checked_stack(substack, source, float16=True) is None:
+                    export_stack(substack, source, float16=True)
             blob = build_engine(source, stack.input_name, tuple(manifest.input.shape), precision, low, opt, high,
                                 calibration=None if data is None else data[0],
                                 quantized_graph=stack.precision == "int8", dla_core=dla_core)

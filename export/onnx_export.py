@@ -19,6 +19,8 @@ import numpy as np
 import torch
 
 from edgens.errors import ExportError
+from edgens.runtime.bundle import ChecksumInfo
+from edgens.runtime.checksums import CHECK_OUTPUT, ChecksumError, StackChecksum, merge
 from edgens.stacks import MemberStack
 
 log = logging.getLogger(__name__)
@@ -95,17 +97,39 @@ def export_stack(stack: MemberStack, path: str | Path, opset: int = DEFAULT_OPSE
     Raises:
         ExportError: opset below 17, the exporter failed, or the file fails onnx.checker.
     """
-    if opset < MIN_OPSET:
-        raise ExportError(f"ONNX opset {opset} is too old; expected >= {MIN_OPSET}")
-    path = Path(path)
     module: torch.nn.Module = _cpu_copy(stack).eval()
     if float16:
         module = _Float16Graph(module).eval()
+    return _export_module(module, stack, path, opset, [OUTPUT_NAME])
+
+
+def export_checked_stack(stack: MemberStack, path: str | Path, opset: int = DEFAULT_OPSET,
+                         float16: bool = False) -> ChecksumInfo | None:
+    """Write ``stack`` as a checked graph (:mod:`edgens.export.checksums`) and return its checksums' description,
+    or write nothing and return None when its kind has no checked form.
+
+    Raises:
+        ExportError: as :func:`export_stack`.
+    """
+    from edgens.export.checksums import checked_module, checksum_info
+
+    module = checked_module(stack, float16)
+    if module is None:
+        return None
+    _export_module(module, stack, path, opset, [OUTPUT_NAME, CHECK_OUTPUT])
+    return checksum_info(module)
+
+
+def _export_module(module: torch.nn.Module, stack: MemberStack, path: str | Path, opset: int,
+                   output_names: list[str]) -> Path:
+    if opset < MIN_OPSET:
+        raise ExportError(f"ONNX opset {opset} is too old; expected >= {MIN_OPSET}")
+    path = Path(path)
     example = torch.zeros(EXAMPLE_BATCH, *stack.spec.input_shape)
     batch = torch.export.Dim("batch", min=1, max=1 << 20)
     try:
         with _quiet_exporter():
-            program = torch.onnx.export(module, (example,), input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+            program = torch.onnx.export(module, (example,), input_names=[INPUT_NAME], output_names=output_names,
                                         opset_version=opset, dynamic_shapes={"x": {0: batch}}, dynamo=True,
                                         verbose=False)
             program.save(str(path))
@@ -134,7 +158,7 @@ def _check_model(path: Path) -> None:
 
 def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str | None = None,
                  atol: float = ATOL, rtol: float = RTOL, batch_size: int = 256,
-                 noise_factor: float = NOISE_FACTOR) -> ParityReport:
+                 noise_factor: float = NOISE_FACTOR, checksum: ChecksumInfo | None = None) -> ParityReport:
     """Run the ONNX file in onnxruntime (CPU) on ``x`` and compare with the torch stack: input and output names,
     then shapes, then values (max absolute difference, reported even when it passes).
 
@@ -151,6 +175,8 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
         rtol: relative tolerance (float32 rounding of large logits).
         batch_size: rows per session call.
         noise_factor: how many times float32's own rounding noise of a member the export may differ by.
+        checksum: the graph's checksums (a checked graph): its members' outputs are compared, and its checksums
+            must hold on every input (no false alarm on real data).
     """
     from edgens.runtime.backends.onnxruntime import load_session
 
@@ -160,17 +186,28 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
     session = load_session(path)
     inputs = [i.name for i in session.get_inputs()]
     outputs = [o.name for o in session.get_outputs()]
-    if inputs != [INPUT_NAME] or outputs != [OUTPUT_NAME]:
+    expected_outputs = [OUTPUT_NAME] if checksum is None else [OUTPUT_NAME, checksum.output]
+    if inputs != [INPUT_NAME] or outputs != expected_outputs:
         problems.append(f"graph has inputs {inputs} and outputs {outputs}; expected [{INPUT_NAME!r}] and "
-                        f"[{OUTPUT_NAME!r}]")
+                        f"{expected_outputs}")
         return ParityReport(name, float("nan"), problems)
+    check = None
+    if checksum is not None:
+        check = StackChecksum(name, stack.n_members, checksum, stack.spec.n_outputs, float(np.abs(x).max()))
     single = _cpu_copy(stack).float().eval()
     reference = _cpu_copy(stack).double().eval()
     max_diff, worst_excess = 0.0, -np.inf
     with torch.no_grad():
         for start in range(0, len(x), batch_size):
             chunk = np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)
-            got = session.run(None, {INPUT_NAME: chunk})[0].astype(np.float64)
+            got = session.run(None, {INPUT_NAME: chunk})
+            if check is not None:
+                try:
+                    got = [check.verified(merge(*got))]
+                except ChecksumError as err:
+                    problems.append(f"its checksums fail on real inputs ({err})")
+                    return ParityReport(name, float("nan"), problems)
+            got = got[0].astype(np.float64)
             want = reference(torch.from_numpy(chunk).double()).numpy()
             if got.shape != want.shape:
                 problems.append(f"output shape {got.shape} for a batch of {len(chunk)}; expected {want.shape}")
@@ -186,3 +223,31 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
         problems.append(f"max |onnxruntime - torch| = {max_diff:.3g} exceeds {atol:g} + {rtol:g} * |torch| + "
                         f"{noise_factor:g} * the member's float32 rounding noise")
     return ParityReport(name, max_diff, problems)
+
+
+def graph_outputs(path: str | Path, x: np.ndarray, checksum: ChecksumInfo | None = None, batch_size: int = 512,
+                  input_name: str = INPUT_NAME) -> np.ndarray:
+    """A stack graph's members' outputs ``(members, N, K)`` on normalised inputs, with onnxruntime on the CPU, in
+    batches. A checked graph (``checksum``) has its checksums verified on every input.
+
+    Raises:
+        ExportError: the checksums of a checked graph fail on these inputs.
+    """
+    from edgens.runtime.backends.onnxruntime import load_session
+
+    session = load_session(path)
+    parts = []
+    for start in range(0, len(x), batch_size):
+        chunk = np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)
+        out = session.run(None, {input_name: chunk})
+        if checksum is not None:
+            eta = merge(*out)
+            check = StackChecksum(Path(path).stem, eta.shape[0] - 1, checksum, eta.shape[2] - 2,
+                                  float(np.abs(chunk).max()))
+            try:
+                out = [check.verified(eta)]
+            except ChecksumError as err:
+                raise ExportError(f"{err} on clean validation inputs {start}..{start + len(chunk) - 1}") from None
+        parts.append(out[0])
+    return np.concatenate(parts, axis=1)
+

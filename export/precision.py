@@ -19,7 +19,8 @@ import numpy as np
 
 from edgens.ensemble import error_rate
 from edgens.errors import ExportError
-from edgens.runtime.backends.onnxruntime import load_session
+from edgens.export.onnx_export import graph_outputs
+from edgens.runtime.bundle import ChecksumInfo
 
 log = logging.getLogger(__name__)
 
@@ -43,11 +44,10 @@ class PrecisionCheck:
         return self.error - self.fp32_error
 
 
-def stack_outputs(path: Path, x: np.ndarray, input_name: str = "x") -> np.ndarray:
-    """``eta (members, N, K)`` of an ONNX stack on normalised inputs, with onnxruntime on the CPU."""
-    session = load_session(path)
-    return np.concatenate([session.run(None, {input_name: np.ascontiguousarray(x[i:i + CHECK_BATCH])})[0]
-                           for i in range(0, len(x), CHECK_BATCH)], axis=1)
+def stack_outputs(path: Path, x: np.ndarray, checksum: ChecksumInfo | None = None) -> np.ndarray:
+    """``eta (members, N, K)`` of an ONNX stack on normalised inputs, with onnxruntime on the CPU (a checked
+    graph's checksums verified)."""
+    return graph_outputs(path, x, checksum, CHECK_BATCH)
 
 
 def stack_error(eta: np.ndarray, y: np.ndarray, family: str) -> float:
@@ -90,12 +90,15 @@ def quantize_int8(source: Path, destination: Path, calibration_x: np.ndarray, in
 
 
 def check_converted(fp32_path: Path, converted_path: Path, x: np.ndarray, y: np.ndarray, family: str,
-                    torch_float16_eta: Callable[[], np.ndarray] | None = None) -> PrecisionCheck:
+                    torch_float16_eta: Callable[[], np.ndarray] | None = None,
+                    fp32_checksum: ChecksumInfo | None = None,
+                    checksum: ChecksumInfo | None = None) -> PrecisionCheck:
     """Both graphs' stack error on the same validation examples (``torch_float16_eta``: computes the fallback
-    outputs, called only when onnxruntime cannot run the converted graph here)."""
-    fp32_error = stack_error(stack_outputs(fp32_path, x), y, family)
+    outputs, called only when onnxruntime cannot run the converted graph here; ``fp32_checksum``, ``checksum``: the
+    graphs' checksums, when checked)."""
+    fp32_error = stack_error(stack_outputs(fp32_path, x, fp32_checksum), y, family)
     try:
-        eta = stack_outputs(converted_path, x)
+        eta = stack_outputs(converted_path, x, checksum)
         cpu_checked = True
     except Exception as err:  # noqa: BLE001  (onnxruntime raises NOT_IMPLEMENTED for missing float16 kernels)
         if torch_float16_eta is None:

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from edgens.export.onnx_export import INPUT_NAME
+from edgens.export.onnx_export import graph_outputs
 from edgens.fileio import sha256_file
-from edgens.runtime.backends.onnxruntime import load_session
 from edgens.runtime.bundle import OutlierInfo, SelfTestInfo, StackInfo
 from edgens.runtime.outliers import fit_thresholds
 
@@ -24,11 +23,10 @@ SELF_TEST_EXACT = 32  # of those, the first ones whose outputs are stored and ch
 BATCH = 512
 
 
-def stack_outputs(path: Path, x: np.ndarray) -> np.ndarray:
-    """A stack graph's outputs ``(members, N, K)`` on normalised inputs, in batches."""
-    session = load_session(path)
-    return np.concatenate([session.run(None, {INPUT_NAME: np.ascontiguousarray(x[i:i + BATCH])})[0]
-                           for i in range(0, len(x), BATCH)], axis=1)
+def stack_outputs(directory: Path, stack: StackInfo, x: np.ndarray) -> np.ndarray:
+    """A stack graph's members' outputs ``(members, N, K)`` on normalised inputs, in batches (a checked graph's
+    checksums verified on every input)."""
+    return graph_outputs(directory / stack.file, x, stack.checksum, BATCH)
 
 
 def fit_outliers(directory: Path, stacks: list[StackInfo], val_x: np.ndarray, family: str,
@@ -40,7 +38,7 @@ def fit_outliers(directory: Path, stacks: list[StackInfo], val_x: np.ndarray, fa
     for number, stack in enumerate(general):
         if progress is not None:
             progress(number, len(general))
-        outputs.append(stack_outputs(directory / stack.file, val_x))
+        outputs.append(stack_outputs(directory, stack, val_x))
         start = sum(len(s.members) for s in general[:number])
         groups[stack.name] = list(range(start, start + len(stack.members)))
     if progress is not None:
@@ -57,7 +55,7 @@ def write_self_test(directory: Path, stacks: list[StackInfo], raw_x: np.ndarray,
     x = normalize(raw).astype(np.float32)
     arrays: dict[str, np.ndarray] = {"x": raw}
     for stack in stacks:
-        outputs = stack_outputs(directory / stack.file, x).astype(np.float64)
+        outputs = stack_outputs(directory, stack, x).astype(np.float64)
         arrays[stack.name] = outputs[:, :SELF_TEST_EXACT].astype(np.float32)
         arrays[f"{stack.name}.sum"] = outputs.sum(axis=1)
         arrays[f"{stack.name}.square"] = (outputs * outputs).sum(axis=1)

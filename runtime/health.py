@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 # Why a stack failed in one call ("outlier": it answered, but some of its members deviated from the others beyond
 # their thresholds, a silent fault; those members were left out).
-FAILURE_KINDS = ("error", "non-finite", "shape", "timeout", "busy", "outlier", "self-test")
-# Silent-fault signals: they say the stack's answer looked wrong for this call's inputs, which may be the inputs'
-# doing. They quarantine a stack only when its own self-test confirms them (Predictor: quarantine on evidence).
-SILENT_KINDS = ("outlier",)
+FAILURE_KINDS = ("error", "non-finite", "shape", "timeout", "busy", "outlier", "checksum", "self-test")
+# Silent-fault signals: they say the stack's answer looked wrong for this call's inputs (an outlier may be the
+# inputs' doing; a checksum should not be, but is held to the same rule). They quarantine a stack only when its own
+# self-test confirms them (Predictor: quarantine on evidence).
+SILENT_KINDS = ("outlier", "checksum")
 # A stack's standing: planned, excluded at load, or quarantined after repeated failures.
 STATUSES = ("ok", "excluded", "quarantined")
 
@@ -32,8 +33,9 @@ class StackFailure:
         stack: the stack's name.
         kind: ``error`` (it raised), ``non-finite`` (NaN/Inf in its output), ``shape`` (wrong output shape),
             ``timeout`` (slower than the stack timeout), ``busy`` (still running after an earlier timeout),
-            ``outlier`` (members deviating from the others beyond their thresholds: a silent fault) or ``self-test``
-            (its outputs on the stored inputs changed).
+            ``outlier`` (members deviating from the others beyond their thresholds: a silent fault), ``checksum``
+            (the checksums inside its graph do not hold: a silent fault, the message names the layer) or
+            ``self-test`` (its outputs on the stored inputs changed, or its checksums failed on them).
         message: what happened.
     """
 

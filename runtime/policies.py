@@ -249,10 +249,11 @@ def plan(budget: Budget, manifest: Manifest, available: Callable[[str], bool],
             return [Step(every.name, None, tuple(every.members), fallback=tuple(_whole(s) for s in general))]
         return steps
     if budget.kind == "members":
-        return _with_prefix(_plan_members(budget.value, manifest, general), manifest, available)
+        return _with_prefix(_with_replacements(_plan_members(budget.value, manifest, general), general), manifest,
+                            available)
     if budget.kind == "flops":
         steps = _plan_cost(general, budget.value, lambda stack: float(stack.flops), "flops", "flops per example")
-        return _with_prefix(steps, manifest, available)
+        return _with_prefix(_with_replacements(steps, general), manifest, available)
     if budget.kind == "latency_ms":
         if estimate is None:
             raise ConfigError("latency_ms budgets need this device's latency table, and the bundle has none for this "
@@ -262,6 +263,23 @@ def plan(budget: Budget, manifest: Manifest, available: Callable[[str], bool],
     if budget.kind == "task":
         return _plan_task(resolve_task(manifest, budget.value), manifest, available)
     raise ConfigError(f"unknown budget {budget.kind!r}; expected one of {', '.join(BUDGETS)}")
+
+
+def _with_replacements(steps: list[Step], general: list[StackInfo]) -> list[Step]:
+    """Give each general step of a members or flops plan a replacement: as many members of the general stack as
+    many places after the plan as the step is from its start. A call whose stack fails (a checksum, an error) then
+    answers from as many members, as if that stack had been left out of the bundle (exactly so for a plan of one
+    stack), and two failed steps never take the same replacement."""
+    planned = {step.stack for step in steps}
+    spare = [stack for stack in general if stack.name not in planned]
+    out = []
+    for step, stack in zip(steps, spare + [None] * len(steps)):
+        if stack is not None and not step.fallback:
+            n = min(len(step.members), len(stack.members))
+            step = Step(step.stack, step.rows, step.members, fallback=(
+                Step(stack.name, None if n == len(stack.members) else tuple(range(n)), tuple(stack.members[:n])),))
+        out.append(step)
+    return out
 
 
 def _required(estimate: Callable[[str], float | None], name: str) -> float:
@@ -352,15 +370,17 @@ def resolve_task(manifest: Manifest, task: str | int) -> SpecialistInfo:
 
 
 def _plan_task(specialist: SpecialistInfo, manifest: Manifest, available: Callable[[str], bool]) -> list[Step]:
-    if available(specialist.stack):
-        return [_whole(manifest.stack(specialist.stack))]
-    # The specialist's own stack is lost: its members also live in general stacks, so run those rows instead.
+    # The specialist's members also live in general stacks: their rows run instead when its own stack is lost, or
+    # fails in a call (its fallback).
     wanted = set(specialist.members)
     steps = []
     for stack in manifest.general_stacks:
         rows = tuple(i for i, member in enumerate(stack.members) if member in wanted)
         if rows and available(stack.name):
             steps.append(Step(stack.name, rows, tuple(stack.members[i] for i in rows)))
+    if available(specialist.stack):
+        own = manifest.stack(specialist.stack)
+        return [Step(own.name, None, tuple(own.members), fallback=tuple(steps))]
     return steps
 
 

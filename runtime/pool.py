@@ -26,6 +26,8 @@ import numpy as np
 from edgens.errors import BackendUnavailableError, BundleError
 from edgens.runtime.backends import Backend, StackRunner
 from edgens.runtime.bundle import Manifest, check_file
+from edgens.runtime.checksums import KIND as CHECKSUM
+from edgens.runtime.checksums import ChecksumError, stack_checksums
 from edgens.runtime.health import SILENT_KINDS, StackFailure, StackHealth
 from edgens.runtime.policies import Step
 
@@ -95,6 +97,10 @@ class StackPool:
         self._lean: dict[str, StackRunner] = {}
         self._twins: dict[int, StackRunner] = {}
         self._health = {stack.name: StackHealth(stack.name) for stack in manifest.stacks}
+        # The checked stacks' bounds (edgens.runtime.checksums); calls check them in the tally, where the member sum
+        # they need is made anyway.
+        self.checksums = stack_checksums(manifest.stacks, manifest.n_outputs, manifest.input, manifest.preprocessing,
+                                         backend.checksum_roundoff)
         self._workers: dict[str, ThreadPoolExecutor] = {}  # stack timeouts: one worker thread per stack
         self._late: dict[str, Future[np.ndarray]] = {}  # runs that timed out and may still be running
         self._reload: set[str] = set()  # quarantined by the self-test: retry() loads them from their files again
@@ -209,7 +215,7 @@ class StackPool:
         out = failure = None
         try:
             out = runner.run(x) if self.timeout_s is None else self._run_in_worker(runner, x)
-            expected = (len(runner.stack.members), len(x), self.manifest.n_outputs)
+            expected = runner.expected_output_shape(len(x))
             if getattr(out, "shape", None) != expected:
                 failure = StackFailure(name, "shape", f"returned shape {getattr(out, 'shape', type(out))}, expected "
                                                       f"{expected}")
@@ -263,6 +269,10 @@ class StackPool:
             try:
                 out = runner.run(batch)
                 failure = _check_output(runner, out, len(batch))
+                if failure is None:
+                    out = self.verified(name, out)
+            except ChecksumError as err:
+                failure = StackFailure(name, CHECKSUM, str(err).removeprefix(f"stack {name}: checksum: "))
             except Exception as err:  # noqa: BLE001  (any backend failure drops the stack, as in predict)
                 failure = StackFailure(name, "error", f"{type(err).__name__}: {err}")
             if failure is not None:
@@ -270,6 +280,16 @@ class StackPool:
                 return None
             parts.append(out)
         return np.concatenate(parts, axis=1)
+
+    def verified(self, name: str, out: np.ndarray) -> np.ndarray:
+        """The members' outputs ``(members, B, K)`` of stack ``name``'s whole output ``out``, its checksums (if it
+        has them) checked on every row.
+
+        Raises:
+            ChecksumError: they do not hold.
+        """
+        check = self.checksums.get(name)
+        return out if check is None else check.verified(out)
 
     def warm_up(self, batch_sizes: Sequence[int], repeats: int) -> None:
         """Run every available stack (and its lean twin) ``repeats`` times at each batch size (on zeros), after one

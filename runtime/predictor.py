@@ -66,14 +66,15 @@ class Predictor:
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, strict: bool = False,
                  stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None,
                  detect_outliers: bool = True, outlier_margin: float | None = None, combiner: str = "mean",
-                 trim: float = DEFAULT_TRIM):
+                 trim: float = DEFAULT_TRIM, checksums: bool = True):
         self.bundle_dir, self.manifest, self.backend = bundle_dir, manifest, backend
         self._prepare = InputPreparer(manifest.input, manifest.preprocessing)
         self.latency = LatencyEstimates(bundle_dir, backend.describe)
         self.pool = StackPool(bundle_dir, manifest, backend, strict, stack_timeout_ms, quarantine_after,
                               observe=self.latency.observe)
         self.lanes = lanes or default_lanes()
-        rules = TallyRules(manifest, combiner, trim, manifest.outliers if detect_outliers else None, outlier_margin)
+        rules = TallyRules(manifest, combiner, trim, manifest.outliers if detect_outliers else None, outlier_margin,
+                           self.pool.checksums, checksums)
         self._executor = Executor(manifest, self.pool, rules, self.latency,
                                   Lanes(self.lanes) if self.lanes > 1 else None, lanes_asked=lanes is not None)
         self._self_tests = SelfTestSupervisor(self.pool, bundle_dir, manifest, self._prepare)
@@ -88,7 +89,7 @@ class Predictor:
     def load(cls, bundle: str | Path, backend: str = "auto", *, strict: bool = False,
              stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None,
              detect_outliers: bool = True, outlier_margin: float | None = None, combiner: str = "mean",
-             trim: float = DEFAULT_TRIM, self_test_interval_s: float | None = None,
+             trim: float = DEFAULT_TRIM, self_test_interval_s: float | None = None, checksums: bool = True,
              **backend_options: Any) -> Predictor:
         """Load a bundle and start its stacks.
 
@@ -109,6 +110,7 @@ class Predictor:
             trim: the fraction a ``trimmed`` combiner cuts from each end.
             self_test_interval_s: rerun :meth:`self_test` in a background thread this often (None: only when
                 called).
+            checksums: check checked stacks' checksums in every call (False: only for timing them).
             **backend_options: e.g. ``providers`` and ``threads`` (onnxruntime), ``precision`` (tensorrt).
 
         Raises:
@@ -128,7 +130,7 @@ class Predictor:
         manifest = load_manifest(bundle_dir)
         engine = create_backend(backend, bundle_dir, manifest, **backend_options)
         predictor = cls(bundle_dir, manifest, engine, strict, stack_timeout_ms, quarantine_after, lanes,
-                        detect_outliers, outlier_margin, combiner, trim)
+                        detect_outliers, outlier_margin, combiner, trim, checksums)
         predictor.pool.load(check_stack_files(bundle_dir, manifest))
         if not predictor.pool.runners:
             raise NoMembersAvailableError(f"no stack of {bundle_dir} could be loaded: {predictor.describe_health()}")
@@ -219,15 +221,9 @@ class Predictor:
 
     def stack_outputs(self, x: Any, stacks: list[str] | None = None, batch_size: int | None = None
                       ) -> dict[str, np.ndarray]:
-        """The raw natural parameters ``(members, B, K)`` of stacks, without combining (for analysis and fitting).
-
-        Args:
-            x: raw inputs.
-            stacks: stack names (default: every available general stack).
-            batch_size: run this many examples at a time (default: all at once).
-
-        Returns:
-            ``{stack name: eta}`` for the stacks that answered on every batch.
+        """The raw natural parameters ``(members, B, K)`` of ``stacks`` (default: every available general stack)
+        on raw inputs ``x``, ``batch_size`` examples at a time (default: all), without combining (for analysis
+        and fitting): ``{stack name: eta}`` for the stacks that answered on every batch (checksums checked).
 
         Raises:
             InputError: bad input.
@@ -373,12 +369,14 @@ class Predictor:
         """The outlier thresholds calls are checked with (None: no silent-fault detection)."""
         return self._executor.rules.outliers
 
-    def set_combining(self, combiner: str | None = None, detect_outliers: bool | None = None) -> None:
-        """Change how later calls combine members and whether they detect outliers (the benchmarks time the settings
-        on one predictor's sessions). Raises ConfigError for an unknown combiner."""
+    def set_combining(self, combiner: str | None = None, detect_outliers: bool | None = None,
+                      checksums: bool | None = None) -> None:
+        """Change how later calls combine members, detect outliers and check checksums (the benchmarks time the
+        settings on one predictor's sessions). Raises ConfigError for an unknown combiner."""
         rules = self._executor.rules
         outliers = rules.outliers if detect_outliers is None else self.manifest.outliers if detect_outliers else None
-        self._executor.rules = TallyRules(self.manifest, combiner or rules.combiner, rules.trim, outliers, rules.margin)
+        self._executor.rules = TallyRules(self.manifest, combiner or rules.combiner, rules.trim, outliers, rules.margin,
+                                          rules.checksums, rules.verify if checksums is None else checksums)
 
     # --------------------------------------------------------------------------------------------------- cleanup
 

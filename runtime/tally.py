@@ -23,6 +23,8 @@ from edgens.checks import check_number
 from edgens.ensemble import COMBINERS, DEFAULT_TRIM, combine, inverse_link
 from edgens.errors import unknown_choice
 from edgens.runtime.bundle import Manifest, OutlierInfo
+from edgens.runtime.checksums import KIND as CHECKSUM
+from edgens.runtime.checksums import StackChecksum
 from edgens.runtime.health import StackFailure
 from edgens.runtime.outliers import GroupCheck
 from edgens.runtime.policies import Budget, Step
@@ -76,14 +78,19 @@ class TallyRules:
         trim: the fraction a ``trimmed`` combiner cuts from each end.
         outliers: the bundle's outlier thresholds, or None: no silent-fault detection.
         margin: how many times its threshold a group may deviate (default: the bundle's).
+        checksums: the checked stacks' bounds by name (:attr:`StackPool.checksums`); their outputs carry a check
+            row and two check columns, which the tally strips.
+        verify: check those checksums on every stack a call runs (False: only strip them, for timing the checks).
 
     Raises:
         ConfigError: an unknown combiner or a trim out of range.
     """
 
     def __init__(self, manifest: Manifest, combiner: str = "mean", trim: float = DEFAULT_TRIM,
-                 outliers: OutlierInfo | None = None, margin: float | None = None):
+                 outliers: OutlierInfo | None = None, margin: float | None = None,
+                 checksums: dict[str, StackChecksum] | None = None, verify: bool = True):
         check_combining(combiner, trim)
+        self.checksums, self.verify = checksums or {}, verify
         self.family, self.n_outputs = manifest.family, manifest.n_outputs
         self.combiner, self.trim = combiner, trim
         self.outliers = outliers
@@ -105,6 +112,10 @@ class TallyRules:
         result.output = None
         step = result.step
         groups = None
+        check = self.checksums.get(step.stack)
+        if check is not None:  # the check row aside; the members' rows keep their two check columns until summed
+            hidden = out[check.rows, :, check.k]
+            out = out[:check.rows]
         # float32 sums take half the time of float64 ones; only absurd logits (~1e37) could overflow, and are then
         # reported as non-finite (quietly: a corrupted stack's huge outputs are no numpy error).
         with np.errstate(over="ignore", invalid="ignore"):
@@ -115,6 +126,14 @@ class TallyRules:
             else:  # one pass: each group's sum, then their total
                 groups = layout.group_sums(rows)
                 part = groups.sum(axis=0) if len(groups) > 1 else groups[0]
+            if check is not None:
+                # The member sum the call needs anyway carries the checksums (edgens.runtime.checksums).
+                problem = check.failure(part, hidden) if self.verify else None
+                if problem is not None:
+                    result.failure = StackFailure(step.stack, CHECKSUM, problem)
+                    return result
+                part, rows = part[:, :check.k], rows[..., :check.k]
+                groups = None if groups is None else groups[..., :check.k]
             if step.fallback and not math.isfinite(part.sum()):
                 result.failure = StackFailure(step.stack, "non-finite", _NON_FINITE)
                 return result

@@ -22,10 +22,13 @@ import numpy as np
 from edgens.errors import ConfigError, InputError
 from edgens.runtime.device_info import cpu_name, device_model
 from edgens.runtime.bundle import Manifest, StackInfo
+from edgens.runtime.checksums import output_shape
 
 
 class StackRunner(ABC):
-    """Runs one stack: ``x (B, *input_shape) float32 -> eta (members, B, n_outputs) float32``.
+    """Runs one stack: ``x (B, *input_shape) float32 -> eta (members, B, n_outputs) float32``; a checked stack's
+    runner returns ``(members + 1, B, n_outputs + 2)``, its hidden residual merged into the check row
+    (:func:`edgens.runtime.checksums.merge`).
 
     Attributes:
         stack: the stack's manifest entry.
@@ -75,8 +78,9 @@ class StackRunner(ABC):
         """Ask a run in progress in another thread to stop early; best effort (a GPU kernel cannot be stopped)."""
 
     def expected_output_shape(self, batch: int) -> tuple[int, int, int]:
-        """``(members, batch, n_outputs)``."""
-        return (len(self.stack.members), batch, self.n_outputs)
+        """``(members, batch, n_outputs)``; for a checked stack ``(members + 1, batch, n_outputs + 2)``
+        (:mod:`edgens.runtime.checksums`)."""
+        return output_shape(self.stack, self.n_outputs, batch)
 
     def check_input(self, x: Any) -> np.ndarray:
         """Check a normalised batch against the stack's input.
@@ -182,6 +186,12 @@ class Backend(ABC):
         """
         raise ConfigError(f"weight faults are injected into ONNX graphs run by onnxruntime; this predictor runs "
                           f"{self.name}")
+
+    def checksum_roundoff(self, stack: StackInfo) -> float:
+        """The unit roundoff a checked stack's checksums are bounded with on this backend (the graph's, by
+        default; :mod:`edgens.runtime.checksums`)."""
+        assert stack.checksum is not None
+        return stack.checksum.unit_roundoff
 
     def describe(self) -> dict[str, Any]:
         """What runs the stacks, for latency tables and reports: backend, providers, device."""

@@ -36,6 +36,7 @@ from edgens.runtime.backends.base import Backend, StackRunner, describe_device
 from edgens.runtime.device_info import JETSON_ONNXRUNTIME_INSTALL, nvidia_gpu_name, on_jetson
 from edgens.runtime.lanes import default_lanes
 from edgens.runtime.bundle import Manifest, StackInfo
+from edgens.runtime.checksums import merge
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +117,7 @@ class OnnxRuntimeRunner(StackRunner):
         self.spin = spin
         self._session: Any = None
         self._run_options: Any = None
-        self._outputs = [stack.output_name]
+        self._outputs = [stack.output_name] + ([stack.checksum.output] if stack.checksum is not None else [])
 
     @property
     def is_active(self) -> bool:
@@ -163,9 +164,9 @@ class OnnxRuntimeRunner(StackRunner):
         if self.stack.input_name not in inputs or len(inputs) != 1:
             raise BundleError(f"stack {self.name}: the graph's inputs are {sorted(inputs)}, the manifest expects one "
                               f"input {self.stack.input_name!r}")
-        if self.stack.output_name not in outputs:
+        if any(name not in outputs for name in self._outputs):
             raise BundleError(f"stack {self.name}: the graph's outputs are {outputs}, the manifest expects "
-                              f"{self.stack.output_name!r}")
+                              f"{', '.join(repr(name) for name in self._outputs)}")
         if inputs[self.stack.input_name].type != "tensor(float)":
             raise BundleError(f"stack {self.name}: the graph's input is {inputs[self.stack.input_name].type}, "
                               f"expected tensor(float) (float32)")
@@ -183,7 +184,8 @@ class OnnxRuntimeRunner(StackRunner):
 
     def run(self, x: np.ndarray) -> np.ndarray:
         self._run_options.terminate = False
-        return self._session.run(self._outputs, {self.stack.input_name: x}, self._run_options)[0]
+        out = self._session.run(self._outputs, {self.stack.input_name: x}, self._run_options)
+        return out[0] if len(out) == 1 else merge(*out)
 
     def cancel(self) -> None:
         # onnxruntime checks this flag between graph nodes and then raises from run().

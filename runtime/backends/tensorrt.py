@@ -26,6 +26,7 @@ Buffers go through cuda-python (``pip install cuda-python``, NVIDIA's official b
 from __future__ import annotations
 
 import logging
+import math
 import threading
 from pathlib import Path
 from typing import Any
@@ -35,6 +36,7 @@ import numpy as np
 from edgens.errors import BackendUnavailableError, BundleError, ConfigError, unknown_choice
 from edgens.runtime.backends.base import Backend, StackRunner, describe_device
 from edgens.runtime.bundle import EngineInfo, Manifest, StackInfo, check_file
+from edgens.runtime.checksums import merge
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +207,10 @@ class TensorRTRunner(StackRunner):
                               f"{self.engine_info.compute_capability})")
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         dtypes = []
-        for name, mode in ((self.stack.input_name, trt.TensorIOMode.INPUT),
-                           (self.stack.output_name, trt.TensorIOMode.OUTPUT)):
+        tensors = [(self.stack.input_name, trt.TensorIOMode.INPUT), (self.stack.output_name, trt.TensorIOMode.OUTPUT)]
+        if self.stack.checksum is not None:  # a checked graph's second output: the hidden residual
+            tensors.append((self.stack.checksum.output, trt.TensorIOMode.OUTPUT))
+        for name, mode in tensors:
             if name not in names or engine.get_tensor_mode(name) != mode:
                 raise BundleError(f"stack {self.name}: engine tensors are {sorted(names)}, expected {mode.name} "
                                   f"{name!r}")
@@ -215,15 +219,15 @@ class TensorRTRunner(StackRunner):
                 raise BundleError(f"stack {self.name}: engine tensor {name!r} is {engine.get_tensor_dtype(name)}, "
                                   f"expected float32 or float16")
             dtypes.append(np.dtype(trt.nptype(engine.get_tensor_dtype(name))))
-        self._dtypes = (dtypes[0], dtypes[1])
+        self._dtypes = tuple(dtypes)
         context = engine.create_execution_context()
         stream = _check(cudart, cudart.cudaStreamCreate())
         max_batch = self.engine_info.max_batch
-        in_bytes = max_batch * int(np.prod(self.input_shape)) * dtypes[0].itemsize
-        out_bytes = len(self.stack.members) * max_batch * self.n_outputs * dtypes[1].itemsize
-        buffers = [_check(cudart, cudart.cudaMalloc(in_bytes)), _check(cudart, cudart.cudaMalloc(out_bytes))]
-        context.set_tensor_address(self.stack.input_name, int(buffers[0]))
-        context.set_tensor_address(self.stack.output_name, int(buffers[1]))
+        sizes = [max_batch * int(np.prod(self.input_shape)), int(np.prod(self.expected_output_shape(max_batch))),
+                 max_batch][:len(tensors)]
+        buffers = [_check(cudart, cudart.cudaMalloc(size * dtype.itemsize)) for size, dtype in zip(sizes, dtypes)]
+        for (name, _), buffer in zip(tensors, buffers, strict=True):
+            context.set_tensor_address(name, int(buffer))
         self._engine, self._context, self._stream, self._buffers = engine, context, stream, buffers
 
     def deactivate(self) -> None:
@@ -257,10 +261,17 @@ class TensorRTRunner(StackRunner):
         _check(cudart, cudart.cudaMemcpyAsync(self._buffers[0], x.ctypes.data, x.nbytes, copy_in, self._stream))
         if not self._context.execute_async_v3(self._stream):
             raise RuntimeError(f"stack {self.name}: TensorRT execute_async_v3 failed")
-        out = np.empty((len(self.stack.members), len(x), self.n_outputs), dtype=self._dtypes[1])
+        out = np.empty(self.expected_output_shape(len(x)), dtype=self._dtypes[1])
         _check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[1], out.nbytes, copy_out, self._stream))
+        checks = None
+        if len(self._buffers) > 2:
+            checks = np.empty((len(x), 1), dtype=self._dtypes[2])
+            _check(cudart, cudart.cudaMemcpyAsync(checks.ctypes.data, self._buffers[2], checks.nbytes, copy_out,
+                                                  self._stream))
         _check(cudart, cudart.cudaStreamSynchronize(self._stream))
         out = out.astype(np.float32, copy=False)
+        if checks is not None:
+            out = merge(out, checks.astype(np.float32, copy=False))
         return out[:, :batch] if batch < len(x) else out
 
 
@@ -316,6 +327,15 @@ class TensorRTBackend(Backend):
 
     def can_run(self) -> bool:
         return all(self.select_engine(stack) is not None for stack in self.manifest.general_stacks)
+
+    def checksum_roundoff(self, stack: StackInfo) -> float:
+        # TensorRT computes fp32 layers in TF32 where the GPU has it (on by default) and fp16 engines in float16:
+        # both round to 11 bits. An int8 engine's sums are not exact at all: only non-finite residuals fail.
+        assert stack.checksum is not None
+        engine = self.select_engine(stack)
+        if engine is None or engine.precision == "int8":
+            return math.inf
+        return max(stack.checksum.unit_roundoff, 2.0 ** -11)
 
     def runner(self, stack: StackInfo) -> TensorRTRunner:
         engine = self.select_engine(stack)

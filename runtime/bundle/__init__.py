@@ -16,13 +16,14 @@ from edgens.runtime.bundle.json_reader import JsonReader, read_json_file
 from edgens.runtime.bundle.manifest import CONSISTENCY_CHECKS, Manifest
 from edgens.runtime.bundle.types import (
     CURVE_KEYS, F1_KEYS, FORMAT, FORMAT_VERSION, KNOWN_KEYS, MANIFEST_FILE, OPTIONAL_KEYS, ORDER_METHODS, PRECISIONS,
-    ROLES, SUPPORTED_VERSIONS, CalibrationInfo, Curves, EngineInfo, InputSpec, MemberInfo, Metrics, OutlierInfo,
-    Preprocessing, SelfTestInfo, SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, utc_now)
+    ROLES, SUPPORTED_VERSIONS, CalibrationInfo, ChecksumInfo, Curves, EngineInfo, InputSpec, MemberInfo, Metrics,
+    OutlierInfo, Preprocessing, SelfTestInfo, SpecialistInfo, SplitMetrics, StackInfo, TrainingInfo, utc_now)
 
 __all__ = [
     "CONSISTENCY_CHECKS", "CURVE_KEYS", "F1_KEYS", "FORMAT", "FORMAT_VERSION", "KNOWN_KEYS", "MANIFEST_FILE",
-    "OPTIONAL_KEYS", "ORDER_METHODS", "PRECISIONS", "ROLES", "SUPPORTED_VERSIONS", "CalibrationInfo", "Curves",
-    "EngineInfo", "InputSpec", "JsonReader", "Manifest", "MemberInfo", "Metrics", "OutlierInfo", "Preprocessing",
+    "OPTIONAL_KEYS", "ORDER_METHODS", "PRECISIONS", "ROLES", "SUPPORTED_VERSIONS", "CalibrationInfo", "ChecksumInfo",
+    "Curves", "EngineInfo", "InputSpec", "JsonReader", "Manifest", "MemberInfo", "Metrics", "OutlierInfo",
+    "Preprocessing",
     "SelfTestData", "SelfTestInfo", "SpecialistInfo", "SplitMetrics", "StackInfo", "TrainingInfo", "check_file",
     "check_stack_files", "load_manifest", "read_arrays", "read_calibration", "read_json_file", "read_self_test",
     "utc_now", "write_manifest",

@@ -9,8 +9,9 @@ from typing import Any
 import numpy as np
 
 from edgens.runtime.bundle.json_reader import JsonReader
-from edgens.runtime.bundle.types import (CURVE_KEYS, F1_KEYS, FORMAT_VERSION, PRECISIONS, ROLES, CalibrationInfo,
-                                         Curves, EngineInfo, InputSpec, MemberInfo, Metrics, OutlierInfo,
+from edgens.runtime.bundle.types import (CHECKSUM_SCHEMES, CURVE_KEYS, F1_KEYS, FORMAT_VERSION, PRECISIONS, ROLES,
+                                         CalibrationInfo, ChecksumInfo, Curves, EngineInfo, InputSpec, MemberInfo,
+                                         Metrics, OutlierInfo,
                                          Preprocessing, SelfTestInfo, SpecialistInfo, SplitMetrics, StackInfo,
                                          TrainingInfo)
 
@@ -89,7 +90,31 @@ def parse_stack(r: JsonReader, obj: dict[str, Any], path: str, version: int = FO
                      flops=r.int_(obj, "flops", path, minimum=0), input_name=r.str_(obj, "input_name", path),
                      output_name=r.str_(obj, "output_name", path),
                      engines=[parse_engine(r, r.obj(item, f"{path}.engines[{i}]"), f"{path}.engines[{i}]")
-                              for i, item in enumerate(engines)])
+                              for i, item in enumerate(engines)],
+                     checksum=parse_checksum(r, obj.get("checksum"), f"{path}.checksum"))
+
+
+def parse_checksum(r: JsonReader, value: Any, path: str) -> ChecksumInfo | None:
+    if value is None:  # optional: unchecked graphs and bundles written before checksums have none
+        return None
+    obj = r.obj(value, path)
+    layers = r.list_(obj, "layers", path, "a list of layer names")
+    if len(layers) != 2 or not all(isinstance(name, str) for name in layers):
+        raise r.fail(f"{path}.layers", "the names of the hidden and the output layer", layers)
+    info = ChecksumInfo(scheme=r.str_(obj, "scheme", path, CHECKSUM_SCHEMES), output=r.str_(obj, "output", path),
+                        layers=list(layers),
+                        hidden_terms=r.int_(obj, "hidden_terms", path, minimum=1),
+                        hidden_units=r.int_(obj, "hidden_units", path, minimum=1),
+                        hidden_weight_abs=r.float_(obj, "hidden_weight_abs", path),
+                        hidden_bias_abs=r.float_(obj, "hidden_bias_abs", path),
+                        output_terms=r.int_(obj, "output_terms", path, minimum=1),
+                        unit_roundoff=r.float_(obj, "unit_roundoff", path))
+    for key in ("hidden_weight_abs", "hidden_bias_abs"):
+        if getattr(info, key) < 0:
+            raise r.fail(f"{path}.{key}", "a number >= 0", getattr(info, key))
+    if not 0 < info.unit_roundoff < 1:
+        raise r.fail(f"{path}.unit_roundoff", "a number in (0, 1), e.g. 2**-24 for fp32", info.unit_roundoff)
+    return info
 
 
 def parse_specialist(r: JsonReader, obj: dict[str, Any], path: str) -> SpecialistInfo:

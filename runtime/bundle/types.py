@@ -155,6 +155,47 @@ class EngineInfo:
                 "max_batch": self.max_batch, "val_error_change": self.val_error_change, "dla_core": self.dla_core}
 
 
+CHECKSUM_SCHEMES = ("mlp-abft",)
+
+
+@dataclass(kw_only=True)
+class ChecksumInfo:
+    """Checksums inside a stack graph (algorithm-based fault tolerance; :mod:`edgens.runtime.checksums` checks
+    them): a checked graph's ``eta`` output is ``(members + 1, B, K + 2)`` and it has a second output.
+
+    Attributes:
+        scheme: ``mlp-abft``: the hidden layer's weights have one extra row, the negated sum of all the others, so
+            that its pre-activations sum to zero; the output layer has two extra columns per member, the negated sum
+            of its class columns (the member's outputs sum to zero) and the sum of their absolute values (the
+            magnitudes a rounding bound scales with); row ``members`` is the check row (zero but for the hidden
+            residual, which the runner writes into column K).
+        output: the name of the graph's second output, the hidden layer's residual ``(B, 1)``.
+        layers: the checked layers' names, hidden first, then the output layer.
+        hidden_terms: terms of each hidden pre-activation (inputs + 1 for the bias).
+        hidden_units: pre-activations the hidden residual sums.
+        hidden_weight_abs: sum of |w| over the hidden layer's weights (extra row included).
+        hidden_bias_abs: sum of |b| over its biases (extra row included).
+        output_terms: terms of each output (hidden units + 1).
+        unit_roundoff: of the graph's arithmetic: 2**-24 for fp32, 2**-11 for fp16.
+    """
+
+    scheme: str
+    output: str
+    layers: list[str]
+    hidden_terms: int
+    hidden_units: int
+    hidden_weight_abs: float
+    hidden_bias_abs: float
+    output_terms: int
+    unit_roundoff: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"scheme": self.scheme, "output": self.output, "layers": list(self.layers),
+                "hidden_terms": self.hidden_terms, "hidden_units": self.hidden_units,
+                "hidden_weight_abs": self.hidden_weight_abs, "hidden_bias_abs": self.hidden_bias_abs,
+                "output_terms": self.output_terms, "unit_roundoff": self.unit_roundoff}
+
+
 @dataclass(kw_only=True)
 class StackInfo:
     """One ONNX graph computing several members at once: ``x (B, *shape) -> eta (len(members), B, n_outputs)``.
@@ -178,6 +219,8 @@ class StackInfo:
             at export on the calibration examples; None for fp32 graphs.
         precision_note: why the stack is not in the precision the export asked for (refused by the accuracy
             guard, or the precision cannot run here), else None.
+        checksum: the checksums inside the graph, or None (an unchecked graph: bundles before them, int8 stacks
+            and stack kinds without a checked form).
     """
 
     name: str
@@ -193,13 +236,17 @@ class StackInfo:
     precision: str = "fp32"
     val_error_change: float | None = None
     precision_note: str | None = None
+    checksum: ChecksumInfo | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "role": self.role, "file": self.file, "sha256": self.sha256, "bytes": self.bytes,
-                "members": list(self.members), "flops": self.flops, "input_name": self.input_name,
-                "output_name": self.output_name, "engines": [engine.to_dict() for engine in self.engines],
-                "precision": self.precision, "val_error_change": self.val_error_change,
-                "precision_note": self.precision_note}
+        out = {"name": self.name, "role": self.role, "file": self.file, "sha256": self.sha256, "bytes": self.bytes,
+               "members": list(self.members), "flops": self.flops, "input_name": self.input_name,
+               "output_name": self.output_name, "engines": [engine.to_dict() for engine in self.engines],
+               "precision": self.precision, "val_error_change": self.val_error_change,
+               "precision_note": self.precision_note}
+        if self.checksum is not None:  # optional: absent for unchecked graphs, as in bundles written before
+            out["checksum"] = self.checksum.to_dict()
+        return out
 
 
 @dataclass(kw_only=True)

@@ -1,0 +1,153 @@
+"""Checksums inside the stack graphs: a corrupted weight (or a wrong multiply) shows as a residual on every call.
+
+Algorithm-based fault tolerance (Huang and Abraham) on an MLP stack (``scheme: mlp-abft``, written by
+``edgens export``; docs/bundle-format.md has the layout):
+
+- the hidden layer ``z = W x + b`` has one extra row, ``-(sum of all rows)`` with bias ``-(sum of all biases)``,
+  so its pre-activations sum to zero whatever ``x`` is; the graph sums them (one ReduceSum) and returns that
+  *hidden residual* as a second output, which the runner writes into the check row (:meth:`StackChecksum.merge`);
+- the output layer has two extra columns per member: ``-(sum of the class columns)``, so each member's outputs
+  sum to zero, and ``sum of |class and check columns|``, so the graph itself reports the magnitudes its rounding
+  scales with (the hidden units are >= 0 after the ReLU, so this column is exactly sum |h w| + |b|).
+
+The runtime's member sum, which every call computes anyway, carries both: for the rows a call uses plus the check
+row, the sum over the K class columns and the check column is the output residual plus the hidden residual. A call
+fails a stack (kind ``checksum``) when that exceeds the bound of float rounding:
+
+    |residual| <= SAFETY * u * [(sqrt(h + 1) + sqrt(rows + 1) + sqrt(K + 1)) * magnitude
+                                + (sqrt(n + 1) + sqrt(units) + 1) * (X * sum |W| + sum |b|)]
+
+with ``u`` the graph's unit roundoff, ``n`` the inputs of a hidden unit, ``units`` the hidden pre-activations
+summed and ``X`` the largest |normalised input| the runtime accepts (inputs beyond the bundle's range are refused
+before any stack runs). The square roots are the probabilistic rounding bound of a sum of n terms (Higham and Mary
+2019), the sums of magnitudes the deterministic one's scale; on the default bundle's clean validation and test
+sets the largest residual is below 2% (hidden) and 10% (output) of that bound at SAFETY 1, and SAFETY is 4.
+NaN or infinite residuals always fail.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from edgens.runtime.bundle import ChecksumInfo, InputSpec, Preprocessing, StackInfo
+from edgens.runtime.inputs import allowed_range
+
+SAFETY = 4.0
+"""How many times the rounding bound a residual may reach before the stack fails the call (module docstring)."""
+
+CHECK_OUTPUT = "checks"
+"""The name export gives a checked graph's second output (the hidden residual)."""
+
+KIND = "checksum"
+"""The failure kind of a stack whose checksums do not hold (:mod:`edgens.runtime.health`)."""
+
+
+def input_bound(spec: InputSpec, preprocessing: Preprocessing) -> float:
+    """The largest |normalised input| the runtime accepts (inf when the bundle records no input range)."""
+    allowed = allowed_range(spec)
+    if allowed is None:
+        return math.inf
+    return max(max(abs(allowed[0] - mean), abs(allowed[1] - mean)) / std
+               for mean, std in zip(preprocessing.mean, preprocessing.std, strict=True))
+
+
+class StackChecksum:
+    """One checked stack's bounds, worked out once at load.
+
+    Args:
+        name: the stack's name.
+        rows: its members (the check row's index).
+        info: its checksums' description.
+        n_outputs: K.
+        x_bound: the largest |normalised input| (:func:`input_bound`).
+        unit_roundoff: of the arithmetic that runs the graph (default: the graph's own; a backend that computes in
+            fewer bits says so, :meth:`~edgens.runtime.backends.Backend.checksum_roundoff`; inf: only non-finite
+            residuals fail).
+    """
+
+    def __init__(self, name: str, rows: int, info: ChecksumInfo, n_outputs: int, x_bound: float,
+                 unit_roundoff: float | None = None):
+        self.info, self.name, self.rows, self.k = info, name, rows, n_outputs
+        u = info.unit_roundoff if unit_roundoff is None else unit_roundoff
+        # A stack's hidden residual does not depend on which of its rows a call uses: one constant.
+        self.hidden_limit = SAFETY * u * (math.sqrt(info.hidden_terms) + math.sqrt(info.hidden_units) + 1) * (
+            x_bound * info.hidden_weight_abs + info.hidden_bias_abs)
+        self.output_gain = SAFETY * u * (math.sqrt(info.output_terms) + math.sqrt(self.rows + 1) +
+                                         math.sqrt(n_outputs + 1))
+
+    def failure(self, total: np.ndarray, hidden: np.ndarray) -> str | None:
+        """Why the checksums of a call's rows do not hold, or None.
+
+        Args:
+            total: ``(B, K + 2)``, the sum over the rows the call used (the check row excluded).
+            hidden: ``(B,)``, the check row's column K: the hidden residual.
+        """
+        with np.errstate(invalid="ignore", over="ignore"):
+            residual = total[:, :self.k + 1].sum(axis=1) + hidden
+            # NaN compares False: a non-finite residual or magnitude fails too.
+            if (np.abs(residual) <= self.output_gain * total[:, self.k + 1] + self.hidden_limit).all():
+                return None
+            return self._explain(total, hidden)
+
+    def _explain(self, total: np.ndarray, hidden: np.ndarray) -> str:
+        """Which layer's residual is out of bounds (only on failure: it costs a few more passes)."""
+        bad = ~(np.abs(hidden) <= self.hidden_limit)
+        if bad.any():
+            worst = int(np.argmax(np.where(np.isfinite(hidden), np.abs(hidden), np.inf)))
+            return (f"layer {self.info.layers[0]}: residual {float(hidden[worst]):.3g} beyond its bound "
+                    f"{self.hidden_limit:.3g} in {int(bad.sum())} of {len(hidden)} examples")
+        residual = total[:, :self.k + 1].sum(axis=1)
+        limit = self.output_gain * total[:, self.k + 1]
+        bad = ~(np.abs(residual) <= limit)
+        worst = int(np.argmax(np.where(bad, 1.0, 0.0)))
+        return (f"layer {self.info.layers[1]}: residual {float(residual[worst]):.3g} beyond its bound "
+                f"{float(limit[worst]):.3g} in {int(bad.sum())} of {len(residual)} examples")
+
+    def verified(self, out: np.ndarray) -> np.ndarray:
+        """The members' natural parameters of a whole merged output, after checking every row.
+
+        Raises:
+            ChecksumError: the checksums do not hold.
+        """
+        with np.errstate(invalid="ignore", over="ignore"):
+            total = out[:self.rows].sum(axis=0, dtype=np.float64)
+        problem = self.failure(total, out[self.rows, :, self.k].astype(np.float64))
+        if problem is not None:
+            raise ChecksumError(f"stack {self.name}: checksum: {problem}")
+        return members_view(out, self.rows, self.k)
+
+
+def output_shape(stack: StackInfo, n_outputs: int, batch: int) -> tuple[int, int, int]:
+    """The shape of a stack graph's ``eta`` output: ``(members, B, K)``, or ``(members + 1, B, K + 2)`` checked."""
+    rows = len(stack.members)
+    return (rows, batch, n_outputs) if stack.checksum is None else (rows + 1, batch, n_outputs + 2)
+
+
+def merge(eta: np.ndarray, checks: np.ndarray) -> np.ndarray:
+    """Write a checked graph's hidden residual ``checks`` ``(B, 1)`` into the check row of its ``eta`` output
+    (the last row, column K: zero until now), so that one array carries the stack's outputs and both residuals."""
+    eta[-1, :, -2] = checks.reshape(-1)
+    return eta
+
+
+def members_view(out: np.ndarray, rows: int, n_outputs: int) -> np.ndarray:
+    """The members' natural parameters ``(rows, B, K)`` of a stack's output (a view; the whole output when the
+    stack is unchecked)."""
+    return out if out.shape[0] == rows and out.shape[2] == n_outputs else out[:rows, :, :n_outputs]
+
+
+class ChecksumError(RuntimeError):
+    """A stack's checksums do not hold: a corrupted weight, or a wrong computation."""
+
+
+def stack_checksums(stacks: list[StackInfo], n_outputs: int, spec: InputSpec, preprocessing: Preprocessing,
+                    roundoff: Callable[[StackInfo], float] | None = None) -> dict[str, StackChecksum]:
+    """The :class:`StackChecksum` of every checked stack, by name (``roundoff``: the unit roundoff of the
+    arithmetic that runs a stack, default the graph's)."""
+    x_bound = input_bound(spec, preprocessing)
+    return {stack.name: StackChecksum(stack.name, len(stack.members), stack.checksum, n_outputs, x_bound,
+                                      None if roundoff is None else roundoff(stack))
+            for stack in stacks if stack.checksum is not None}
