@@ -307,12 +307,17 @@ def bit_faults_at_rate(model: bytes, rate: float, bits: Sequence[int] | None = N
 
 def weight_row(tensor: WeightTensor, index: int, rows: int) -> int | None:
     """Which member row of a stack of ``rows`` members the weight ``index`` of ``tensor`` belongs to: edgens' stacks
-    keep members on the leading axis of every weight (``rows * k`` entries: k per member). None when that axis is
-    not a multiple of ``rows`` (the weight is not a member's own)."""
-    if not tensor.shape or tensor.shape[0] % rows:
+    keep members on the leading axis of every weight (``rows * k`` entries: k per member; a checked graph's
+    ``(rows + 1) * k``, the last k its check member's). None when the weight is not a member's own (the check
+    member's, or a leading axis that is no multiple of the members)."""
+    if not tensor.shape:
         return None
-    per_leading = tensor.size // tensor.shape[0]
-    return int(index // per_leading) // (tensor.shape[0] // rows)
+    for owners in (rows, rows + 1):
+        if tensor.shape[0] % owners == 0:
+            per_leading = tensor.size // tensor.shape[0]
+            row = int(index // per_leading) // (tensor.shape[0] // owners)
+            return row if row < rows else None
+    return None
 
 
 @contextmanager

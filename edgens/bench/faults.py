@@ -20,6 +20,9 @@ Protocols, per bundle, on the test set in calls of ``batch`` examples:
 - **self-test**: for every flip of the harmful and random protocols that is in the exponent, whether the stack's
   outputs changed beyond the self-test's tolerance on the stored inputs and on the whole test set, and whether
   :meth:`Predictor.self_test` caught it.
+- **checksums** (checked bundles): :mod:`edgens.bench.checksum_faults`, by budget, bit and layer.
+
+"Detection" is the outlier test and, in a checked bundle, the checksums inside its stacks: both on or both off.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import numpy as np
 from edgens.bench.analysis import Progress, no_progress
 from edgens.bench.report import markdown_table
 from edgens.errors import ConfigError
+from edgens.runtime.checksums import members_view
 from edgens.runtime.policies import Budget
 
 if TYPE_CHECKING:
@@ -69,8 +73,9 @@ class _Bench:
         self.x, self.y, self.batch = x, y, batch
         # No quarantine: each call is measured on its own (quarantine would swap a corrupted prefix stack for the
         # clean general stacks after three outlier calls, which is better still but measures something else).
-        self.predictors = {(c, d): Predictor.load(bundle, "onnxruntime", lanes=1, detect_outliers=d, combiner=c,
-                                                  quarantine_after=None) for c, d in COMBINER_CONFIGS}
+        # Detection on or off: the outlier test and, in a checked bundle, the checksums inside its stacks.
+        self.predictors = {(c, d): Predictor.load(bundle, "onnxruntime", lanes=1, detect_outliers=d, checksums=d,
+                                                  combiner=c, quarantine_after=None) for c, d in COMBINER_CONFIGS}
         reference = self.predictors[("mean", True)]
         self.manifest = reference.manifest
         if self.manifest.outliers is None:
@@ -168,8 +173,8 @@ class _Bench:
         diff = 0.0
         for start in range(0, len(self.xn), 1000):
             with np.errstate(invalid="ignore", over="ignore"):
-                d = np.abs(corrupted.run(self.xn[start:start + 1000]).astype(np.float64)
-                           - clean[:, start:start + 1000])
+                out = members_view(corrupted.run(self.xn[start:start + 1000]), len(clean), clean.shape[2])
+                d = np.abs(out.astype(np.float64) - clean[:, start:start + 1000])
             diff = max(diff, float(d.max()) if np.isfinite(d).all() else float("inf"))
         return {"self_test_caught": not result.ok, "self_test_diff": result.max_diff,
                 "test_diff": diff, "test_changed": diff > result.tolerance, "tolerance": result.tolerance}
@@ -240,6 +245,11 @@ def _bundle(bench: _Bench, spec: str, draws: int, random_draws: int, sweep_draws
     out["random"] = {"summary": _summary(rows), "draws": rows}
     out["self_test"] = _self_test_summary(out)
     out["sweep"] = _sweep(bench, sweep_draws, rng, progress)
+    if any(stack.checksum is not None for stack in bench.manifest.stacks):
+        from edgens.bench.checksum_faults import checksum_protocol
+
+        out["checksums"] = checksum_protocol(bench.bundle, bench.x, bench.y, draws, sweep_draws, bench.batch, rng,
+                                             progress)
     return out
 
 
@@ -427,6 +437,11 @@ def faults_markdown(data: dict) -> str:
         rows.append(["clean accuracy", *[_pct(sweep["clean_accuracy"][label]) for label in labels]])
         lines += [f"## Sweep, {b['bundle']} (lam {b['lam']:g}): SDC by flipped bit ({sweep['draws']} draws each, "
                   f"{sweep['examples']} examples)", "", markdown_table(["bit", *labels], rows), ""]
+    for b in data["bundles"]:
+        if "checksums" in b:
+            from edgens.bench.checksum_faults import checksum_markdown
+
+            lines += checksum_markdown(b["bundle"], b["checksums"])
     return "\n".join(lines)
 
 

@@ -39,12 +39,15 @@ import click
               help="With --dla-core: the engines' one batch size (the DLA has no dynamic shapes).")
 @click.option("--add-tensorrt", "add_to", type=click.Path(file_okay=False), default=None,
               help="Instead of exporting: build engines for this existing bundle on this device.")
+@click.option("--checksums/--no-checksums", default=True, show_default=True,
+              help="Write checked graphs (MLP stacks, fp32 and fp16): the runtime catches a corrupted weight in any "
+                   "stack a call runs, at every budget. int8 stacks and other stack kinds stay unchecked.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(run_dir: str | None, out: str | None, stack_size: int | None, prefix_stacks: str, order: str,
            specialist_size: int, opset: int, tensorrt: bool, precision: str | None, precision_tolerance: float,
-           engine_precision: str | None, dla_core: int | None, dla_batch: int, add_to: str | None, force: bool,
-           as_json: bool) -> None:
+           engine_precision: str | None, dla_core: int | None, dla_batch: int, add_to: str | None, checksums: bool,
+           force: bool, as_json: bool) -> None:
     """Export RUN_DIR as a deployment bundle of member stacks (ONNX, optionally TensorRT) plus a manifest.
 
     Members are ordered for anytime use, cut into stacks, and each class gets a specialist sub-ensemble. Every
@@ -88,7 +91,7 @@ def export(run_dir: str | None, out: str | None, stack_size: int | None, prefix_
 
     options = ExportOptions(stack_size=stack_size, prefix_stacks=_fractions(prefix_stacks), order=order,
                             specialist_size=specialist_size, opset=opset, tensorrt=tensorrt, precision=precision,
-                            precision_tolerance=precision_tolerance, force=force)
+                            precision_tolerance=precision_tolerance, checksums=checksums, force=force)
     try:
         report = export_bundle(run_dir, out, options, progress)
     finally:
