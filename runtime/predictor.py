@@ -65,9 +65,11 @@ class Predictor:
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, strict: bool = False,
                  stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None,
-                 detect_outliers: bool = True, outlier_margin: float | None = None, combiner: str = "mean",
+                 detect_outliers: bool | None = None, outlier_margin: float | None = None, combiner: str = "mean",
                  trim: float = DEFAULT_TRIM, checksums: bool = True):
         self.bundle_dir, self.manifest, self.backend = bundle_dir, manifest, backend
+        if detect_outliers is None:  # the checksums make the outlier test redundant where every stack has them
+            detect_outliers = not (checksums and all(stack.checksum is not None for stack in manifest.stacks))
         self._prepare = InputPreparer(manifest.input, manifest.preprocessing)
         self.latency = LatencyEstimates(bundle_dir, backend.describe)
         self.pool = StackPool(bundle_dir, manifest, backend, strict, stack_timeout_ms, quarantine_after,
@@ -88,7 +90,7 @@ class Predictor:
     @classmethod
     def load(cls, bundle: str | Path, backend: str = "auto", *, strict: bool = False,
              stack_timeout_ms: float | None = None, quarantine_after: int | None = 3, lanes: int | None = None,
-             detect_outliers: bool = True, outlier_margin: float | None = None, combiner: str = "mean",
+             detect_outliers: bool | None = None, outlier_margin: float | None = None, combiner: str = "mean",
              trim: float = DEFAULT_TRIM, self_test_interval_s: float | None = None, checksums: bool = True,
              **backend_options: Any) -> Predictor:
         """Load a bundle and start its stacks.
@@ -104,7 +106,7 @@ class Predictor:
                 calling thread only; 1: everything one after another in the calling thread; given explicitly,
                 deadline calls use the lanes too). See :mod:`edgens.runtime.lanes` and docs/runtime.md.
             detect_outliers: leave out groups of members that deviate from the others beyond the thresholds
-                fitted at export (silent faults); needs a bundle that has them, else nothing is checked.
+                fitted at export (silent faults; needs a bundle that has them). None: unless every stack is checked.
             outlier_margin: how many times its threshold a group may deviate (default: the bundle's, 1.5).
             combiner: ``mean`` (the paper's), ``median`` or ``trimmed`` (see :func:`edgens.ensemble.combine`).
             trim: the fraction a ``trimmed`` combiner cuts from each end.
@@ -135,7 +137,7 @@ class Predictor:
         if not predictor.pool.runners:
             raise NoMembersAvailableError(f"no stack of {bundle_dir} could be loaded: {predictor.describe_health()}")
         predictor.latency.reload()
-        if detect_outliers and manifest.outliers is None:
+        if predictor.outliers is None and detect_outliers:
             log.info("%s has no outlier thresholds (exported before silent-fault detection, or with fewer than three "
                      "general stacks): calls are not checked for outliers", bundle_dir)
         if self_test_interval_s is not None:

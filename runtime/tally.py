@@ -113,26 +113,28 @@ class TallyRules:
         step = result.step
         groups = None
         check = self.checksums.get(step.stack)
-        if check is not None:  # the check row aside; the members' rows keep their two check columns until summed
-            hidden = out[check.rows, :, check.k]
-            out = out[:check.rows]
         # float32 sums take half the time of float64 ones; only absurd logits (~1e37) could overflow, and are then
         # reported as non-finite (quietly: a corrupted stack's huge outputs are no numpy error).
         with np.errstate(over="ignore", invalid="ignore"):
-            rows = out if step.rows is None else out[list(step.rows)]
+            if check is None:
+                rows = out if step.rows is None else out[list(step.rows)]
+            else:  # a checked stack's rows keep their check columns until summed, with the check row last
+                rows = out if step.rows is None else out[[*step.rows, check.rows]]
             layout = self.layout(step) if self.outliers is not None else None
             if layout is None:
-                part = rows.sum(axis=0)
+                part = rows.sum(axis=0)  # a checked stack's check row adds only its hidden residual (column K)
             else:  # one pass: each group's sum, then their total
-                groups = layout.group_sums(rows)
+                groups = layout.group_sums(rows if check is None else rows[:-1])
                 part = groups.sum(axis=0) if len(groups) > 1 else groups[0]
+                if check is not None:
+                    part = part + rows[-1]
             if check is not None:
                 # The member sum the call needs anyway carries the checksums (edgens.runtime.checksums).
-                problem = check.failure(part, hidden) if self.verify else None
+                problem = check.failure(part, rows[-1, :, check.k]) if self.verify else None
                 if problem is not None:
                     result.failure = StackFailure(step.stack, CHECKSUM, problem)
                     return result
-                part, rows = part[:, :check.k], rows[..., :check.k]
+                part, rows = part[:, :check.k], rows[:-1, :, :check.k]
                 groups = None if groups is None else groups[..., :check.k]
             if step.fallback and not math.isfinite(part.sum()):
                 result.failure = StackFailure(step.stack, "non-finite", _NON_FINITE)

@@ -102,9 +102,9 @@ def summarise(predictions: list[Any], y: Any, family: str, class_index: int | No
 @click.option("--accelerators", metavar="gpu,dla0,dla1",
               help="tensorrt backend: run the general stacks in turn on these (a Jetson's GPU and DLA cores).")
 @click.option("--strict", is_flag=True, help="Fail on a missing or corrupt stack file instead of excluding it.")
-@click.option("--outliers/--no-outliers", "detect_outliers", default=True, show_default=True,
+@click.option("--outliers/--no-outliers", "detect_outliers", default=None,
               help="Leave out groups of members whose outputs deviate beyond the bundle's thresholds (silent "
-                   "faults such as corrupted weights).")
+                   "faults such as corrupted weights). Default: on, unless every stack has checksums inside.")
 @click.option("--combiner", type=click.Choice(COMBINER_CHOICES), default="mean", show_default=True,
               help="How members are combined: the paper's mean, or the robust median or trimmed mean.")
 @click.option("--self-test", "self_test", is_flag=True,
@@ -115,7 +115,7 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
           deadline_ms: float | None, confidence: float | None, task: str | None, backend: str, batch_size: int,
           limit: int | None, stack_timeout_ms: float | None, threads: int | None, lanes: int | None,
           accelerators: str | None, strict: bool,
-          detect_outliers: bool, combiner: str, self_test: bool, data_dir: str | None, as_json: bool) -> None:
+          detect_outliers: bool | None, combiner: str, self_test: bool, data_dir: str | None, as_json: bool) -> None:
     """Predict with BUNDLE on raw inputs within one budget; print accuracy, latency, members used and failures."""
     from edgens.data.inputs import load_input
     from edgens.runtime import Predictor
@@ -137,6 +137,8 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
         predictions = [predictor.predict(x[i:i + batch_size], budget) for i in range(0, len(x), batch_size)]
         summary = summarise(predictions, y, predictor.manifest.family, class_index)
         info = predictor.describe()
+        detecting = predictor.outliers is not None
+        checked = len(predictor.pool.checksums)
     report = {"bundle": str(bundle), "input": described, "budget": str(budget), "batch_size": batch_size,
               "backend": info["backend"], "providers": info["providers"], "device": info["device"],
               "unavailable_stacks": {name: status for name, status in info["stacks"].items() if status != "ok"},
@@ -173,8 +175,10 @@ def infer(bundle: Path, input_spec: str, members_text: str | None, flops: float 
         click.echo(f"self-test: {len(tested) - len(failed)}/{len(tested)} stacks unchanged"
                    + (f"; quarantined: {', '.join(failed)}" if failed else "")
                    + ("" if tested else " (the bundle has no self-test data)"))
+    click.echo(f"checksums: inside {checked}/{len(info['stacks'])} stacks, checked in every call")
     click.echo(f"outliers: checked in {summary['outliers_checked_batches']}/{summary['batches']} batches"
-               + ("" if detect_outliers else " (detection off)"))
+               + ("" if detecting else " (detection off" + ("" if detect_outliers is False else
+                                                            ": every stack has checksums") + ")"))
     failures = "; ".join(f"{stack}: " + ", ".join(f"{n} {kind}" for kind, n in kinds.items())
                          for stack, kinds in summary["failures"].items())
     click.echo(f"failures: {failures or 'none'}")
