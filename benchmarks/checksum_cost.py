@@ -84,7 +84,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-sizes", default="1,64")
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--data", default="fashion-mnist:test")
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "checksums" / "checksum_cost.json")
+    parser.add_argument("--out", type=Path,
+                        default=ROOT / "benchmarks" / "results" / "checksums" / "checksum_cost.json")
     args = parser.parse_args(argv)
     x, _, _ = load_input(args.data)
     batches = [int(b) for b in args.batch_sizes.split(",")]
@@ -114,7 +115,8 @@ def main(argv: list[str] | None = None) -> dict:
             on = np.array([t[(name, batch, True)] for t in checked_times])
             off = np.array([t[(name, batch, False)] for t in checked_times])
             goal = GOALS["all members" if name == "all members" else "other"].get(str(batch))
-            row = {"ms_per_call": {"plain bundle": float(np.median(plain)), "checked, checks off": float(np.median(off)),
+            row = {"ms_per_call": {"plain bundle": float(np.median(plain)),
+                                   "checked, checks off": float(np.median(off)),
                                    "checked, checks on": float(np.median(on))},
                    "whole_cost": float(np.median(on / plain)), "runtime_check": float(np.median(on / off)),
                    "whole_cost_per_round": (on / plain).round(4).tolist(),

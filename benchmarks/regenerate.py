@@ -5,8 +5,9 @@
 
 One command for the device side of ``benchmarks/results/``: it trains what it needs when missing (the default run,
 ``edgens train --preset mlp-256x4 --lam 0.99 --epochs 30 --seed 0``, and the lam 0 and lam 1 runs the fault
-benchmarks compare with, 30 epochs each, about 150 s each on 2 cores), exports the bundles (default layout,
-single graph, int8, lam 0, lam 1), profiles the default bundle, then runs every benchmark below one after another
+benchmarks compare with, 30 epochs each, about 150 s each on 2 cores), exports the bundles (default layout, with
+checksums; the same without them, ``plain``; single graph without them; int8; lam 0; lam 1), profiles the default
+bundle, then runs every benchmark below one after another
 (never two at once: they time things) and writes ``regenerate.json`` to ``--out``: for each step, its command,
 seconds, files, scale, commit (and whether the tree had uncommitted changes) and machine. Rerunning some steps
 (``--steps``) replaces their entries and keeps the others'. Timings are only as good as the machine is quiet: run it
@@ -71,6 +72,9 @@ STEPS = (
     Step("single_graph", "benchmarks/single_graph.py {bundle} {single} --out {out}/single_graph",
          {"quick": "--rounds 1 --calls 20", "standard": "--rounds 11 --calls 150", "full": "--rounds 11 --calls 150"},
          "single_graph/single_graph.{json,md}"),
+    Step("checksum_cost", "benchmarks/checksum_cost.py --checked {bundle} --plain {plain} "
+         "--out {out}/checksums/checksum_cost.json", {"quick": "--rounds 1", "standard": "--rounds 9",
+                                                      "full": "--rounds 15"}, "checksums/checksum_cost.json"),
     Step("precision", "benchmarks/precision_bench.py {bundle} {int8} --out {out}/precision",
          {"quick": "--rounds 1 --calls 20"}, "precision/precision.{json,md}"),
     Step("anytime_cost", "benchmarks/anytime_cost.py {bundle} --out {out}/anytime_cost.json",
@@ -103,7 +107,9 @@ PREPARE = (
     ("lam0_run", "edgens train --preset mlp-256x4 --lam 0 --epochs {epochs} --seed 0 --out {lam0_run} --quiet"),
     ("lam1_run", "edgens train --preset mlp-256x4 --lam 1 --epochs {epochs} --seed 0 --out {lam1_run} --quiet"),
     ("bundle", "edgens export {run} -o {bundle}"),
-    ("single", "edgens export {run} -o {single} --stack-size 256 --prefix-stacks none --specialist-size 0"),
+    ("plain", "edgens export {run} -o {plain} --no-checksums"),
+    ("single", "edgens export {run} -o {single} --stack-size 256 --prefix-stacks none --specialist-size 0 "
+               "--no-checksums"),
     ("int8", "edgens export {run} -o {int8} --precision int8"),
     ("lam0", "edgens export {lam0_run} -o {lam0}"),
     ("lam1", "edgens export {lam1_run} -o {lam1}"),
@@ -125,6 +131,7 @@ def cpu_model() -> str:
 def paths_for(runs: Path, out: Path, run: Path | None, bundle: Path | None) -> dict[str, str]:
     return {"run": str(run or runs / "default"), "bundle": str(bundle or runs / "default-bundle"),
             "single": str(runs / "single-bundle"), "int8": str(runs / "int8-bundle"),
+            "plain": str(runs / "plain-bundle"),
             "lam0_run": str(runs / "lam0"), "lam1_run": str(runs / "lam1"),
             "lam0": str(runs / "lam0-bundle"), "lam1": str(runs / "lam1-bundle"), "out": str(out), "epochs": "30"}
 

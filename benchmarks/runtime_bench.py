@@ -47,6 +47,7 @@ from edgens.runtime import (Predictor, fit_confidence, inject_faults, load_manif
                             read_calibration, save_latency_table)
 from edgens.ensemble import inverse_link  # noqa: E402
 from edgens.runtime.faults import random_faults  # noqa: E402
+from edgens.runtime.checksums import members_view  # noqa: E402
 
 FAULT_FRACTIONS = (0.1, 0.25, 0.5)
 
@@ -81,12 +82,14 @@ class BareSessions:
         self.mean = np.asarray(m.preprocessing.mean, np.float32).reshape(shape)
         self.std = np.asarray(m.preprocessing.std, np.float32).reshape(shape)
         self.shape = m.input.shape
+        self.k = m.n_outputs
 
     def normalise(self, raw: np.ndarray) -> np.ndarray:
         return ((raw.reshape(len(raw), *self.shape).astype(np.float32) - self.mean) / self.std).astype(np.float32)
 
     def run(self, x: np.ndarray, names: list[str]) -> list[np.ndarray]:
-        return [self.runners[name].run(x) for name in names]
+        return [members_view(self.runners[name].run(x), len(self.runners[name].stack.members), self.k)
+                for name in names]
 
 
 # ------------------------------------------------------------------------------------------------------ sections
