@@ -62,8 +62,6 @@ class TrainConfig:
     """mu: weight of the nested-prefix term added to the modular loss (0: the paper's loss). See edgens.losses."""
     prefixes: tuple[int, ...] | None = None
     """Member counts of the nested prefixes the anytime term trains (None: M/16, 10%, M/8, M/4, M/2)."""
-    prefix_floor: float = 0.0
-    """The smallest weight of a prefix in the anytime term (0: each prefix of k members weighs k / M)."""
     fault_weight: float = 0.0
     """nu: weight of the random-subset term (the ensemble of a random subset of the members, as faults leave it)
     added to the loss (0: none). See edgens.losses.subset_term."""
@@ -108,7 +106,6 @@ class TrainConfig:
         if self.nesterov and self.momentum == 0:
             raise ConfigError("nesterov needs momentum > 0")
         check_number("anytime_weight", self.anytime_weight, low=0)
-        check_number("prefix_floor", self.prefix_floor, low=0, high=1)
         if self.anytime_weight and self.method == "bagging":
             raise ConfigError("the anytime term trains ensembles of members jointly; bagging trains them independently")
         check_number("fault_weight", self.fault_weight, low=0)

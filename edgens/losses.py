@@ -134,7 +134,7 @@ def check_inputs(eta: torch.Tensor, target: torch.Tensor, family: str) -> None:
 
 
 def anytime_term(prefix_sums: torch.Tensor, target: torch.Tensor, prefixes: tuple[int, ...], n_members: int,
-                 family: str = "categorical", floor: float = 0.0) -> torch.Tensor:
+                 family: str = "categorical") -> torch.Tensor:
     """The nested-prefix term: sum over k of (k / M) * NLL(mean of the first k members), averaged over the batch.
 
     Args:
@@ -143,16 +143,13 @@ def anytime_term(prefix_sums: torch.Tensor, target: torch.Tensor, prefixes: tupl
         prefixes: the P member counts k.
         n_members: M.
 
-        floor: the smallest weight of a prefix (0: k / M for every k).
-
     The k / M weight keeps each member's gradient on the scale of the full-ensemble term: NLL(mean of k) gives each
     of its k members 1 / k of the gradient of the mean, so (k / M) * that is 1 / M, as the lam term gives every
-    member. A ``floor`` weighs the smallest prefixes more (max(k / M, floor)): with 1 / M, the first member alone
-    weighs too little to beat the best single member of the paper's loss (issue 27).
+    member.
     """
     sizes = torch.tensor(prefixes, dtype=prefix_sums.dtype, device=prefix_sums.device)
     nll = member_nll(prefix_sums / sizes[:, None, None], target, family).mean(-1)  # (P,)
-    return ((sizes / n_members).clamp(min=floor) * nll).sum()
+    return (sizes / n_members * nll).sum()
 
 
 def subset_term(subset_sums: torch.Tensor, sizes: torch.Tensor, target: torch.Tensor, n_members: int,
@@ -207,7 +204,7 @@ def prefix_sums(eta: torch.Tensor, prefixes: tuple[int, ...]) -> torch.Tensor:
 
 def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: str = "categorical",
                  validate: bool = True, member_weights: torch.Tensor | None = None, anytime_weight: float = 0.0,
-                 prefixes: tuple[int, ...] = (), prefix_floor: float = 0.0, fault_weight: float = 0.0,
+                 prefixes: tuple[int, ...] = (), fault_weight: float = 0.0,
                  fault_masks: torch.Tensor | None = None) -> ModularLoss:
     """The modular loss of an ensemble, averaged over the batch.
 
@@ -224,7 +221,6 @@ def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: st
             ensembles of the first k members, in index order, the order the deployed runtime runs them in).
         prefixes: member counts k in [1, M) of the nested prefixes (used when ``anytime_weight`` > 0; checked with
             ``validate``).
-        prefix_floor: the smallest weight of a prefix in the anytime term (see :func:`anytime_term`).
         fault_weight: nu >= 0: adds nu * :func:`subset_term` over ``fault_masks`` (fault-aware training: the
             ensembles of random member subsets per example, what random faults and drops leave).
         fault_masks: (R, M) 0/1 masks from :func:`subset_masks` (used when ``fault_weight`` > 0).
@@ -267,7 +263,7 @@ def modular_loss(eta: torch.Tensor, target: torch.Tensor, lam: float, family: st
     p = len(prefixes) if anytime_weight else 0
     anytime = None
     if anytime_weight:
-        anytime = anytime_term(sums[:p], target, prefixes, eta.shape[0], family, prefix_floor)
+        anytime = anytime_term(sums[:p], target, prefixes, eta.shape[0], family)
         total = total + anytime_weight * anytime
     faults = None
     if fault_weight:

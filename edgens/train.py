@@ -195,7 +195,6 @@ class Trainer:
         weights = None if self.weights is None else self.weights[:, index].float()
         parts = modular_loss(eta, y, self.config.lam, self.config.family, validate=False, member_weights=weights,
                              anytime_weight=self.config.anytime_weight, prefixes=self.prefixes,
-                             prefix_floor=self.config.prefix_floor,
                              fault_weight=self.config.fault_weight, fault_masks=masks)
         return parts, eta.detach().mean(0)
 

@@ -219,11 +219,6 @@ def test_anytime_term_value_and_gradient_against_independent_maths(family: str) 
     grad_without, = torch.autograd.grad(modular_loss(eta2, y, lam, family).total, eta2)
     np.testing.assert_allclose((grad_with - grad_without).numpy(), expected_grad, rtol=1e-10, atol=1e-14)
     assert without.anytime is None
-    # a floor on the prefixes' weights: max(k / M, floor) instead of k / M (here it lifts k = 1 and 3, not 6)
-    floor = 0.5
-    floored = modular_loss(eta.detach(), y, lam, family, anytime_weight=mu, prefixes=prefixes, prefix_floor=floor)
-    expected_floored = sum(max(kk / m, floor) * nll_of(eta_np[:kk].mean(0)) for kk in prefixes)
-    assert float(floored.anytime) == pytest.approx(expected_floored, rel=1e-10)
 
 
 def test_anytime_settings_are_checked() -> None:

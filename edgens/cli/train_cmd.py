@@ -33,9 +33,6 @@ def _milestones(text: str) -> tuple[float, ...]:
                    "the member order the device runs are strong ensembles (0: the paper's loss).")
 @click.option("--prefixes", "prefixes_text", default=None, metavar="K1,K2,...",
               help="Member counts k of the nested prefixes the anytime term trains [M/16, 10%, M/8, M/4, M/2].")
-@click.option("--prefix-floor", type=click.FloatRange(min=0, max=1), default=0.0, show_default=True,
-              help="The smallest weight of a prefix in the anytime term: max(k/M, F), so that the first few members "
-                   "alone are strong too (e.g. 0.0625 with --prefixes 1,2,4,8,...).")
 @click.option("--fault-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="nu: add nu * the mean over random member subsets (each keeping 5-50% of the members) of "
                    "(k/M) NLL(mean of the kept members), so that what random faults and drops leave is a strong "
@@ -84,7 +81,7 @@ def _milestones(text: str) -> tuple[float, ...]:
 @click.pass_context
 def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, anytime_weight: float,
           fault_weight: float, fault_draws: int,
-          prefixes_text: str | None, prefix_floor: float, epochs: int, lr: float | None,
+          prefixes_text: str | None, epochs: int, lr: float | None,
           lr_milestones: str, lr_gamma: float, momentum: float, nesterov: bool, weight_decay: float, batch_size: int,
           patience: int | None, method: str, dataset: str, family: str, data_dir: str | None, val_size: int | None,
           train_limit: int | None, seed: int, device: str, out: str | None, resume_dir: str | None, as_json: bool,
@@ -105,7 +102,7 @@ def train(ctx: click.Context, preset: str, n_members: int | None, lam: float, an
                              nesterov=nesterov, weight_decay=weight_decay, batch_size=batch_size, patience=patience,
                              seed=seed, device=device, dataset=dataset, family=family, data_dir=data_dir,
                              val_size=val_size, train_limit=train_limit, method=method, anytime_weight=anytime_weight,
-                             prefixes=_prefixes(prefixes_text), prefix_floor=prefix_floor, fault_weight=fault_weight,
+                             prefixes=_prefixes(prefixes_text), fault_weight=fault_weight,
                              fault_draws=fault_draws).validate()
         out = out or f"runs/{preset}-lam{lam:g}-s{seed}-{datetime.now():%Y%m%d-%H%M%S}"
         from edgens.rundir import RunDir  # torch-free

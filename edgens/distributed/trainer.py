@@ -154,7 +154,7 @@ class DistributedTrainer(Trainer):
         size, p = eta[0].numel(), len(self.prefixes)
         if self.prefixes:
             prefix_sums = reduced[size:size * (1 + p)].view(p, *eta.shape[1:])
-            anytime = anytime_term(prefix_sums, target, self.prefixes, m, config.family, config.prefix_floor)
+            anytime = anytime_term(prefix_sums, target, self.prefixes, m, config.family)
             total = total + config.anytime_weight * anytime
         faults = None
         if masks is not None:
