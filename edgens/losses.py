@@ -13,6 +13,7 @@ categorical cross-entropy, gaussian (unit variance) squared error / 2, poisson e
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -186,8 +187,10 @@ def subset_masks(rng: np.random.Generator, draws: int, n_members: int,
     return torch.from_numpy(masks.astype(np.float32))
 
 
+@functools.lru_cache(maxsize=8)
 def prefix_masks(prefixes: tuple[int, ...], n_members: int) -> torch.Tensor:
-    """(P, M) 0/1 float masks of the nested prefixes: row p keeps the first ``prefixes[p]`` members."""
+    """(P, M) 0/1 float masks of the nested prefixes: row p keeps the first ``prefixes[p]`` members (made once per
+    setting: every training step needs them; callers must not change the tensor)."""
     return (torch.arange(n_members)[None, :] < torch.tensor(prefixes)[:, None]).float()
 
 
