@@ -253,6 +253,11 @@ def test_drop_plot_averages_trials_of_a_setting() -> None:
     groups = _trial_groups(runs)
     assert [label for label, _ in groups] == ["lam=0 (3 seeds)", "lam=0.99 (3 seeds)", "lam=1"]
     assert [len(members) for _, members in groups] == [3, 3, 1]
+    # objectives of the same lam are groups of their own (issue 27: the paper's loss, the anytime term, both terms)
+    runs = [{"preset": "mlp-256x4", "lam": 0.99, "seed": seed, "anytime_weight": mu, "fault_weight": nu}
+            for mu, nu in ((0.0, 0.0), (1.0, 0.0), (1.0, 2.0)) for seed in (0, 1)]
+    assert [label for label, _ in _trial_groups(runs)] == ["lam=0.99 (2 seeds)", "lam=0.99 mu=1 (2 seeds)",
+                                                          "lam=0.99 mu=1 nu=2 (2 seeds)"]
     curves = [[0.1, 0.2], [0.3, 0.2], [0.2, 0.5]]
     mean, se = _mean_curve(curves, [[0.9, 0.9]] * 3)  # several trials: the spread across them, not their own se
     np.testing.assert_allclose(mean, [0.2, 0.3])

@@ -79,6 +79,8 @@ def _short_labels(runs: list[dict]) -> list[str]:
         parts.append(f"lam={r['lam']:g}")
         if r.get("method", "modular") != "modular":
             parts.append(r["method"])
+        parts += [f"{name}={r[key]:g}" for key, name in (("anytime_weight", "mu"), ("fault_weight", "nu"))
+                  if r.get(key)]
         if varies("seed"):
             parts.append(f"seed {r['seed']}")
         labels.append("\n".join(parts))
@@ -86,11 +88,13 @@ def _short_labels(runs: list[dict]) -> list[str]:
 
 
 def _trial_groups(runs: list[dict]) -> list[tuple[str, list[dict]]]:
-    """Runs grouped by setting (preset, lam, method), in first-seen order, each with a label that names only what
-    differs between the groups and how many trials (seeds) it holds."""
+    """Runs grouped by setting (preset, lam, method, anytime and random-subset weights), in first-seen order, each
+    with a label that names only what differs between the groups and how many trials (seeds) it holds."""
     groups: dict[tuple, list[dict]] = {}
     for run in runs:
-        groups.setdefault((run["preset"], run["lam"], run.get("method", "modular")), []).append(run)
+        key = (run["preset"], run["lam"], run.get("method", "modular"), run.get("anytime_weight", 0.0),
+               run.get("fault_weight", 0.0))
+        groups.setdefault(key, []).append(run)
     firsts = [members[0] for members in groups.values()]
     labels = [label.replace("\n", " ") for label in _short_labels([{**r, "seed": 0} for r in firsts])]
     return [(f"{label} ({len(members)} seeds)" if len(members) > 1 else label, members)
@@ -108,7 +112,7 @@ def _mean_curve(curves: list[list[float]], ses: list[list[float | None]] | None)
 
 
 def plot_drop(data: dict, path: str | Path) -> list[Path]:
-    """Test error and NLL vs members kept (dropped at random per example, and kept in the greedy and index orders),
+    """Test error and NLL vs members kept (dropped at random per example, and the first k of the deployed order),
     and error vs the Bernoulli keep probability. One colour per setting; trials of a setting (seeds) are averaged,
     with a band of +- 2 standard errors across trials (for a single trial, over its random repeats). The legend sits
     below the panels, off the curves.
@@ -127,12 +131,11 @@ def plot_drop(data: dict, path: str | Path) -> list[Path]:
         error, error_se = _mean_curve([r["random_drop"]["error_mean"] for r in runs],
                                       [r["random_drop"]["error_se"] for r in runs])
         _band(axes[0], kept, error.tolist(), error_se.tolist(), color, label)
-        if all("greedy" in r for r in runs):
-            greedy, _ = _mean_curve([r["greedy"]["test_error"] for r in runs], None)
-            axes[0].plot(np.arange(1, m + 1), 100 * greedy, color=color, linestyle="--")
-        if all("index_order" in r for r in runs):
-            ordered, _ = _mean_curve([r["index_order"]["test_error"] for r in runs], None)
-            axes[0].plot(np.arange(1, m + 1), 100 * ordered, color=color, linestyle=":")
+        # the order a run is deployed in (greedy, or its trained order); results before it have the greedy one
+        deployed = [r.get("deployed", r.get("greedy")) for r in runs]
+        if all(d is not None for d in deployed):
+            curve, _ = _mean_curve([d["test_error"] for d in deployed], None)
+            axes[0].plot(np.arange(1, m + 1), 100 * curve, color=color, linestyle="--")
         nll, nll_se = _mean_curve([r["random_drop"]["nll_mean"] for r in runs],
                                   [r["random_drop"]["nll_se"] for r in runs])
         axes[1].plot(kept, nll, color=color)
@@ -163,12 +166,9 @@ def plot_drop(data: dict, path: str | Path) -> list[Path]:
     labels = [label for label, _ in groups]
     handles.append(plt.Line2D([], [], color="black"))
     labels.append("dropped at random (band: +- 2 s.e.)")
-    if any("greedy" in r for r in data["runs"]):
+    if any("greedy" in r or "deployed" in r for r in data["runs"]):
         handles.append(plt.Line2D([], [], color="black", linestyle="--"))
-        labels.append("greedy order, first k members")
-    if any("index_order" in r for r in data["runs"]):
-        handles.append(plt.Line2D([], [], color="black", linestyle=":"))
-        labels.append("index order (anytime-trained runs' order)")
+        labels.append("first k members of the deployed order (greedy; anytime-trained: trained)")
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 5), fontsize=9, frameon=False)
     return [_save(fig, Path(path), rect=(0, 0.08, 1, 1))]
 

@@ -78,10 +78,13 @@ def markdown_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str
 
 
 def run_label(config: dict) -> str:
-    """A short label for a run from its config.json: ``mlp-256x4 lam=0.99 seed 0`` (+ the method unless modular)."""
+    """A short label for a run from its config.json: ``mlp-256x4 lam=0.99 seed 0`` (+ the method unless modular,
+    and the anytime and random-subset weights when set: ``mu=1 nu=2``)."""
     settings = config["config"]
     method = "" if settings.get("method", "modular") == "modular" else f" {settings['method']}"
-    return f"{settings['preset']} lam={settings['lam']:g}{method} seed {settings['seed']}"
+    terms = "".join(f" {name}={settings[key]:g}" for key, name in (("anytime_weight", "mu"), ("fault_weight", "nu"))
+                    if settings.get(key))
+    return f"{settings['preset']} lam={settings['lam']:g}{method}{terms} seed {settings['seed']}"
 
 
 def load_finished(run: str | Path) -> tuple[RunDir, dict]:
