@@ -47,9 +47,9 @@ def main() -> None:
             with inject_bit_faults(predictor, {name: fault}) as runners:
                 result = predictor.self_test([name], quarantine=False)[name]
                 with np.errstate(invalid="ignore", over="ignore"):
-                    rows, k = clean[name].shape[0], clean[name].shape[2]  # a checked stack's extra row/columns aside
+                    members, k = clean[name].shape[0], clean[name].shape[2]  # a checked stack's extra row/columns aside
                     diff = max(float(np.nan_to_num(np.abs(
-                        members_view(runners[name].run(xn[i:i + 1000]), rows, k).astype(np.float64)
+                        members_view(runners[name].run(xn[i:i + 1000]), members, k).astype(np.float64)
                         - clean[name][:, i:i + 1000]), nan=np.inf).max()) for i in range(0, len(xn), 1000))
             allowed = tolerance(clean[name][:, :32], predictor.manifest.stack(name).precision)
             rows.append({"stack": name, "tensor": fault[0].tensor, "index": fault[0].index, "bit": fault[0].bit,

@@ -3,9 +3,10 @@
 Algorithm-based fault tolerance (Huang and Abraham) on an MLP stack (``scheme: mlp-abft``, written by
 ``edgens export``; docs/bundle-format.md has the layout):
 
-- the hidden layer ``z = W x + b`` has one extra row, ``-(sum of all rows)`` with bias ``-(sum of all biases)``,
-  so its pre-activations sum to zero whatever ``x`` is; the graph sums them (one ReduceSum) and returns that
-  *hidden residual* as a second output, which the runner writes into the check row (:meth:`StackChecksum.merge`);
+- the hidden layer ``z = W x + b`` has a check member, whose first unit is ``-(sum of all rows)`` with bias
+  ``-(sum of all biases)`` (its other units are zero), so the pre-activations sum to zero whatever ``x`` is; the
+  graph sums them (one ReduceSum) and returns that *hidden residual* as a second output, which the runner writes
+  into the check member's output row, the *check row* (:func:`merge`);
 - the output layer has two extra columns per member: ``-(sum of the class columns)``, so each member's outputs
   sum to zero, and ``sum of |class and check columns|``, so the graph itself reports the magnitudes its rounding
   scales with (the hidden units are >= 0 after the ReLU, so this column is exactly sum |h w| + |b|).
