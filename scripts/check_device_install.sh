@@ -77,8 +77,12 @@ with Predictor.load("bundle") as predictor:
     assert all(result.ok for result in predictor.self_test().values())
     stack = predictor.manifest.general_stacks[0]
     model = open(f"bundle/{stack.file}", "rb").read()
-    bias = weight_tensors(model)[-1]  # the output layer's bias: doubling its largest entry moves every example
-    fault = BitFault(bias.name, int(np.abs(bias.values(model)).argmax()), 23)
+    # The output layer's bias (the last 3-d weight): doubling its largest class entry moves every example (a checked
+    # stack's bias has two check columns after the K classes, and a check member's row of zeros last).
+    bias = [t for t in weight_tensors(model) if len(t.shape) == 3][-1]
+    values = np.abs(bias.values(model).reshape(bias.shape)[:len(stack.members), :, :predictor.manifest.n_outputs])
+    index = np.unravel_index(int(values.argmax()), values.shape)
+    fault = BitFault(bias.name, int(np.ravel_multi_index(index, bias.shape)), 23)
     with inject_bit_faults(predictor, {stack.name: [fault]}):
         assert not predictor.self_test([stack.name], quarantine=False)[stack.name].ok
 print("device venv: self-test and weight fault injection without the onnx package")
