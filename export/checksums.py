@@ -1,8 +1,9 @@
 """Checked stack graphs: the torch modules ``edgens export`` writes when a stack's graph carries its own checksums.
 
 :class:`CheckedMLP` computes the same outputs as an :class:`~edgens.stacks.mlp.MLPStack` of one hidden layer plus
-the checksums of ``edgens.runtime.checksums`` (scheme ``mlp-abft``): one extra hidden row and a check member, two
-extra output columns, and the hidden pre-activations' sum as a second output. The class columns are computed by the
+the checksums of ``edgens.runtime.checksums`` (scheme ``mlp-abft``): a check member in the hidden layer (its first
+unit the negated sum of all the others), two extra output columns, and the hidden pre-activations' sum as a second
+output. The class columns are computed by the
 same matrix products over the same terms as the plain graph's; the extra rows and columns only widen them.
 Other stack kinds (grouped CNN, DenseNet) and deeper MLPs have no checked form yet: :func:`checked_module` returns
 None for them and export writes them unchecked.
