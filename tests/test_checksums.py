@@ -227,3 +227,24 @@ def test_unchecked_bundles_still_load_and_run(tiny_run: Path, tmp_path: Path,
     assert (prediction.members_used == len(manifest.members)).all() and not prediction.failures
     session = ort.InferenceSession(str(out / manifest.stacks[0].file), providers=["CPUExecutionProvider"])
     assert [o.name for o in session.get_outputs()] == ["eta"]
+
+
+def test_the_fault_bench_measures_the_checksums(checked: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    from edgens.bench.analysis import no_progress
+    from edgens.bench.checksum_faults import checksum_markdown, checksum_protocol
+
+    result = checksum_protocol(checked, data[0][:128], data[1][:128], draws=4, sweep_draws=1, batch=64,
+                               rng=np.random.default_rng(0), progress=no_progress, examples=128)
+    manifest = load_manifest(checked)
+    assert set(result["harmful"]) == {"all", "members=0.1", f"task {manifest.specialists[0].task}", "confidence=0.9",
+                                      "deadline (anytime caller)"}
+    assert not any(result["clean_false_alarms"].values())
+    for part in result["harmful"].values():
+        for row in part["draws"]:  # an exponent 0 -> 1 flip: what it did unprotected and checked, from the labels
+            assert row["bit"] in range(23, 31) and 0 <= row["sdc_on"] <= 1 and 0 <= row["sdc_off"] <= 1
+            if row["caught"]:  # left out like a stack that raised: the same answer as the left-out call
+                assert row["accuracy_on"] == pytest.approx(row["accuracy_left_out"], abs=1 / 128 + 1e-9)
+        summary = part["summary"]
+        assert summary["harmful"] == sum(r["sdc_off"] > 0 for r in part["draws"])
+    assert sorted(result["sweep"]["by_bit"], key=int) == [str(b) for b in range(32)]
+    assert "Checksums" in "\n".join(checksum_markdown("bundle", result))
