@@ -121,7 +121,7 @@ class StackChecksum:
             total = out.sum(axis=0, dtype=np.float64)  # the check row included: its column K is the hidden residual
             problem = self.failure(total, out[self.rows, :, self.k].astype(np.float64))
         if problem is not None:
-            raise ChecksumError(f"stack {self.name}: checksum: {problem}")
+            raise ChecksumError(self.name, problem)
         return members_view(out, self.rows, self.k)
 
 
@@ -145,7 +145,11 @@ def members_view(out: np.ndarray, rows: int, n_outputs: int) -> np.ndarray:
 
 
 class ChecksumError(RuntimeError):
-    """A stack's checksums do not hold: a corrupted weight, or a wrong computation."""
+    """A stack's checksums do not hold: a corrupted weight, or a wrong computation (``problem`` says which layer)."""
+
+    def __init__(self, stack: str, problem: str):
+        super().__init__(f"stack {stack}: checksum: {problem}")
+        self.problem = problem
 
 
 def stack_checksums(stacks: list[StackInfo], n_outputs: int, spec: InputSpec, preprocessing: Preprocessing,

@@ -272,7 +272,7 @@ class StackPool:
                 if failure is None:
                     out = self.verified(name, out)
             except ChecksumError as err:
-                failure = StackFailure(name, CHECKSUM, str(err).removeprefix(f"stack {name}: checksum: "))
+                failure = StackFailure(name, CHECKSUM, err.problem)
             except Exception as err:  # noqa: BLE001  (any backend failure drops the stack, as in predict)
                 failure = StackFailure(name, "error", f"{type(err).__name__}: {err}")
             if failure is not None:

@@ -76,14 +76,10 @@ class _Checked:
             stacks += [s for s in prediction.stacks_run if s not in stacks]
         return np.concatenate(labels), failures, stacks
 
-    def part(self, stack: str, tensor: str, index: int) -> str:
-        """Which part of a checked graph a weight is: hidden or output weights or biases, or a check part."""
-        info = self.manifest.stack(stack)
-        rows = len(info.members)
-        from edgens.runtime.onnx_weights import weight_tensors
-
-        shapes = {t.name: t.shape for t in weight_tensors((self.bundle / info.file).read_bytes())}
-        shape = shapes[tensor]
+    def part(self, stack: str, shape: tuple[int, ...], index: int) -> str:
+        """Which part of a checked graph a weight (of a tensor of ``shape``) is: hidden or output weights or biases,
+        or a check part."""
+        rows = len(self.manifest.stack(stack).members)
         hidden = len(shape) <= 2
         if hidden:
             per_member = shape[0] // (rows + 1)
@@ -104,12 +100,14 @@ class _Checked:
     def draw(self, name: str, kwargs: dict, clean: tuple[np.ndarray, list[str]], bits: tuple[int, ...],
              grow_only: bool, rng: np.random.Generator) -> dict:
         from edgens.runtime.faults import inject_bit_faults, inject_faults, random_bit_faults
+        from edgens.runtime.onnx_weights import weight_tensors
 
         clean_labels, stacks = clean
         accuracy_clean = float((clean_labels == self.y).mean())
         stack = stacks[int(rng.integers(len(stacks)))]
         model = (self.bundle / self.manifest.stack(stack).file).read_bytes()
         fault = random_bit_faults(model, 1, bits, rng, grow_only=grow_only)[0]
+        shapes = {t.name: t.shape for t in weight_tensors(model)}
         with inject_bit_faults(self.off, {stack: [fault]}):
             off, _, _ = self.predict(self.off, kwargs)
         with inject_bit_faults(self.on, {stack: [fault]}):
@@ -118,7 +116,7 @@ class _Checked:
             left, _, _ = self.predict(self.left, kwargs)
         accuracy_on, accuracy_left = float((on == self.y).mean()), float((left == self.y).mean())
         return {"budget": name, "stack": stack, "tensor": fault.tensor, "index": fault.index, "bit": fault.bit,
-                "part": self.part(stack, fault.tensor, fault.index), "caught": (stack, "checksum") in failures,
+                "part": self.part(stack, shapes[fault.tensor], fault.index), "caught": (stack, "checksum") in failures,
                 "sdc_off": float((off != clean_labels).mean()), "sdc_on": float((on != clean_labels).mean()),
                 "accuracy_on": accuracy_on, "accuracy_left_out": accuracy_left, "accuracy_clean": accuracy_clean,
                 "within_0.2_of_left_out": accuracy_on >= min(accuracy_left, accuracy_clean) - WITHIN}
