@@ -26,6 +26,8 @@ from __future__ import annotations
 import hmac
 import json
 import logging
+import re
+import socket
 import time
 import zlib
 from collections.abc import Callable
@@ -33,19 +35,26 @@ from dataclasses import dataclass
 from typing import Any
 
 from starlette.applications import Starlette
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from edgens.errors import ConfigError
 from edgens.serve.metrics import CONTENT_TYPE, ServeMetrics
 from edgens.serve.protocol import HEADER_LENGTH, ProtocolError
-from edgens.serve.service import Answer, InferenceService, Refusal, log_infer
+from edgens.serve.service import InferenceService, Refusal, log_infer
 
 log = logging.getLogger("edgens.serve")
 OPEN_PATHS = ("/v2/health/live", "/v2/health/ready")  # probes need no token
 FAULT_SPEC_BYTES = 64 * 1024  # also the largest shared-memory registration body
+INFER_PATH = re.compile(r"/v2/models/([^/]+)(?:/versions/([^/]+))?/infer")
+# The scope key under which the server's HTTP protocol puts the time.perf_counter() of a request's first byte.
+ARRIVAL = "edgens.arrival"
+SOCKET = "edgens.socket"  # and the connection's socket (to send a response's head and body in one segment)
+CORK = getattr(socket, "TCP_CORK", None)  # Linux
 
 
 @dataclass
@@ -77,8 +86,9 @@ def _refused(refusal: Refusal) -> Response:
     return error(refusal.status, refusal.message, refusal.headers)
 
 
-def create_app(state: ServeState) -> Starlette:
-    """The Starlette application serving ``state``: thin routes over its :class:`InferenceService`."""
+def create_app(state: ServeState) -> ASGIApp:
+    """The ASGI application serving ``state``: thin routes over its :class:`InferenceService` (infer on a path of
+    its own, the rest on Starlette)."""
     service = state.service
 
     def model_of(request: Request) -> tuple[str, str | None]:
@@ -118,24 +128,6 @@ def create_app(state: ServeState) -> Starlette:
             return _refused(service.refusal(err, infer=False))
         return _json(body, 200 if ok else 400)
 
-    async def infer(request: Request) -> Response:
-        arrival = time.perf_counter()
-        answer = refusal = None
-        try:
-            service.admit(*model_of(request))
-            body = await _read_body(request, state.max_request_bytes)
-            answer = await service.infer(body, request.headers.get(HEADER_LENGTH), arrival)
-        except Exception as err:  # noqa: BLE001  (every refusal is one line with its status: service.refusal)
-            refusal = service.refuse_infer(err, arrival)
-            return _refused(refusal)
-        finally:
-            if state.access_log:
-                _log_request(request, answer, refusal, arrival)
-        if answer.json_length is None:
-            return Response(answer.content, 200, media_type="application/json")
-        return Response(answer.content, 200, headers={"Inference-Header-Content-Length": str(answer.json_length)},
-                        media_type="application/octet-stream")
-
     async def shm_status(request: Request) -> Response:
         return answer(lambda: service.shared_memory_status(request.path_params.get("region")))
 
@@ -160,6 +152,9 @@ def create_app(state: ServeState) -> Starlette:
         except ProtocolError as err:
             return _refused(service.refusal(err, infer=False))
         return _json(regions if action == "status" else {})
+
+    async def infer_not_post(request: Request) -> Response:
+        return error(405, f"{request.method} is not allowed on {request.url.path}; infer requests are POST")
 
     async def metrics(request: Request) -> Response:
         return Response(service.metrics.exposition(), media_type=CONTENT_TYPE)
@@ -196,7 +191,7 @@ def create_app(state: ServeState) -> Starlette:
     for base in ("/v2/models/{model}", "/v2/models/{model}/versions/{version}"):
         routes += [Route(base, model_metadata), Route(f"{base}/ready", model_ready),
                    Route(f"{base}/config", model_config), Route(f"{base}/stats", model_stats),
-                   Route(f"{base}/infer", infer, methods=["POST"])]
+                   Route(f"{base}/infer", infer_not_post)]  # POST never reaches the router: _Application
 
     async def http_error(request: Request, exc: Exception) -> Response:
         assert isinstance(exc, HTTPException)
@@ -210,10 +205,66 @@ def create_app(state: ServeState) -> Starlette:
         log.error("request %s failed", request.url.path, exc_info=exc)
         return error(500, f"internal error: {type(exc).__name__}")
 
-    app = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
+    others = Starlette(routes=routes, exception_handlers={HTTPException: http_error, Exception: internal_error})
+    app: ASGIApp = _Application(state, others)
     if state.token is not None:
-        app.add_middleware(_BearerToken, token=state.token, metrics=service.metrics)
+        app = _BearerToken(app, state.token, service.metrics)
     return app
+
+
+class _Application:
+    """The ASGI application: ``POST .../infer`` goes straight to :meth:`infer` (no router, middleware or request
+    objects: it is the hot path, and its admission runs before the body is read), everything else to Starlette."""
+
+    def __init__(self, state: ServeState, others: Starlette):
+        self.state, self.service, self.others = state, state.service, others
+
+    @property
+    def routes(self) -> list[Any]:
+        """The routes served (the infer path's included, as a route that refuses every method but POST)."""
+        return self.others.routes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST":
+            route = INFER_PATH.fullmatch(scope["path"])
+            if route is not None:
+                await self.infer(scope, receive, send, route[1], route[2])
+                return
+        await self.others(scope, receive, send)
+
+    async def infer(self, scope: Scope, receive: Receive, send: Send, model: str, version: str | None) -> None:
+        # the deadline counts from the request's first byte, stamped by the server's protocol (edgens.serve.server)
+        arrival = scope.get(ARRIVAL) or time.perf_counter()
+        service, headers = self.service, Headers(scope=scope)
+        answer = refusal = None
+        try:
+            service.admit(model, version)  # unknown model, draining, overloaded: refused before the body is read
+            body = await _read_body(headers, receive, self.state.max_request_bytes)
+            answer = await service.infer(body, headers.get(HEADER_LENGTH), arrival)
+        except Exception as err:  # noqa: BLE001  (every refusal is one line with its status: service.refusal)
+            refusal = service.refuse_infer(err, arrival)
+        finally:
+            if self.state.access_log:
+                client = scope.get("client")
+                log_infer(answer.prediction if answer is not None else None, refusal, arrival,
+                          client[0] if client else None, "http")
+        if refusal is not None:
+            await _refused(refusal)(scope, receive, send)
+            return
+        assert answer is not None
+        response_headers = [(b"content-type", b"application/json" if answer.json_length is None
+                             else b"application/octet-stream"), (b"content-length", b"%d" % len(answer.content))]
+        if answer.json_length is not None:
+            response_headers.append((b"inference-header-content-length", b"%d" % answer.json_length))
+        sock = scope.get(SOCKET) if CORK is not None else None
+        if sock is not None:  # uvicorn writes the head and the body apart: one segment on the wire is cheaper
+            sock.setsockopt(socket.IPPROTO_TCP, CORK, 1)
+        try:
+            await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+            await send({"type": "http.response.body", "body": answer.content})
+        finally:
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, CORK, 0)
 
 
 class _BearerToken:
@@ -241,21 +292,26 @@ class _BearerToken:
         await response(scope, receive, send)
 
 
-async def _read_body(request: Request, limit: int) -> bytes:
+async def _read_body(headers: Headers, receive: Receive, limit: int) -> bytes:
     """The request body, decompressed (gzip or deflate, as tritonclient may send it), at most ``limit`` bytes.
 
     Raises:
-        ProtocolError: 413 when larger; 400 for an unknown encoding or a corrupt compressed body.
+        ProtocolError: 413 when larger; 400 for an unknown encoding, a corrupt compressed body or a client that left
+            before sending all of it.
     """
-    length = request.headers.get("content-length")
+    length = headers.get("content-length")
     if length is not None and length.isdigit() and int(length) > limit:
         raise ProtocolError(f"the request body of {int(length)} bytes exceeds the server's limit of {limit} bytes "
                             f"(--max-request-bytes)", 413)
-    encoding = request.headers.get("content-encoding", "identity").lower()
+    encoding = headers.get("content-encoding", "identity").lower()
     if encoding not in ("identity", "gzip", "deflate"):
         raise ProtocolError(f"Content-Encoding {encoding!r} is not supported; expected gzip, deflate or none")
-    chunks, size = [], 0
-    async for chunk in request.stream():
+    chunks, size, more = [], 0, True
+    while more:
+        message = await receive()
+        if message["type"] != "http.request":  # http.disconnect
+            raise ProtocolError("the client disconnected before sending the whole request body")
+        chunk, more = message.get("body", b""), message.get("more_body", False)
         size += len(chunk)
         if size > limit:
             raise ProtocolError(f"the request body exceeds the server's limit of {limit} bytes (--max-request-bytes)",
@@ -282,11 +338,8 @@ async def _read_json(request: Request, limit: int) -> Any:
         ProtocolError: 413 when larger; 400 for malformed JSON.
     """
     try:
-        return json.loads(await _read_body(request, limit))
+        return json.loads(await _read_body(request.headers, request.receive, limit))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise ProtocolError(f"malformed JSON in the request: {err}") from None
 
 
-def _log_request(request: Request, answer: Answer | None, refusal: Refusal | None, arrival: float) -> None:
-    log_infer(answer.prediction if answer is not None else None, refusal, arrival,
-              request.client.host if request.client else None, "http")

@@ -29,7 +29,7 @@ from edgens.fileio import atomic_write_text
 from edgens.runtime.batching import Batcher
 from edgens.runtime.policies import Budget
 from edgens.runtime.predictor import Predictor
-from edgens.serve.app import ServeState, create_app
+from edgens.serve.app import ARRIVAL, SOCKET, ServeState, create_app
 from edgens.serve.metrics import ServeMetrics
 from edgens.serve.protocol import ModelInfo
 from edgens.serve.service import InferenceService
@@ -128,6 +128,24 @@ def check_bind(options: ServeOptions) -> None:
     if not is_loopback(options.host) and options.token_file is None and not options.insecure:
         raise ConfigError(f"--host {options.host} is reachable from other machines: give --token-file FILE (clients "
                           f"then send Authorization: Bearer TOKEN), or --insecure to serve without authentication")
+
+
+def stamped_protocol() -> type | str:
+    """uvicorn's httptools protocol, stamping each request's scope with the time of its first byte (where deadlines
+    and the queueing statistics count from; ``ARRIVAL``); without httptools, uvicorn's default (deadlines count
+    from when the application sees the request)."""
+    try:
+        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+    except ImportError:
+        return "auto"
+
+    class StampedHttpToolsProtocol(HttpToolsProtocol):
+        def on_message_begin(self) -> None:  # the parser met the request's first byte
+            super().on_message_begin()
+            self.scope[ARRIVAL] = time.perf_counter()  # type: ignore[literal-required]
+            self.scope[SOCKET] = self.transport.get_extra_info("socket")  # type: ignore[literal-required]
+
+    return StampedHttpToolsProtocol
 
 
 class _Server(uvicorn.Server):
@@ -251,8 +269,9 @@ def serve(options: ServeOptions) -> int:
         raise
     try:
         state = _start(options, predictor, token)
-        config = uvicorn.Config(create_app(state), log_config=None, access_log=False, lifespan="off",
-                                server_header=False, timeout_graceful_shutdown=options.drain_timeout_s)
+        config = uvicorn.Config(create_app(state), http=stamped_protocol(), log_config=None, access_log=False,
+                                lifespan="off", server_header=False,
+                                timeout_graceful_shutdown=options.drain_timeout_s)
         grpc_address = (options.host, options.grpc_port) if options.grpc_port is not None else None
         server = _Server(config, state, url, options.port_file, grpc_address, options.drain_timeout_s)
         server.run(sockets=[sock])

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import gzip
 import json
+import socket
 import threading
+import time
 
 import httpx
 import numpy as np
@@ -194,6 +196,33 @@ def test_a_deadline_answer_is_the_ensemble_of_the_stacks_it_reports(client: http
         # the promise: late by one stack at most (the server warmed up, so every stack has a latency)
         assert parameters["one_stack_ms"] > 0
         assert parameters["within_one_stack"] == (parameters["overrun_ms"] <= parameters["one_stack_ms"])
+
+
+def test_a_deadline_counts_from_the_first_byte_of_the_request(server: Server, served_bundle: SyntheticBundle
+                                                               ) -> None:
+    """A client that sends its request line, then the rest 60 ms later: the server counts the 60 ms against the
+    deadline (as perf_analyzer's server-side latency does), not from when the whole request was read."""
+    x, _ = make_data(1, seed=25)
+    body = json.dumps(json_request(x, {"deadline_ms": 30})).encode()
+    head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(head[:20])
+        first = time.perf_counter()
+        time.sleep(0.06)  # the gap being measured, not a wait for the server
+        sock.sendall(head[20:] + body)
+        with sock.makefile("rb") as reader:
+            status = reader.readline()
+            headers = list(iter(reader.readline, b"\r\n"))
+            length = next(int(line.split(b":")[1]) for line in headers if line.lower().startswith(b"content-length"))
+            answer = json.loads(reader.read(length))
+        seen_ms = (time.perf_counter() - first) * 1e3
+    assert status.split()[1] == b"200", answer
+    parameters = answer["parameters"]
+    assert 60 <= parameters["elapsed_ms"] <= seen_ms + 1, parameters
+    assert parameters["overrun_ms"] >= parameters["elapsed_ms"] - 30 - 1e-3 > 0  # late: the gap alone took 60 ms
+    # it still got one stack: every request gets a member
+    assert parameters["members_used"] == len(members_of(served_bundle, parameters["stacks_run"])) >= 4
 
 
 def _x(shape: list[int] | None = None) -> list[int]:
