@@ -35,6 +35,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from edgens.checks import check_number
 from edgens.errors import InputError, OverloadedError, ServiceStoppingError
 from edgens.runtime.policies import Budget, may_start
@@ -48,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Request:
-    x: PreparedInput
+    x: PreparedInput | np.ndarray  # checked (Predictor.check_input); the worker prepares it
     budget: Budget
     arrival: float  # time.perf_counter() seconds
     deadline: float | None  # absolute, for deadline budgets
@@ -130,21 +132,29 @@ class Batcher:
             ServiceStoppingError: the batcher is closing.
         """
         arrival = time.perf_counter() if arrival is None else arrival
-        prepared = self.predictor.prepare(x)
-        if len(prepared) > self.max_batch:
-            raise InputError(f"input: received a batch of {len(prepared)} examples, expected at most "
+        checked = self.predictor.check_input(x)  # normalised by the worker, off the caller's thread
+        if len(checked) > self.max_batch:
+            raise InputError(f"input: received a batch of {len(checked)} examples, expected at most "
                              f"{self.max_batch} (the batcher's max_batch) per request")
-        self.predictor.check_budget(budget, len(prepared))
+        self.predictor.check_budget(budget, len(checked))
         deadline = arrival + budget.value / 1e3 if budget.kind == "deadline_ms" else None
-        request = _Request(prepared, budget, arrival, deadline)
+        request = _Request(checked, budget, arrival, deadline)
         with self._cond:
             if self._closing:
                 raise ServiceStoppingError("the service is shutting down and accepts no new requests")
-            if self.queue_depth >= self.max_queue:
-                raise OverloadedError(f"the queue is full ({self.max_queue} requests waiting); try again later")
+            self.check_room()
             (self._deadline_queue if deadline is not None else self._fixed_queue).append(request)
             self._cond.notify()
         return request.future
+
+    def check_room(self) -> None:
+        """Raise when ``max_queue`` requests are waiting (a server asks this before it reads a request's body).
+
+        Raises:
+            OverloadedError: the queue is full.
+        """
+        if self.queue_depth >= self.max_queue:
+            raise OverloadedError(f"the queue is full ({self.max_queue} requests waiting); try again later")
 
     def close(self, timeout: float | None = None) -> bool:
         """Admit no more requests, answer those admitted, and stop the worker. Returns whether it stopped within
@@ -189,7 +199,9 @@ class Batcher:
         return [chunk for chunks in groups.values() for chunk in chunks]
 
     def _run_fixed(self, group: list[_Request]) -> None:
-        x = self._merge(group)
+        x, group = self._merge(group)
+        if not group:
+            return
         started = time.perf_counter()
         for request in group:
             request.started = started
@@ -276,8 +288,11 @@ class Batcher:
                 self._deadline_queue.remove(request)
                 request.started = started
             self._in_flight += len(taken)
+        x, taken = self._merge(taken)
+        if not taken:
+            return
         try:
-            call = self.predictor.stepwise(self._merge(taken))
+            call = self.predictor.stepwise(x)
         except Exception as err:  # noqa: BLE001  (e.g. no stack available)
             for request in taken:
                 self._deliver(request, error=err)
@@ -293,12 +308,21 @@ class Batcher:
         cohort.call.step(within_ms)
         cohort.prediction = None
 
-    def _merge(self, requests: list[_Request]) -> PreparedInput:
-        start = 0
+    def _merge(self, requests: list[_Request]) -> tuple[PreparedInput, list[_Request]]:
+        """The requests' inputs, normalised and merged into one batch, and the requests in it: one whose values
+        the predictor refuses (NaN, out of range) is answered with that error, the others go on."""
+        parts, kept, start = [], [], 0
         for request in requests:
-            request.rows = slice(start, start + len(request.x))
-            start += len(request.x)
-        return PreparedInput.concatenate([request.x for request in requests])
+            try:
+                prepared = self.predictor.prepare(request.x)
+            except InputError as err:
+                self._deliver(request, error=err)
+                continue
+            request.rows = slice(start, start + len(prepared))
+            start += len(prepared)
+            parts.append(prepared)
+            kept.append(request)
+        return (PreparedInput.concatenate(parts) if parts else PreparedInput(np.empty(0))), kept
 
     def _deliver(self, request: _Request, prediction: Prediction | None = None,
                  error: BaseException | None = None) -> None:

@@ -83,6 +83,15 @@ class InputPreparer:
             InputError: not a numeric array, a shape that does not fit, an empty batch, NaN or infinite values,
                 values beyond the bundle's input range.
         """
+        return self.normalise(self.check(x))
+
+    def check(self, x: Any) -> np.ndarray:
+        """``x`` as a numeric array of an accepted shape, its values not yet looked at (cheap: what a caller checks
+        before queueing it; :meth:`normalise` does the rest).
+
+        Raises:
+            InputError: not a numeric array, a shape that does not fit, an empty batch.
+        """
         if not isinstance(x, np.ndarray):
             received = type(x).__name__
             try:
@@ -101,6 +110,14 @@ class InputPreparer:
         if len(x) == 0:
             raise InputError(f"input: received an empty batch (shape {tuple(x.shape)}), expected at least one "
                              f"example")
+        return x
+
+    def normalise(self, x: np.ndarray) -> np.ndarray:
+        """The checked array ``x`` (:meth:`check`) as ``(B, *shape)`` float32, normalised and C-contiguous.
+
+        Raises:
+            InputError: NaN or infinite values, values beyond the bundle's input range.
+        """
         # One copy into float32, then normalise in place: the doc's formula, (raw - mean) / std.
         out = np.array(x, dtype=np.float32, order="C").reshape((len(x), *self.shape))  # np.array always copies
         if x.dtype.kind == "f" or not self._dtype_within(x.dtype):

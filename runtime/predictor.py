@@ -207,6 +207,16 @@ class Predictor:
         """
         return x if isinstance(x, PreparedInput) else PreparedInput(self._prepare(x))
 
+    def check_input(self, x: Any) -> Any:
+        """``x`` checked for what is cheap to check (a numeric array, its shape, a non-empty batch) and not yet
+        normalised; a :class:`PreparedInput` as it is. The serving batcher checks requests so as they arrive and
+        leaves :meth:`prepare` (the copy, the value checks, the normalisation) to its worker thread.
+
+        Raises:
+            InputError: not a numeric array, a shape that does not fit, an empty batch.
+        """
+        return x if isinstance(x, PreparedInput) else self._prepare.check(x)
+
     def check_budget(self, budget: Budget, batch: int = 1) -> None:
         """Raise what a call with this budget and batch size would raise before running a stack, without running
         one (the serving batcher checks each request as it arrives, so that one bad request cannot fail a merged

@@ -238,9 +238,9 @@ class _Application:
         service, headers = self.service, Headers(scope=scope)
         answer = refusal = None
         try:
-            service.admit(model, version)  # unknown model, draining, overloaded: refused before the body is read
-            body = await _read_body(headers, receive, self.state.max_request_bytes)
-            answer = await service.infer(body, headers.get(HEADER_LENGTH), arrival)
+            with service.admission(model, version):  # unknown model, draining, overloaded: before the body is read
+                body = await _read_body(headers, receive, self.state.max_request_bytes)
+                answer = await service.infer(body, headers.get(HEADER_LENGTH), arrival)
         except Exception as err:  # noqa: BLE001  (every refusal is one line with its status: service.refusal)
             refusal = service.refuse_infer(err, arrival)
         finally:

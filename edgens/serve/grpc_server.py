@@ -225,17 +225,17 @@ class InferenceServicer(pb_grpc.GRPCInferenceServiceServicer):
     async def _infer(self, request: pb.ModelInferRequest) -> tuple[pb.ModelInferResponse, Any]:
         """Answer one request (raises what refuses it): the response and its prediction, counted in the metrics and
         statistics."""
-        arrival = time.perf_counter()
-        self.service.admit(request.model_name, request.model_version or None)
-        parsed = parse_grpc_infer(request, self.service)
-        try:
-            parsed_at = time.perf_counter()
-            prediction = await self.service.answer(parsed, arrival)
-            answered_at = time.perf_counter()
-            response = encode_grpc_infer(parsed, prediction, self.service)
-        finally:
-            parsed.release(self.service.shared_memory)
-        self.service.count_answer(prediction, arrival, parsed_at, answered_at)
+        arrival = time.perf_counter()  # gRPC hands a request over whole: its deadline counts from then
+        with self.service.admission(request.model_name, request.model_version or None):
+            parsed = parse_grpc_infer(request, self.service)
+            try:
+                parsed_at = time.perf_counter()
+                prediction = await self.service.answer(parsed, arrival)
+                answered_at = time.perf_counter()
+                response = encode_grpc_infer(parsed, prediction, self.service)
+            finally:
+                parsed.release(self.service.shared_memory)
+            self.service.count_answer(prediction, arrival, parsed_at, answered_at)
         return response, prediction
 
     async def ModelInfer(self, request: pb.ModelInferRequest, context: aio.ServicerContext

@@ -8,6 +8,7 @@ infer request with ``access_log``), or plain text.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 import logging
@@ -188,7 +189,8 @@ class _Server(uvicorn.Server):
         if self.port_file is not None:  # written once the server accepts connections; line 2: the gRPC port
             ports = self.url.rsplit(":", 1)[1] + (f"\n{self.grpc_port}" if self.grpc_port is not None else "")
             atomic_write_text(self.port_file, ports + "\n")
-        fields = {"event": "listening", "url": self.url, "model": self.state.service.model.name}
+        fields = {"event": "listening", "url": self.url, "model": self.state.service.model.name,
+                  "event_loop": type(asyncio.get_running_loop()).__module__.split(".")[0]}  # uvloop or asyncio
         if self.grpc_port is not None:
             fields["grpc"] = f"{self.grpc_address[0]}:{self.grpc_port}"  # type: ignore[index]
         log.info("listening", extra={"fields": fields})

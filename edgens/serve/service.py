@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -48,6 +50,33 @@ ERROR_STATUS: tuple[tuple[type[BaseException], int, str], ...] = (
 )
 PROTOCOL_OUTCOMES = {400: "bad_request", 403: "forbidden", 404: "not_found", 413: "too_large"}
 RETRY_AFTER_S = 1  # what an overloaded service asks a client to wait
+# The fewest requests a service with a default deadline admits at once, however slowly it answered lately: 16
+# closed-loop clients (the load issue 26 measures) are never refused for being too many.
+MIN_IN_SERVICE = 16
+
+
+class RateMeter:
+    """Events per second over the last whole window of ``window_s`` seconds (None before one has passed, or when
+    none came for two windows). Only the event loop's thread ticks and reads it."""
+
+    def __init__(self, window_s: float = 1.0):
+        self.window_s = window_s
+        self._start: float | None = None
+        self._count = 0
+        self._rate: float | None = None
+
+    def tick(self, now: float) -> None:
+        if self._start is None:
+            self._start = now
+        elif now - self._start >= self.window_s:
+            self._rate = self._count / (now - self._start) if now - self._start < 2 * self.window_s else None
+            self._start, self._count = now, 0
+        self._count += 1
+
+    def rate(self) -> float | None:
+        if self._start is None or time.perf_counter() - self._start >= 2 * self.window_s:
+            return None  # nothing lately: the last rate says nothing about now
+        return self._rate
 
 
 @dataclass(frozen=True)
@@ -129,6 +158,8 @@ class InferenceService:
         self.statistics = ModelStatistics(model.name, VERSION)
         self.shared_memory = SharedMemoryRegions()
         self.draining = False
+        self.in_service = 0  # infer requests admitted and not yet answered or refused (both transports)
+        self._answers = RateMeter()
         self._faulty: dict[str, FaultyRunner] = {}  # stacks made faulty, by name
 
         def merged_call(examples: int, requests: int) -> None:
@@ -186,16 +217,53 @@ class InferenceService:
 
     # -------------------------------------------------------------------------------------------------- infer
 
+    @contextmanager
+    def admission(self, name: str, version: str | None = None) -> Iterator[None]:
+        """Admit an infer request before its body is read (:meth:`admit`); it is in service until the block ends.
+
+        Raises:
+            ProtocolError, ServiceStoppingError, OverloadedError: as :meth:`admit`.
+        """
+        self.admit(name, version)
+        self.in_service += 1
+        try:
+            yield
+        finally:
+            self.in_service -= 1
+
     def admit(self, name: str, version: str | None = None) -> None:
-        """Raise what refuses an infer request before its body is read: an unknown model, a draining service.
+        """Raise what refuses an infer request before its body is read: an unknown model, a draining service, a
+        full queue, or as many requests in service as :meth:`service_limit` allows.
 
         Raises:
             ProtocolError: 404, an unknown model or version.
             ServiceStoppingError: the service is draining.
+            OverloadedError: the queue is full, or the service holds as many requests as it may.
         """
         self.check_model(name, version)
         if self.draining:
             raise ServiceStoppingError("the server is draining and accepts no new requests")
+        self.batcher.check_room()
+        limit = self.service_limit()
+        if self.in_service >= limit:
+            raise OverloadedError(f"{self.in_service} requests are in service, the most this server takes now "
+                                  f"({limit}: {self._limit_reason()}); try again later")
+
+    def service_limit(self) -> int:
+        """How many infer requests may be in service at once (admitted, not yet answered): with a default deadline,
+        what the server answers in twice that deadline at the rate it answered lately (Little's law: then an
+        admitted request waits about twice the deadline at most), at least :data:`MIN_IN_SERVICE`; otherwise, or
+        before a rate is known, ``max_queue + max_batch``."""
+        rate = self._answers.rate()
+        if self.default_budget.kind != "deadline_ms" or rate is None:
+            return self.batcher.max_queue + self.batcher.max_batch
+        return max(MIN_IN_SERVICE, int(rate * 2 * self.default_budget.value / 1e3))
+
+    def _limit_reason(self) -> str:
+        rate = self._answers.rate()
+        if self.default_budget.kind != "deadline_ms" or rate is None:
+            return "max_queue + max_batch"
+        return f"{rate:.0f} answers/s over twice the default deadline of {self.default_budget.value:g} ms"
 
     async def infer(self, body: bytes, header_length: str | None, arrival: float) -> Answer:
         """Parse an HTTP infer request's body, answer it (:meth:`answer`) and encode the response.
@@ -232,6 +300,7 @@ class InferenceService:
     def count_answer(self, prediction: Prediction, arrival: float, parsed_at: float, answered_at: float) -> None:
         """Count an answered request in the metrics and the statistics, once its response is encoded."""
         done = time.perf_counter()
+        self._answers.tick(done)
         self.metrics.answered(prediction, done - arrival)
         queued = prediction.queued_ms / 1e3 if prediction.queued_ms is not None else 0.0
         queue_s = max(0.0, queued - (parsed_at - arrival))
