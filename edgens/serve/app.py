@@ -248,8 +248,12 @@ class _Application:
                 client = scope.get("client")
                 log_infer(answer.prediction if answer is not None else None, refusal, arrival,
                           client[0] if client else None, "http")
-        if refusal is not None:
-            await _refused(refusal)(scope, receive, send)
+        if refusal is not None:  # raw ASGI messages here too: under overload, refusals are most of the work
+            content = json.dumps({"error": refusal.message}).encode()
+            headers_out = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content)),
+                           *((key.lower().encode(), value.encode()) for key, value in refusal.headers.items())]
+            await send({"type": "http.response.start", "status": refusal.status, "headers": headers_out})
+            await send({"type": "http.response.body", "body": content})
             return
         assert answer is not None
         response_headers = [(b"content-type", b"application/json" if answer.json_length is None

@@ -171,6 +171,28 @@ def test_requests_are_checked_before_they_queue(guarded: SyntheticBundle) -> Non
         batcher.close()
 
 
+def test_a_request_whose_values_are_refused_fails_alone_in_its_merged_call(guarded: SyntheticBundle) -> None:
+    """Values are checked (and inputs normalised) by the worker, off the caller's thread: a request with NaN in a
+    merged call gets the InputError, the others their predictions."""
+    x, _ = make_data(6, seed=10)
+    bad = x[:2].astype(np.float32)
+    bad[1, 0, 3, 3] = np.nan
+    with Predictor.load(guarded.path, "onnxruntime", lanes=1) as predictor, \
+            inject_faults(predictor, {"specialist-3": Fault("hold", times=1)}) as held:
+        batcher = Batcher(predictor, max_batch=64, max_queue=64)
+        blocker = _blocker(batcher, x, held["specialist-3"])
+        futures = [batcher.submit(x[2:4], Budget.parse()), batcher.submit(bad, Budget.parse()),
+                   batcher.submit(x[4:6], Budget.parse())]  # accepted: their shapes fit
+        held["specialist-3"].release()
+        blocker.result(timeout=30)
+        with pytest.raises(InputError, match="NaN or infinite"):
+            futures[1].result(timeout=30)
+        for future, rows in ((futures[0], x[2:4]), (futures[2], x[4:6])):
+            np.testing.assert_allclose(future.result(timeout=30).probabilities, guarded.expected(rows, guarded.order),
+                                       atol=2e-5)
+        assert batcher.in_flight == 0 and batcher.close(timeout=30)
+
+
 def test_failed_stacks_are_dropped_and_no_member_fails_every_request(plain: SyntheticBundle) -> None:
     x, _ = make_data(6, seed=9)
     with Predictor.load(plain.path, "onnxruntime", lanes=1, quarantine_after=None) as predictor:

@@ -3,8 +3,10 @@ queue answered with 503 at once, and SIGTERM draining the requests in flight bef
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -118,6 +120,37 @@ def test_a_full_queue_is_refused_at_once(served_bundle: SyntheticBundle, tmp_pat
         with httpx.Client(base_url=server.url, timeout=30) as http:
             metrics = http.get("/metrics").text
         assert f'edgens_requests_total{{outcome="overloaded"}} {float(len(refused))}' in metrics
+    finally:
+        assert server.stop() == 0
+
+
+def test_a_full_queue_refuses_before_the_body_is_read(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    """One request held in a stack, one waiting (--max-queue 1): a third that sends its headers and never its body
+    is answered 503 with Retry-After at once; then the held ones are answered."""
+    server = Server(served_bundle.path, tmp_path, "--allow-fault-injection", "--max-queue", "1")
+    try:
+        x, _ = make_data(1, seed=33)
+        with httpx.Client(base_url=server.url, timeout=30) as http:
+            http.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "hold"})
+            threads, results = _in_threads(2, lambda i: httpx.post(f"{server.url}/v2/models/{MODEL}/infer",
+                                                                   json=json_request(x), timeout=60).status_code)
+            _wait_until(lambda: _gauge(http, "edgens_queue_depth") == 1 and
+                        _gauge(http, "edgens_requests_in_flight") == 1)
+            head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: 100000\r\n\r\n").encode()
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+                sock.sendall(head)  # and no body
+                with sock.makefile("rb") as reader:
+                    status = reader.readline()
+                    headers = [line.decode().strip().lower() for line in iter(reader.readline, b"\r\n")]
+                    length = next(int(h.split(":")[1]) for h in headers if h.startswith("content-length"))
+                    error = json.loads(reader.read(length))["error"]
+            assert status.split()[1] == b"503" and "retry-after: 1" in headers, (status, headers)
+            assert "queue is full (1 requests waiting)" in error
+            http.post("/edgens/faults", json={"stack": "prefix-0016", "clear": True})
+        for thread in threads:
+            thread.join(60)
+        assert results == [200, 200]
     finally:
         assert server.stop() == 0
 

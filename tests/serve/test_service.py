@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 
 import numpy as np
@@ -18,7 +19,8 @@ from edgens.runtime import Predictor
 from edgens.runtime.batching import Batcher
 from edgens.serve.metrics import ServeMetrics
 from edgens.serve.protocol import ModelInfo, ProtocolError
-from edgens.serve.service import ERROR_STATUS, InferenceService, refusal_for
+from edgens.runtime.policies import Budget
+from edgens.serve.service import ERROR_STATUS, MIN_IN_SERVICE, InferenceService, RateMeter, refusal_for
 
 
 @pytest.fixture()
@@ -142,3 +144,47 @@ def test_fault_administration(service: InferenceService, served_bundle: Syntheti
     with pytest.raises(ProtocolError, match="fault injection is off") as caught:
         service.apply_fault({"stack": "general-001", "kind": "raise"})
     assert caught.value.status == 403
+
+
+def test_the_rate_meter_counts_whole_windows() -> None:
+    meter = RateMeter(window_s=1.0)
+    assert meter.rate() is None  # nothing yet
+    now = time.perf_counter()
+    for k in range(500):  # 500 events in the first second, then one that closes the window
+        meter.tick(now - 1.2 + k * 0.002)
+    meter.tick(now - 0.1)
+    assert meter.rate() == pytest.approx(500 / 1.1, rel=1e-6)
+    stale = RateMeter(window_s=1.0)
+    stale.tick(now - 5.0)
+    stale.tick(now - 3.5)  # a window closed long ago says nothing about now
+    assert stale.rate() is None
+
+
+def test_admission_limits_the_requests_in_service_by_the_rate_and_the_default_deadline(
+        served_bundle: SyntheticBundle) -> None:
+    with Predictor.load(served_bundle.path, "onnxruntime", lanes=1) as predictor:
+        batcher = Batcher(predictor, max_batch=8, max_queue=4)
+        try:
+            info = ModelInfo.from_manifest(predictor.manifest, "model")
+            plain = InferenceService(predictor, batcher, info, ServeMetrics(predictor, batcher))
+            assert plain.service_limit() == 4 + 8  # no default deadline: max_queue + max_batch
+            timed = InferenceService(predictor, batcher, info, ServeMetrics(predictor, batcher),
+                                     default_budget=Budget.parse(deadline_ms=5))
+            assert timed.service_limit() == 12  # no rate known yet
+            now = time.perf_counter()
+            for k in range(3001):  # 3,000 answers/s over the last second
+                timed._answers.tick(now - 1.0 + k / 3000)
+            assert timed.service_limit() == int(3000 * 2 * 0.005)  # what it answers in twice the deadline: 30
+            timed.in_service = 30
+            with pytest.raises(OverloadedError, match="30 requests are in service.*3000 answers/s over twice the "
+                                                      "default deadline of 5 ms"):
+                timed.admit("model")
+            timed.in_service = 29
+            with timed.admission("model"):  # admitted: counted while it is served
+                assert timed.in_service == 30
+            assert timed.in_service == 29
+            for k in range(101):  # slow lately (100 answers/s): still 16 at once, the floor
+                timed._answers.tick(now + 1.0 + k / 100)
+            assert timed.service_limit() == MIN_IN_SERVICE == 16
+        finally:
+            batcher.close()
