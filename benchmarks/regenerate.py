@@ -98,6 +98,9 @@ STEPS = (
     Step("serve", "benchmarks/serve_bench.py {bundle} --out {out}/serve",
          {"quick": "--seconds 2 --concurrency 1,16", "standard": "--seconds 15", "full": "--seconds 30"},
          "serve/serve.json"),
+    Step("serve_speed", "benchmarks/serve_speed.py {bundle} --out {out}/serve_speed",
+         {"quick": "--rounds 1 --window-ms 1000 --open-seconds 2", "standard": "--rounds 3 --open-seconds 8",
+          "full": "--rounds 5 --open-seconds 10"}, "serve_speed/serve_speed.{json,md}"),
 )
 
 # What the steps need, made when missing: (path key, command). Runs train for 30 epochs, as the README's (1 epoch at
