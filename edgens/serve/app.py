@@ -18,7 +18,8 @@ the transport-free :class:`~edgens.serve.service.InferenceService`, and the bear
 
 Every error is JSON, ``{"error": "one line"}``, with the status that fits (400 bad request, 401 no or wrong token,
 404 unknown model or path, 413 body too large, 503 queue full or too many requests in service (both decided before
-the body is read), draining or no member available); a client never sees a traceback. With a token, every endpoint but the two health checks needs ``Authorization: Bearer TOKEN``.
+the body is read), draining or no member available); a client never sees a traceback. With a token, every
+endpoint but the two health checks needs ``Authorization: Bearer TOKEN``.
 """
 
 from __future__ import annotations
