@@ -28,6 +28,8 @@ from edgens.cli.infer_cmd import BACKEND_CHOICES, parse_members
               help="Most examples one merged stack call takes (and one request may send).")
 @click.option("--max-queue", type=click.IntRange(min=1), default=64, show_default=True,
               help="Most requests waiting to start; beyond it, requests get 503 at once.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Most HTTP connections open at once; one more is answered 503 and closed before it is read.")
 @click.option("--default-deadline-ms", type=float,
               help="Budget of requests that give none: this deadline (Triton's default_timeout; perf_analyzer over "
                    "HTTP cannot send parameters). A request's own budget overrides it. At most one --default-*.")
@@ -70,8 +72,8 @@ from edgens.cli.infer_cmd import BACKEND_CHOICES, parse_members
               help="Print a systemd unit that runs this command (with these options) as a service, and exit.")
 @click.pass_context
 def serve(ctx: click.Context, bundle: Path, host: str, port: int, grpc_port: int | None, model_name: str | None,
-          backend: str,
-          max_batch: int, max_queue: int, default_deadline_ms: float | None, default_members_text: str | None,
+          backend: str, max_batch: int, max_queue: int, max_connections: int,
+          default_deadline_ms: float | None, default_members_text: str | None,
           default_flops: float | None, default_latency_ms: float | None, default_confidence: float | None,
           default_task: str | None, token_file: Path | None, insecure: bool, min_available: float,
           stack_timeout_ms: float,
@@ -106,7 +108,8 @@ def serve(ctx: click.Context, bundle: Path, host: str, port: int, grpc_port: int
         raise click.BadParameter(str(err), param_hint="--default-*") from None
     options = ServeOptions(default_budget=default_budget, grpc_port=grpc_port,
         bundle=bundle, host=host, port=port, model_name=model_name, backend=backend, max_batch=max_batch,
-        max_queue=max_queue, token_file=token_file, insecure=insecure, min_available=min_available,
+        max_queue=max_queue, max_connections=max_connections, token_file=token_file, insecure=insecure,
+        min_available=min_available,
         stack_timeout_ms=stack_timeout_ms or None, max_request_bytes=max_request_bytes,
         drain_timeout_s=drain_timeout_s, self_test_interval_s=self_test_interval_s, threads=threads,
         solo_threads=solo_threads, accelerators=accelerators,

@@ -66,6 +66,7 @@ class ServeOptions:
     accelerators: str | None = None
     default_budget: Budget | None = None
     grpc_port: int | None = None
+    max_connections: int | None = 256
 
 
 class JsonFormatter(logging.Formatter):
@@ -131,16 +132,27 @@ def check_bind(options: ServeOptions) -> None:
                           f"then send Authorization: Bearer TOKEN), or --insecure to serve without authentication")
 
 
-def stamped_protocol() -> type | str:
+def stamped_protocol(max_connections: int | None = None) -> type | str:
     """uvicorn's httptools protocol, stamping each request's scope with the time of its first byte (where deadlines
-    and the queueing statistics count from; ``ARRIVAL``); without httptools, uvicorn's default (deadlines count
-    from when the application sees the request)."""
+    and the queueing statistics count from; ``ARRIVAL``) and its socket (``SOCKET``), and answering a connection
+    beyond ``max_connections`` open ones with one 503 and closing it; without httptools, uvicorn's default
+    (deadlines count from when the application sees the request, connections are not bounded)."""
     try:
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "auto"
+    refusal = json.dumps({"error": f"the server has {max_connections} connections open, the most it keeps "
+                                   f"(--max-connections); try again later"}).encode()
+    too_many = (b"HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                b"retry-after: 1\r\nconnection: close\r\n\r\n%s" % (len(refusal), refusal))
 
     class StampedHttpToolsProtocol(HttpToolsProtocol):
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            if max_connections is not None and len(self.connections) > max_connections:
+                transport.write(too_many)  # before any request is read: bounded work for each one refused
+                transport.close()
+
         def on_message_begin(self) -> None:  # the parser met the request's first byte
             super().on_message_begin()
             self.scope[ARRIVAL] = time.perf_counter()  # type: ignore[literal-required]
@@ -271,8 +283,8 @@ def serve(options: ServeOptions) -> int:
         raise
     try:
         state = _start(options, predictor, token)
-        config = uvicorn.Config(create_app(state), http=stamped_protocol(), log_config=None, access_log=False,
-                                lifespan="off", server_header=False,
+        config = uvicorn.Config(create_app(state), http=stamped_protocol(options.max_connections), log_config=None,
+                                access_log=False, lifespan="off", server_header=False,
                                 timeout_graceful_shutdown=options.drain_timeout_s)
         grpc_address = (options.host, options.grpc_port) if options.grpc_port is not None else None
         server = _Server(config, state, url, options.port_file, grpc_address, options.drain_timeout_s)

@@ -155,6 +155,25 @@ def test_a_full_queue_refuses_before_the_body_is_read(served_bundle: SyntheticBu
         assert server.stop() == 0
 
 
+def test_connections_beyond_the_bound_get_one_503_and_are_closed(served_bundle: SyntheticBundle,
+                                                                    tmp_path: Path) -> None:
+    server = Server(served_bundle.path, tmp_path, "--max-connections", "2")
+    try:
+        kept = [httpx.Client(base_url=server.url, timeout=30) for _ in range(2)]
+        assert all(client.get("/v2/health/live").status_code == 200 for client in kept)  # two held open
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock, \
+                sock.makefile("rb") as reader:
+            answer = reader.read()  # the whole answer, then the server closes: nothing was sent
+        head, _, body = answer.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 503") and b"retry-after: 1" in head.lower(), head
+        assert "2 connections open" in json.loads(body)["error"]
+        kept[0].close()  # one leaves: a new one is served
+        _wait_until(lambda: httpx.get(f"{server.url}/v2/health/live", timeout=5).status_code == 200)
+        kept[1].close()
+    finally:
+        assert server.stop() == 0
+
+
 def test_sigterm_answers_the_requests_in_flight_then_exits_0(served_bundle: SyntheticBundle, tmp_path: Path) -> None:
     server = Server(served_bundle.path, tmp_path, "--allow-fault-injection")
     x, _ = make_data(1, seed=33)
