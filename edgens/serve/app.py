@@ -35,6 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from starlette.applications import Starlette
 from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
@@ -250,7 +251,7 @@ class _Application:
                 log_infer(answer.prediction if answer is not None else None, refusal, arrival,
                           client[0] if client else None, "http")
         if refusal is not None:  # raw ASGI messages here too: under overload, refusals are most of the work
-            content = json.dumps({"error": refusal.message}).encode()
+            content = orjson.dumps({"error": refusal.message})
             headers_out = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content)),
                            *((key.lower().encode(), value.encode()) for key, value in refusal.headers.items())]
             await send({"type": "http.response.start", "status": refusal.status, "headers": headers_out})

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
+import orjson
 
 from edgens.checks import cut, finite, shown
 from edgens.errors import ConfigError
@@ -174,13 +175,26 @@ def parse_infer(body: bytes, header_length: str | None, model: ModelInfo,
     """
     header, binary = _split_body(body, header_length)
     try:
-        request = json.loads(header)
+        request = orjson.loads(header)  # 7x json's speed on a JSON tensor (issue 26)
+    except orjson.JSONDecodeError:
+        request = _loads_leniently(header)
+    return parse_request(request, binary, model, shared_memory)
+
+
+def _loads_leniently(header: bytes) -> Any:
+    """What orjson refused, read by json: it takes NaN and Infinity (which some clients send, and which then get
+    their own error), and its message says what is malformed otherwise.
+
+    Raises:
+        ProtocolError: malformed JSON.
+    """
+    try:
+        return json.loads(header)
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ProtocolError(f"malformed JSON in the request: {err}") from None
     except RecursionError:
         raise ProtocolError("malformed JSON in the request: nested too deeply; expected the protocol's objects "
                             "and a flat or shaped data list") from None
-    return parse_request(request, binary, model, shared_memory)
 
 
 def parse_request(request: Any, binary: memoryview, model: ModelInfo,
@@ -486,7 +500,7 @@ def encode_infer(request: InferRequest, prediction: Prediction, model: ModelInfo
         response["id"] = request.id
     response["parameters"] = response_parameters(prediction)
     response["outputs"] = tensors
-    header = json.dumps(response, separators=(",", ":")).encode()
+    header = orjson.dumps(response)
     if not blobs:
         return header, None
     return b"".join([header, *blobs]), len(header)
