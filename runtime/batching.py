@@ -50,7 +50,7 @@ log = logging.getLogger(__name__)
 
 @dataclass(eq=False)
 class _Request:
-    x: PreparedInput | np.ndarray  # checked (Predictor.check_input); the worker prepares it
+    x: PreparedInput | np.ndarray  # checked (Predictor.inputs.check); the worker prepares it
     budget: Budget
     arrival: float  # time.perf_counter() seconds
     deadline: float | None  # absolute, for deadline budgets
@@ -132,7 +132,8 @@ class Batcher:
             ServiceStoppingError: the batcher is closing.
         """
         arrival = time.perf_counter() if arrival is None else arrival
-        checked = self.predictor.check_input(x)  # normalised by the worker, off the caller's thread
+        # type and shape only: the worker normalises it and checks its values, off the caller's thread
+        checked = x if isinstance(x, PreparedInput) else self.predictor.inputs.check(x)
         if len(checked) > self.max_batch:
             raise InputError(f"input: received a batch of {len(checked)} examples, expected at most "
                              f"{self.max_batch} (the batcher's max_batch) per request")

@@ -61,6 +61,7 @@ class Predictor:
         pool: the stacks, their health and their runs.
         latency: this device's latency estimates (the table of the current power mode, else what was observed).
         lanes: stacks a call may run at once.
+        inputs: checks and normalises raw inputs (what :meth:`prepare` runs; its ``check`` alone is cheap).
     """
 
     def __init__(self, bundle_dir: Path, manifest: Manifest, backend: Backend, strict: bool = False,
@@ -70,7 +71,7 @@ class Predictor:
         self.bundle_dir, self.manifest, self.backend = bundle_dir, manifest, backend
         if detect_outliers is None:  # the checksums make the outlier test redundant where every stack has them
             detect_outliers = not (checksums and all(stack.checksum is not None for stack in manifest.stacks))
-        self._prepare = InputPreparer(manifest.input, manifest.preprocessing)
+        self.inputs = InputPreparer(manifest.input, manifest.preprocessing)
         self.latency = LatencyEstimates(bundle_dir, backend.describe)
         self.pool = StackPool(bundle_dir, manifest, backend, strict, stack_timeout_ms, quarantine_after,
                               observe=self.latency.observe)
@@ -79,7 +80,7 @@ class Predictor:
                            self.pool.checksums, checksums)
         self._executor = Executor(manifest, self.pool, rules, self.latency,
                                   Lanes(self.lanes) if self.lanes > 1 else None, lanes_asked=lanes is not None)
-        self._self_tests = SelfTestSupervisor(self.pool, bundle_dir, manifest, self._prepare)
+        self._self_tests = SelfTestSupervisor(self.pool, bundle_dir, manifest, self.inputs)
         self.pool.confirm = self._self_tests.confirm  # quarantine on evidence about the stack (health.py)
         # plans by (budget, batch size for latency budgets, latency view, pool generation): a plan made before the
         # view or the stacks' availability changed is never found again
@@ -205,17 +206,7 @@ class Predictor:
         Raises:
             InputError: bad input (shape, dtype, NaN/Inf, empty batch).
         """
-        return x if isinstance(x, PreparedInput) else PreparedInput(self._prepare(x))
-
-    def check_input(self, x: Any) -> Any:
-        """``x`` checked for what is cheap to check (a numeric array, its shape, a non-empty batch) and not yet
-        normalised; a :class:`PreparedInput` as it is. The serving batcher checks requests so as they arrive and
-        leaves :meth:`prepare` (the copy, the value checks, the normalisation) to its worker thread.
-
-        Raises:
-            InputError: not a numeric array, a shape that does not fit, an empty batch.
-        """
-        return x if isinstance(x, PreparedInput) else self._prepare.check(x)
+        return x if isinstance(x, PreparedInput) else PreparedInput(self.inputs(x))
 
     def check_budget(self, budget: Budget, batch: int = 1) -> None:
         """Raise what a call with this budget and batch size would raise before running a stack, without running
@@ -242,7 +233,7 @@ class Predictor:
             PredictorClosedError: the predictor was closed.
         """
         self._check_open()
-        return self.pool.stack_outputs(self._prepare(x), stacks, batch_size)
+        return self.pool.stack_outputs(self.inputs(x), stacks, batch_size)
 
     def _check_open(self) -> None:
         if self._closed:
@@ -252,7 +243,7 @@ class Predictor:
     def _begin(self, x: Any, budget: Budget, streaming: bool) -> Call:
         start = time.perf_counter()
         self._check_open()
-        xn = x.array if isinstance(x, PreparedInput) else self._prepare(x)
+        xn = x.array if isinstance(x, PreparedInput) else self.inputs(x)
         steps, view = self._plan(budget, len(xn))
         return self._executor.begin(xn, budget, steps, start, view, streaming)
 

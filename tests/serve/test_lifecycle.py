@@ -130,12 +130,15 @@ def test_a_full_queue_refuses_before_the_body_is_read(served_bundle: SyntheticBu
     server = Server(served_bundle.path, tmp_path, "--allow-fault-injection", "--max-queue", "1")
     try:
         x, _ = make_data(1, seed=33)
+        def infer(i: int) -> int:
+            return httpx.post(f"{server.url}/v2/models/{MODEL}/infer", json=json_request(x), timeout=60).status_code
+
         with httpx.Client(base_url=server.url, timeout=30) as http:
             http.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "hold"})
-            threads, results = _in_threads(2, lambda i: httpx.post(f"{server.url}/v2/models/{MODEL}/infer",
-                                                                   json=json_request(x), timeout=60).status_code)
-            _wait_until(lambda: _gauge(http, "edgens_queue_depth") == 1 and
-                        _gauge(http, "edgens_requests_in_flight") == 1)
+            held, first = _in_threads(1, infer)  # one at a time: two waiting together would be merged into one call
+            _wait_until(lambda: _gauge(http, "edgens_requests_in_flight") == 1)
+            waiting, second = _in_threads(1, infer)
+            _wait_until(lambda: _gauge(http, "edgens_queue_depth") == 1)
             head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
                     f"Content-Length: 100000\r\n\r\n").encode()
             with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
@@ -148,10 +151,11 @@ def test_a_full_queue_refuses_before_the_body_is_read(served_bundle: SyntheticBu
             assert status.split()[1] == b"503" and "retry-after: 1" in headers, (status, headers)
             assert "queue is full (1 requests waiting)" in error
             http.post("/edgens/faults", json={"stack": "prefix-0016", "clear": True})
-        for thread in threads:
+        for thread in held + waiting:
             thread.join(60)
-        assert results == [200, 200]
-    finally:
+        assert first + second == [200, 200]
+    finally:  # released (again) so that the server can drain even when an assertion failed
+        httpx.post(f"{server.url}/edgens/faults", json={"stack": "prefix-0016", "clear": True}, timeout=30)
         assert server.stop() == 0
 
 
