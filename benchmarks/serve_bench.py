@@ -204,6 +204,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--deadline-ms", type=float, default=5.0)
     parser.add_argument("--parts", default="load,faults,overload")
+    parser.add_argument("--sustained", type=float, help="the answers/s the overload part doubles (default: what the "
+                        "load part measured at the largest concurrency; needed when the overload part runs alone)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
     args = parser.parse_args()
     x, y, _ = load_input("fashion-mnist:test")
@@ -260,9 +262,10 @@ def main() -> None:
             print(f"faults {kind}: {json.dumps(summary)}", flush=True)
 
     if "overload" in args.parts:
-        sustained = results.get("load", {}).get(f"c{concurrencies[-1]}-batch64", {}).get("throughput_per_s")
+        sustained = args.sustained or results.get("load", {}).get(f"c{concurrencies[-1]}-batch64", {}).get(
+            "throughput_per_s")
         if sustained is None:
-            sustained = float(input("sustained throughput (requests/s): "))
+            raise SystemExit("--parts overload without the load part needs --sustained ANSWERS_PER_S")
         server = Server(args.bundle, work, "--no-access-log", "--max-queue", "64")
         try:
             records = asyncio.run(open_loop(server.port, requests, 2 * sustained, args.seconds))
