@@ -208,6 +208,7 @@ def main() -> None:
                         "load part measured at the largest concurrency; needed when the overload part runs alone)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results/serve"))
     args = parser.parse_args()
+    parts = set(args.parts.split(","))  # a set: "load" is a substring of "overload"
     x, y, _ = load_input("fashion-mnist:test")
     model = args.bundle.resolve().name
     requests = encode_requests(x, model, args.deadline_ms)
@@ -215,7 +216,7 @@ def main() -> None:
         predictor.warm_up((1, 64), repeats=8)
         stack_ms = {s.name: predictor.stack_ms(s.name, 64) for s in predictor.manifest.stacks}
         manifest = predictor.manifest
-        etas = predictor.stack_outputs(x, batch_size=1000) if "faults" in args.parts else {}
+        etas = predictor.stack_outputs(x, batch_size=1000) if "faults" in parts else {}
         where = member_index(predictor)
     general_ms = max(stack_ms[s.name] for s in manifest.general_stacks)
     results: dict = {"machine": platform.processor() or platform.machine(), "bundle": str(args.bundle),
@@ -225,7 +226,7 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     concurrencies = [int(c) for c in args.concurrency.split(",")]
 
-    if "load" in args.parts:
+    if "load" in parts:
         results["load"] = {}
         for concurrency in concurrencies:
             for batch in (64, 1):
@@ -238,7 +239,7 @@ def main() -> None:
                 results["load"][f"c{concurrency}-batch{batch}"] = summary
                 print(f"load c={concurrency} max-batch={batch}: {json.dumps(summary)}", flush=True)
 
-    if "faults" in args.parts:
+    if "faults" in parts:
         results["faults"] = {}
         for kind in ("fail", "hang", "corrupt"):
             server = Server(args.bundle, work, "--no-access-log", "--allow-fault-injection", "--stack-timeout-ms",
@@ -261,7 +262,7 @@ def main() -> None:
             results["faults"][kind] = summary
             print(f"faults {kind}: {json.dumps(summary)}", flush=True)
 
-    if "overload" in args.parts:
+    if "overload" in parts:
         sustained = args.sustained or results.get("load", {}).get(f"c{concurrencies[-1]}-batch64", {}).get(
             "throughput_per_s")
         if sustained is None:
