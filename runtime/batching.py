@@ -126,7 +126,8 @@ class Batcher:
             arrival: when the request arrived (``time.perf_counter()``; default now): a deadline counts from it.
 
         Raises:
-            InputError: bad input, or more examples than ``max_batch``.
+            InputError: a type or shape that does not fit, or more examples than ``max_batch`` (values the
+                predictor refuses, NaN or out of range, fail the future instead: the worker checks them).
             ConfigError, NoMembersAvailableError: a budget the predictor cannot plan now.
             OverloadedError: ``max_queue`` requests are waiting.
             ServiceStoppingError: the batcher is closing.
