@@ -254,23 +254,36 @@ class _Application:
             content = orjson.dumps({"error": refusal.message})
             headers_out = [(b"content-type", b"application/json"), (b"content-length", b"%d" % len(content)),
                            *((key.lower().encode(), value.encode()) for key, value in refusal.headers.items())]
-            await send({"type": "http.response.start", "status": refusal.status, "headers": headers_out})
-            await send({"type": "http.response.body", "body": content})
+            await _respond(scope, send, refusal.status, headers_out, content)
             return
         assert answer is not None
-        response_headers = [(b"content-type", b"application/json" if answer.json_length is None
-                             else b"application/octet-stream"), (b"content-length", b"%d" % len(answer.content))]
+        headers_out = [(b"content-type", b"application/json" if answer.json_length is None
+                        else b"application/octet-stream"), (b"content-length", b"%d" % len(answer.content))]
         if answer.json_length is not None:
-            response_headers.append((b"inference-header-content-length", b"%d" % answer.json_length))
-        sock = scope.get(SOCKET) if CORK is not None else None
-        if sock is not None:  # uvicorn writes the head and the body apart: one segment on the wire is cheaper
-            sock.setsockopt(socket.IPPROTO_TCP, CORK, 1)
-        try:
-            await send({"type": "http.response.start", "status": 200, "headers": response_headers})
-            await send({"type": "http.response.body", "body": answer.content})
-        finally:
-            if sock is not None:
-                sock.setsockopt(socket.IPPROTO_TCP, CORK, 0)
+            headers_out.append((b"inference-header-content-length", b"%d" % answer.json_length))
+        await _respond(scope, send, 200, headers_out, answer.content)
+
+
+async def _respond(scope: Scope, send: Send, status: int, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    """Send a whole response; uvicorn writes its head and body apart, so the socket is corked around the two
+    writes: one segment on the wire costs the server (and the client) less than two."""
+    sock = scope.get(SOCKET) if CORK is not None else None
+    corked = sock is not None and _cork(sock, 1)
+    try:
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+    finally:
+        if corked:
+            _cork(sock, 0)
+
+
+def _cork(sock: Any, on: int) -> bool:
+    """Cork or uncork a connection's socket; False when it is already gone (the client left: nothing to send)."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, CORK, on)
+    except OSError:
+        return False
+    return True
 
 
 class _BearerToken:
