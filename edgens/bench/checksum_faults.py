@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgens.bench.analysis import Progress
-from edgens.bench.report import markdown_table
+from edgens.bench.report import markdown_table, percent
 
 if TYPE_CHECKING:
     from edgens.runtime import Predictor
@@ -62,6 +62,16 @@ class _Checked:
         self.on, self.off, self.left = load(True), load(False), load(True)
         self.manifest = self.on.manifest
         self.k = self.manifest.n_outputs
+        self._weights: dict[str, tuple[bytes, dict[str, tuple[int, ...]]]] = {}  # by stack: its graph, tensor shapes
+
+    def weights(self, stack: str) -> tuple[bytes, dict[str, tuple[int, ...]]]:
+        """Stack ``stack``'s graph and its weight tensors' shapes, read once (every draw in it needs them)."""
+        if stack not in self._weights:
+            from edgens.runtime.onnx_weights import weight_tensors
+
+            model = (self.bundle / self.manifest.stack(stack).file).read_bytes()
+            self._weights[stack] = model, {t.name: tuple(t.shape) for t in weight_tensors(model)}
+        return self._weights[stack]
 
     def close(self) -> None:
         for predictor in (self.on, self.off, self.left):
@@ -100,14 +110,12 @@ class _Checked:
     def draw(self, name: str, kwargs: dict, clean: tuple[np.ndarray, list[str]], bits: tuple[int, ...],
              grow_only: bool, rng: np.random.Generator) -> dict:
         from edgens.runtime.faults import inject_bit_faults, inject_faults, random_bit_faults
-        from edgens.runtime.onnx_weights import weight_tensors
 
         clean_labels, stacks = clean
         accuracy_clean = float((clean_labels == self.y).mean())
         stack = stacks[int(rng.integers(len(stacks)))]
-        model = (self.bundle / self.manifest.stack(stack).file).read_bytes()
+        model, shapes = self.weights(stack)
         fault = random_bit_faults(model, 1, bits, rng, grow_only=grow_only)[0]
-        shapes = {t.name: t.shape for t in weight_tensors(model)}
         with inject_bit_faults(self.off, {stack: [fault]}):
             off, _, _ = self.predict(self.off, kwargs)
         with inject_bit_faults(self.on, {stack: [fault]}):
@@ -190,8 +198,8 @@ def checksum_markdown(bundle: str, data: dict) -> list[str]:
     for name, part in data["harmful"].items():
         s = part["summary"]
         rows.append([name, s["draws"], s["harmful"], f"{s['caught_of_harmful']}/{s['harmful']}",
-                     _pct(s["within_0.2_of_left_out"]), _pct(s["mean_sdc_off"], 3), _pct(s["mean_sdc_on"], 3),
-                     _pct(s["worst_sdc_missed"], 2), len(data["clean_false_alarms"][name])])
+                     percent(s["within_0.2_of_left_out"]), percent(s["mean_sdc_off"], 3), percent(s["mean_sdc_on"], 3),
+                     percent(s["worst_sdc_missed"], 2), len(data["clean_false_alarms"][name])])
     lines = [f"## Checksums, {bundle}: one harmful exponent flip (a 0 among bits 23-30 set to 1) in a stack the "
              f"budget runs ({data['examples']} test examples, calls of {data['batch']})", "",
              markdown_table(["budget", "draws", "harmful (SDC > 0 unprotected)", "caught / harmful",
@@ -199,17 +207,14 @@ def checksum_markdown(bundle: str, data: dict) -> list[str]:
                              "worst SDC of a missed flip",
                              "clean false alarms"], rows), ""]
     rows = [[part, s["draws"], f"{s['caught_of_harmful']}/{s['harmful']}", f"{s['caught_of_all']}/{s['draws']}",
-             _pct(s["worst_sdc_missed"], 2)] for part, s in data["by_layer"].items()]
+             percent(s["worst_sdc_missed"], 2)] for part, s in data["by_layer"].items()]
     lines += ["### By the part of the graph hit (every budget's harmful-protocol draws)", "",
               markdown_table(["part", "draws", "caught / harmful", "caught / all", "worst SDC of a missed flip"], rows),
               ""]
     sweep = data["sweep"]
-    rows = [[bit, _pct(r["caught"]), _pct(r["harmful"]), _pct(r["caught_of_harmful"]), _pct(r["worst_sdc_missed"], 2)]
-            for bit, r in sweep["by_bit"].items()]
+    rows = [[bit, percent(r["caught"]), percent(r["harmful"]), percent(r["caught_of_harmful"]),
+             percent(r["worst_sdc_missed"], 2)] for bit, r in sweep["by_bit"].items()]
     lines += [f"### By flipped bit ({sweep['budget']}, {sweep['draws']} draws per bit, either direction)", "",
               markdown_table(["bit", "caught", "harmful", "caught of harmful", "worst SDC of a missed flip"], rows), ""]
     return lines
 
-
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"

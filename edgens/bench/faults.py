@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from edgens.bench.analysis import Progress, no_progress
-from edgens.bench.report import markdown_table
+from edgens.bench.report import markdown_table, percent
 from edgens.errors import ConfigError
 from edgens.runtime.checksums import members_view
 from edgens.runtime.policies import Budget
@@ -390,17 +390,18 @@ def faults_markdown(data: dict) -> str:
         for budget, part in b["harmful"].items():
             s = part["summary"]
             rows.append([b["bundle"], f"{b['lam']:g}", budget, s["draws"],
-                         _pct(s[off]["within_0.2_of_left_out"]), _pct(s[on]["within_0.2_of_left_out"]),
+                         percent(s[off]["within_0.2_of_left_out"]), percent(s[on]["within_0.2_of_left_out"]),
                          f"{100 * (s[off]['worst_gap'] or 0):.2f}", f"{100 * (s[on]['worst_gap'] or 0):.2f}",
-                         _pct(s[off]["mean_sdc"], 3), _pct(s[on]["mean_sdc"], 3), _ratio(s["sdc_reduction"])])
+                         percent(s[off]["mean_sdc"], 3), percent(s[on]["mean_sdc"], 3), _ratio(s["sdc_reduction"])])
     lines += ["## One harmful exponent flip (a 0 among bits 23-30 set to 1)", "",
               markdown_table(["bundle", "lam", "budget", "draws", "within 0.2 of left out: off", "on",
                               "worst gap (points): off", "on", "mean SDC: off", "on", "SDC reduction"], rows), ""]
     rows = []
     for b in data["bundles"]:
         s = b["random"]["summary"]
-        rows.append([b["bundle"], f"{b['lam']:g}", s["draws"], _pct(s[off]["within_0.2_of_left_out"]),
-                     _pct(s[on]["within_0.2_of_left_out"]), _pct(s[off]["mean_sdc"], 3), _pct(s[on]["mean_sdc"], 3),
+        rows.append([b["bundle"], f"{b['lam']:g}", s["draws"], percent(s[off]["within_0.2_of_left_out"]),
+                     percent(s[on]["within_0.2_of_left_out"]), percent(s[off]["mean_sdc"], 3),
+                     percent(s[on]["mean_sdc"], 3),
                      s[off]["draws_with_sdc_over_1pct"], s[on]["draws_with_sdc_over_1pct"]])
     lines += ["## One random flip (any bit of any weight)", "",
               markdown_table(["bundle", "lam", "draws", "within 0.2: off", "on", "mean SDC: off", "on",
@@ -430,11 +431,11 @@ def faults_markdown(data: dict) -> str:
     for b in data["bundles"]:
         sweep = b["sweep"]
         labels = list(sweep["clean_accuracy"])
-        rows = [[bit, *[_pct(row[label]["sdc"], 2) for label in labels]] for bit, row in sweep["by_bit"].items()]
-        rows += [[f"{count} exponent flips", *[_pct(row[label]["sdc"], 2) for label in labels]]
+        rows = [[bit, *[percent(row[label]["sdc"], 2) for label in labels]] for bit, row in sweep["by_bit"].items()]
+        rows += [[f"{count} exponent flips", *[percent(row[label]["sdc"], 2) for label in labels]]
                  for count, row in sweep["by_flips"].items()]
-        rows.append(["mean over bits", *[_pct(sweep["mean_sdc_over_bits"][label], 3) for label in labels]])
-        rows.append(["clean accuracy", *[_pct(sweep["clean_accuracy"][label]) for label in labels]])
+        rows.append(["mean over bits", *[percent(sweep["mean_sdc_over_bits"][label], 3) for label in labels]])
+        rows.append(["clean accuracy", *[percent(sweep["clean_accuracy"][label]) for label in labels]])
         lines += [f"## Sweep, {b['bundle']} (lam {b['lam']:g}): SDC by flipped bit ({sweep['draws']} draws each, "
                   f"{sweep['examples']} examples)", "", markdown_table(["bit", *labels], rows), ""]
     for b in data["bundles"]:
@@ -444,9 +445,6 @@ def faults_markdown(data: dict) -> str:
             lines += checksum_markdown(b["bundle"], b["checksums"])
     return "\n".join(lines)
 
-
-def _pct(value: float | None, digits: int = 1) -> str:
-    return "-" if value is None else f"{100 * value:.{digits}f}%"
 
 
 def _ratio(value: float | None) -> str:

@@ -61,6 +61,11 @@ def pct(value: float | None, se: float | None = None, digits: int = 2) -> str:
     return f"{100 * value:.{digits}f} ± {100 * se:.{digits}f}%"
 
 
+def percent(value: float | None, digits: int = 1) -> str:
+    """``12.3%``, or ``-`` when there is no value (the fault tables' cells)."""
+    return "-" if value is None else f"{100 * value:.{digits}f}%"
+
+
 def num(value: float | None, se: float | None = None, digits: int = 4) -> str:
     """``0.1234`` or ``0.1234 ± 0.0005``."""
     if value is None or not math.isfinite(value):
