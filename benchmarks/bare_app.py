@@ -76,7 +76,9 @@ def main(argv: list[str] | None = None) -> None:
 
         async def startup(sockets=None):
             await original(sockets)
-            args.port_file.write_text(f"{sock.getsockname()[1]}\n")
+            partial = args.port_file.with_name(args.port_file.name + ".partial")
+            partial.write_text(f"{sock.getsockname()[1]}\n")
+            partial.replace(args.port_file)  # whole, so that a reader never sees it empty
 
         server.startup = startup  # type: ignore[method-assign]
     server.run(sockets=[sock])

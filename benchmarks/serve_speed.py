@@ -30,7 +30,6 @@ import os
 import platform
 import re
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ for path in (ROOT, ROOT / "tests" / "serve", ROOT / "benchmarks"):
         sys.path.insert(0, str(path))
 
 from serve_bench import encode_requests, open_loop, summarise  # noqa: E402
-from serve_tools import DEFAULT_PA, run_perf_analyzer  # noqa: E402
+from serve_tools import DEFAULT_PA, rotated, run_perf_analyzer  # noqa: E402
 from server_process import Server  # noqa: E402
 
 from edgens.data.inputs import load_input  # noqa: E402
@@ -59,27 +58,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-class BareApp:
-    """benchmarks/bare_app.py in a process of its own, on a free loopback port."""
-
-    def __init__(self, bundle: Path, work: Path):
-        port_file = work / "bare.port"
-        self.process = subprocess.Popen([sys.executable, str(ROOT / "benchmarks" / "bare_app.py"), str(bundle),
-                                         "--port-file", str(port_file)], stdout=subprocess.DEVNULL,
-                                        stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        deadline = time.monotonic() + 60
-        while not port_file.exists() or not port_file.read_text().strip():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                raise SystemExit("benchmarks/bare_app.py did not start")
-            time.sleep(0.05)
-        self.port, self.grpc_port = int(port_file.read_text()), None
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(30)
-
-
 def members_histogram(server: Server) -> tuple[float, float]:
     """(sum, count) of the server's edgens_members_used histogram."""
     with urllib.request.urlopen(f"{server.url}/metrics", timeout=10) as response:
@@ -87,10 +65,6 @@ def members_histogram(server: Server) -> tuple[float, float]:
     total = float(re.search(r"^edgens_members_used_sum (\S+)$", text, re.M).group(1))
     count = float(re.search(r"^edgens_members_used_count (\S+)$", text, re.M).group(1))
     return total, count
-
-
-def rotated(items: list, number: int) -> list:
-    return items[number % len(items):] + items[:number % len(items)]
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -116,7 +90,9 @@ def main(argv: list[str] | None = None) -> dict:
         plain = Server(args.bundle, work / "one", "--grpc-port", "0", "--no-access-log")
         deadline = Server(args.bundle, work / "deadline", "--default-deadline-ms", str(DEADLINE_MS),
                           "--no-access-log")
-        bare = BareApp(args.bundle, work)
+        (work / "bare").mkdir()
+        bare_app = [sys.executable, str(ROOT / "benchmarks" / "bare_app.py"), str(args.bundle), "--port-file"]
+        bare = Server(args.bundle, work / "bare", command=[*bare_app, str(work / "bare" / "port")])
         one = {"edgens http-json": (plain, "http-json"), "bare app http-json": (bare, "http-json"),
                "edgens http-binary": (plain, "http-binary"), "edgens grpc": (plain, "grpc")}
         try:
@@ -146,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
                     f"{summary['other_status']}, not sent {summary['client_could_not_send']}")
                 rounds.append(measured)
         finally:
-            bare.stop()
+            bare.stop()  # uvicorn re-raises SIGTERM after its shutdown: its status says nothing
             assert plain.stop() == 0 and deadline.stop() == 0
     result = {"bundle": str(args.bundle), "rounds": args.rounds, "window_ms": args.window_ms,
               "command": "python benchmarks/serve_speed.py " + " ".join(sys.argv[1:] if argv is None else argv),

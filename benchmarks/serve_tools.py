@@ -49,6 +49,11 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def rotated(items: list, number: int) -> list:
+    """``items`` in round ``number``'s order: each round starts one later, so that no variant always goes first."""
+    return items[number % len(items):] + items[:number % len(items)]
+
+
 def run_perf_analyzer(pa: Path, model: str, server: Server, variant: str, concurrency: int, window_ms: int,
                       work: Path) -> dict:
     transport, extra = VARIANTS[variant]
@@ -110,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
         server = Server(args.bundle, work, "--grpc-port", "0", "--default-deadline-ms", "5", "--no-access-log")
         try:
             for number in range(args.rounds):
-                order = variants[number % len(variants):] + variants[:number % len(variants)]
+                order = rotated(variants, number)
                 measured: dict = {v: {} for v in variants}
                 for c in concurrency:
                     for variant in order:
