@@ -244,26 +244,26 @@ class InferenceService:
         if self.draining:
             raise ServiceStoppingError("the server is draining and accepts no new requests")
         self.batcher.check_room()
-        limit = self.service_limit()
+        limit, reason = self._limit()
         if self.in_service >= limit:
             raise OverloadedError(f"{self.in_service} requests are in service, the most this server takes now "
-                                  f"({limit}: {self._limit_reason()}); try again later")
+                                  f"({limit}: {reason}); try again later")
 
     def service_limit(self) -> int:
         """How many infer requests may be in service at once (admitted, not yet answered): with a default deadline,
         what the server answers in twice that deadline at the rate it answered lately (Little's law: then an
         admitted request waits about twice the deadline at most), at least :data:`MIN_IN_SERVICE`; otherwise, or
         before a rate is known, ``max_queue + max_batch``."""
-        rate = self._answers.rate()
-        if self.default_budget.kind != "deadline_ms" or rate is None:
-            return self.batcher.max_queue + self.batcher.max_batch
-        return max(MIN_IN_SERVICE, int(rate * 2 * self.default_budget.value / 1e3))
+        return self._limit()[0]
 
-    def _limit_reason(self) -> str:
+    def _limit(self) -> tuple[int, str]:
+        """:meth:`service_limit` and what it comes from, in words (for the refusal's message)."""
         rate = self._answers.rate()
         if self.default_budget.kind != "deadline_ms" or rate is None:
-            return "max_queue + max_batch"
-        return f"{rate:.0f} answers/s over twice the default deadline of {self.default_budget.value:g} ms"
+            return self.batcher.max_queue + self.batcher.max_batch, "max_queue + max_batch"
+        deadline_ms = self.default_budget.value
+        return (max(MIN_IN_SERVICE, int(rate * 2 * deadline_ms / 1e3)),
+                f"{rate:.0f} answers/s over twice the default deadline of {deadline_ms:g} ms")
 
     async def infer(self, body: bytes, header_length: str | None, arrival: float) -> Answer:
         """Parse an HTTP infer request's body, answer it (:meth:`answer`) and encode the response.
