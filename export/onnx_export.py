@@ -20,7 +20,7 @@ import torch
 
 from edgens.errors import ExportError
 from edgens.runtime.bundle import ChecksumInfo
-from edgens.runtime.checksums import CHECK_OUTPUT, ChecksumError, StackChecksum, merge
+from edgens.runtime.checksums import CHECK_OUTPUT, ChecksumError, StackChecksum, input_weights, merge
 from edgens.stacks import MemberStack
 
 log = logging.getLogger(__name__)
@@ -193,7 +193,8 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
         return ParityReport(name, float("nan"), problems)
     check = None
     if checksum is not None:
-        check = StackChecksum(name, stack.n_members, checksum, stack.spec.n_outputs, float(np.abs(x).max()))
+        check = StackChecksum(name, stack.n_members, checksum, stack.spec.n_outputs, float(np.abs(x).max()),
+                              input_weights=input_weights(Path(path).read_bytes()))
     single = _cpu_copy(stack).float().eval()
     reference = _cpu_copy(stack).double().eval()
     max_diff, worst_excess = 0.0, -np.inf
@@ -203,7 +204,7 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
             got = session.run(None, {INPUT_NAME: chunk})
             if check is not None:
                 try:
-                    got = [check.verified(merge(*got))]
+                    got = [check.verified(merge(*got), chunk)]
                 except ChecksumError as err:
                     problems.append(f"its checksums fail on real inputs ({err})")
                     return ParityReport(name, float("nan"), problems)
@@ -236,6 +237,7 @@ def graph_outputs(path: str | Path, x: np.ndarray, checksum: ChecksumInfo | None
     from edgens.runtime.backends.onnxruntime import load_session
 
     session = load_session(path)
+    weights = None if checksum is None else input_weights(Path(path).read_bytes())
     parts = []
     for start in range(0, len(x), batch_size):
         chunk = np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)
@@ -243,9 +245,9 @@ def graph_outputs(path: str | Path, x: np.ndarray, checksum: ChecksumInfo | None
         if checksum is not None:
             eta = merge(*out)
             check = StackChecksum(Path(path).stem, eta.shape[0] - 1, checksum, eta.shape[2] - 2,
-                                  float(np.abs(chunk).max()))
+                                  float(np.abs(chunk).max()), input_weights=weights)
             try:
-                out = [check.verified(eta)]
+                out = [check.verified(eta, chunk)]
             except ChecksumError as err:
                 raise ExportError(f"{err} on clean validation inputs {start}..{start + len(chunk) - 1}") from None
         parts.append(out[0])

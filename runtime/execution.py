@@ -189,7 +189,7 @@ class Executor:
 
     def run(self, step: Step, x: np.ndarray, lean: bool = False) -> StackResult:
         """Run one stack (``lean``: its lean twin, if any) and reduce its outputs (in a lane's thread too)."""
-        return self.rules.reduce(self.pool.run(step, x, lean))
+        return self.rules.reduce(self.pool.run(step, x, lean), x)
 
     def estimate(self, call: Call, name: str, p90: bool = False) -> float | None:
         """The expected (``p90``: 90th percentile) latency of stack ``name`` in this call: its lean twin's where the
@@ -245,7 +245,7 @@ class Executor:
         """The hot path of a plan of one stack (a prefix stack, a specialist): run it and combine its rows. None if
         it failed: then ``call.steps`` holds what runs instead (its fallback)."""
         step, tally = call.steps[0], call.tally
-        if not tally.take_only(self.rules.reduce(self.pool.run(step, call.x))):
+        if not tally.take_only(self.rules.reduce(self.pool.run(step, call.x), call.x)):
             call.steps, call.replanned = list(step.fallback), True
             return None
         self.pool.record(tally.stacks_run, tally.failures)  # settled: nothing is pending

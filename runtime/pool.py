@@ -25,7 +25,7 @@ import numpy as np
 
 from edgens.errors import BackendUnavailableError, BundleError
 from edgens.runtime.backends import Backend, StackRunner
-from edgens.runtime.bundle import Manifest, check_file
+from edgens.runtime.bundle import Manifest, StackInfo, check_file
 from edgens.runtime.checksums import KIND as CHECKSUM
 from edgens.runtime.checksums import ChecksumError, stack_checksums
 from edgens.runtime.health import SILENT_KINDS, StackFailure, StackHealth
@@ -100,13 +100,21 @@ class StackPool:
         # The checked stacks' bounds (edgens.runtime.checksums); calls check them in the tally, where the member sum
         # they need is made anyway.
         self.checksums = stack_checksums(manifest.stacks, manifest.n_outputs, manifest.input, manifest.preprocessing,
-                                         backend.checksum_roundoff)
+                                         backend.checksum_roundoff, self._graph)
         self._workers: dict[str, ThreadPoolExecutor] = {}  # stack timeouts: one worker thread per stack
         self._late: dict[str, Future[np.ndarray]] = {}  # runs that timed out and may still be running
         self._reload: set[str] = set()  # quarantined by the self-test: retry() loads them from their files again
         self._lock = threading.Lock()  # health, generation, workers and late runs change under it
 
     # ----------------------------------------------------------------------------------------------------- loading
+
+    def _graph(self, stack: StackInfo) -> bytes | None:
+        """Stack ``stack``'s ONNX graph as stored (for its checksums' bounds), or None when it cannot be read (then
+        loading it fails too, and says why)."""
+        try:
+            return (self.bundle_dir / stack.file).read_bytes()
+        except OSError:
+            return None
 
     def load(self, problems: dict[str, str]) -> None:
         """Start every stack's runner, excluding those with a known ``problem`` (their file) and those that fail
@@ -270,7 +278,7 @@ class StackPool:
                 out = runner.run(batch)
                 failure = _check_output(runner, out, len(batch))
                 if failure is None:
-                    out = self.verified(name, out)
+                    out = self.verified(name, out, batch)
             except ChecksumError as err:
                 failure = StackFailure(name, CHECKSUM, err.problem)
             except Exception as err:  # noqa: BLE001  (any backend failure drops the stack, as in predict)
@@ -281,15 +289,15 @@ class StackPool:
             parts.append(out)
         return np.concatenate(parts, axis=1)
 
-    def verified(self, name: str, out: np.ndarray) -> np.ndarray:
-        """The members' outputs ``(members, B, K)`` of stack ``name``'s whole output ``out``, its checksums (if it
-        has them) checked on every row.
+    def verified(self, name: str, out: np.ndarray, x: np.ndarray) -> np.ndarray:
+        """The members' outputs ``(members, B, K)`` of stack ``name``'s whole output ``out`` on the normalised inputs
+        ``x``, its checksums (if it has them) checked on every row.
 
         Raises:
             ChecksumError: they do not hold.
         """
         check = self.checksums.get(name)
-        return out if check is None else check.verified(out)
+        return out if check is None else check.verified(out, x)
 
     def warm_up(self, batch_sizes: Sequence[int], repeats: int) -> None:
         """Run every available stack (and its lean twin) ``repeats`` times at each batch size (on zeros), after one

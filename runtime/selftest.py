@@ -161,8 +161,8 @@ class SelfTestSupervisor:
         try:
             # A checked stack's checksums must hold too: a corrupted checksum row changes no output, yet the stack
             # fails every call, and the self-test is what confirms (or clears) such a failure.
-            got = np.concatenate([self.pool.verified(name, runner.run(x[i:i + 256])) for i in range(0, len(x), 256)],
-                                 axis=1)
+            chunks = [x[i:i + 256] for i in range(0, len(x), 256)]
+            got = np.concatenate([self.pool.verified(name, runner.run(chunk), chunk) for chunk in chunks], axis=1)
         except Exception as err:  # noqa: BLE001  (any backend failure fails the test)
             return SelfTestResult(name, False, math.inf, 0.0, f"{type(err).__name__}: {err}")
         return compare_outputs(name, got, expected.outputs[name], self._tolerance_class(runner),

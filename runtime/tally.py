@@ -24,7 +24,7 @@ from edgens.ensemble import COMBINERS, DEFAULT_TRIM, combine, inverse_link
 from edgens.errors import unknown_choice
 from edgens.runtime.bundle import Manifest, OutlierInfo
 from edgens.runtime.checksums import KIND as CHECKSUM
-from edgens.runtime.checksums import StackChecksum
+from edgens.runtime.checksums import StackChecksum, absolute_inputs
 from edgens.runtime.health import StackFailure
 from edgens.runtime.outliers import GroupCheck
 from edgens.runtime.policies import Budget, Step
@@ -100,12 +100,13 @@ class TallyRules:
         self._group_size = {stack.name: len(stack.members) for stack in manifest.general_stacks}
         self._layouts: dict[tuple[str, tuple[int, ...] | None], _Layout | None] = {}
         self._checks: dict[tuple, GroupCheck] = {}  # per sequence of checked steps
+        self._absolute_input: tuple[np.ndarray, np.ndarray] | None = None  # the last call's inputs and |inputs|
         self._lock = threading.Lock()
 
-    def reduce(self, result: StackResult) -> StackResult:
-        """Reduce a stack's outputs to the sums a call needs (in the thread that ran it). A step with a fallback (a
-        prefix stack) whose sum is not finite fails here, so that the fallback can still run in the call. The hot
-        path: one sum, or one pass over the groups."""
+    def reduce(self, result: StackResult, x: np.ndarray) -> StackResult:
+        """Reduce a stack's outputs on the normalised inputs ``x`` to the sums a call needs (in the thread that ran
+        it). A step with a fallback (a prefix stack) whose sum is not finite fails here, so that the fallback can
+        still run in the call. The hot path: one sum, or one pass over the groups."""
         out = result.output
         if out is None:
             return result
@@ -130,7 +131,7 @@ class TallyRules:
                     part = part + rows[-1]
             if check is not None:
                 # The member sum the call needs anyway carries the checksums (edgens.runtime.checksums).
-                problem = check.failure(part, rows[-1, :, check.k]) if self.verify else None
+                problem = check.failure(part, rows[-1, :, check.k], self._absolute(x)) if self.verify else None
                 if problem is not None:
                     result.failure = StackFailure(step.stack, CHECKSUM, problem)
                     return result
@@ -143,6 +144,14 @@ class TallyRules:
         if self.combiner != "mean":
             result.rows = rows
         return result
+
+    def _absolute(self, x: np.ndarray) -> np.ndarray:
+        """``|x|`` flattened, for the checksums' per-example bounds: made once per call (every checked stack of the
+        call needs it), kept for the next stack of the same inputs."""
+        cached = self._absolute_input
+        if cached is None or cached[0] is not x:
+            cached = self._absolute_input = (x, absolute_inputs(x))  # one assignment: safe across lanes
+        return cached[1]
 
     def layout(self, step: Step) -> _Layout | None:
         """How a step's rows split into groups (general stacks) for outlier detection, cached; None for stacks that

@@ -20,7 +20,7 @@ from edgens.data import load_dataset
 from edgens.export import ExportOptions, export_bundle
 from edgens.runtime import Predictor
 from edgens.runtime.bundle import load_manifest
-from edgens.runtime.checksums import input_bound
+from edgens.runtime.checksums import SAFETY, input_bound
 from edgens.runtime.faults import BitFault, Fault, inject_bit_faults, inject_faults
 from edgens.train import train
 
@@ -177,18 +177,68 @@ def test_no_false_alarm_on_clean_data_at_batch_1_and_64(checked: Path, fashion_m
             for budget in ({}, {"members": 0.25}, {"task": manifest.specialists[0].task}, {"deadline_ms": 1000}):
                 prediction = predictor.predict(raw[None], **budget)
                 assert not prediction.failures, prediction.failures
-    # the bounds from numerics are far above clean residuals: at most a few percent of them used
+    # the bounds from numerics (recomputed here from each graph's weights) are far above clean residuals
     pool = Predictor.load(checked).pool
     x = _normalised(checked, dataset.val_x)
     for name, check in pool.checksums.items():
-        runner = pool.runners[name]
-        out = runner.run(x)
+        out = pool.runners[name].run(x)
         total = out[:check.rows].sum(0, dtype=np.float64)
         hidden = out[check.rows, :, check.k].astype(np.float64)
-        residual = total[:, :check.k + 1].sum(1) + hidden
-        limit = check.output_gain * total[:, check.k + 1] + check.hidden_limit
-        assert (np.abs(residual) / limit).max() < 0.25, name
+        residual = total[:, :check.k + 1].sum(1)
+        limit = _output_bound(manifest, name, total[:, check.k + 1]) + _hidden_bound(checked, manifest, name, x)
+        assert (np.abs(residual + hidden) / limit).max() < 0.25, name
     assert input_bound(manifest.input, manifest.preprocessing) > np.abs(x).max()
+
+
+def _hidden_weights(bundle: Path, stack) -> tuple[np.ndarray, np.ndarray]:
+    model = onnx.load(str(bundle / stack.file))
+    init = {t.name: numpy_helper.to_array(t).astype(np.float64) for t in model.graph.initializer}
+    weight = next(v for v in init.values() if v.ndim == 2)
+    return weight, next(v for v in init.values() if v.ndim == 1 and len(v) == len(weight))
+
+
+def _hidden_bound(bundle: Path, manifest, name: str, x: np.ndarray) -> np.ndarray:
+    """Per example: SAFETY u (sqrt(n + 1) + sqrt(units) + 1) (sum_j |x_j| sum_r |W_rj| + sum |b|)."""
+    weight, bias = _hidden_weights(bundle, manifest.stack(name))
+    units, n = weight.shape
+    gain = SAFETY * 2.0 ** -24 * (np.sqrt(n + 1) + np.sqrt(units) + 1)
+    return gain * (np.abs(x.reshape(len(x), -1)).astype(np.float64) @ np.abs(weight).sum(0) + np.abs(bias).sum())
+
+
+def _output_bound(manifest, name: str, magnitude: np.ndarray) -> np.ndarray:
+    """SAFETY u (sqrt(h + 1) + sqrt(rows + 1) + sqrt(K + 1)) times the graph's magnitude column."""
+    stack = manifest.stack(name)
+    h = stack.checksum.output_terms - 1
+    k = manifest.n_outputs
+    return SAFETY * 2.0 ** -24 * (np.sqrt(h + 1) + np.sqrt(len(stack.members) + 1) + np.sqrt(k + 1)) * magnitude
+
+
+def test_the_hidden_bound_follows_each_examples_input(checked: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    """A flip that doubles one hidden weight moves the hidden sum by w x_j: below the bound of the worst accepted
+    input (what a graph whose weights are unknown gets), above the bound of the examples' own inputs; caught."""
+    manifest = load_manifest(checked)
+    stack = manifest.general_stacks[0]
+    weight, _ = _hidden_weights(checked, stack)
+    x = _normalised(checked, data[0][:64])
+    flat = x.reshape(len(x), -1).astype(np.float64)
+    per_example = _hidden_bound(checked, manifest, stack.name, x)
+    with Predictor.load(checked, quarantine_after=None, detect_outliers=False) as predictor:
+        worst_input = predictor.pool.checksums[stack.name].hidden_limit
+        # a member weight whose doubling (exponent bit 23: 0 -> 1 doubles it) moves the sum by w x_j, which is
+        # between the two bounds for some example
+        rows = len(stack.members) * (weight.shape[0] // (len(stack.members) + 1))
+        bits = weight[:rows].astype(np.float32).view(np.uint32)
+        moved = np.abs(weight[:rows, None, :] * flat[None])  # (rows, B, n): w_rj x_bj
+        between = (moved > 2 * per_example[None, :, None]).any(1) & (moved.max(1) < worst_input / 2)
+        candidates = np.argwhere(between & ((bits & (1 << 23)) == 0))
+        assert len(candidates), "no weight whose doubling falls between the bounds"
+        row, column = candidates[np.argmax(np.abs(weight[candidates[:, 0], candidates[:, 1]]))]
+        index = int(row) * weight.shape[1] + int(column)
+        tensor = next(t.name for t in onnx.load(str(checked / stack.file)).graph.initializer if len(t.dims) == 2)
+        with inject_bit_faults(predictor, {stack.name: [BitFault(tensor, index, 23, "stuck-1")]}):
+            prediction = predictor.predict(data[0][:64], members=len(stack.members))
+    failures = [f for f in prediction.failures if f.stack == stack.name]
+    assert [f.kind for f in failures] == ["checksum"] and "layer first:" in failures[0].message
 
 
 def test_a_checksum_failure_quarantines_only_when_the_self_test_confirms_it(
