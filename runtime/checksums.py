@@ -22,12 +22,15 @@ with ``u`` the graph's unit roundoff, ``n`` the inputs of a hidden unit, ``units
 summed, ``x`` the example's normalised input and ``a_j = sum_r |W_rj|`` the hidden layer's absolute weights of input
 j summed over its rows (check row included), read once from the graph's ``hidden_weight`` initializer
 (:func:`input_weights`): ``sum_j a_j |x_j| + sum |b|`` is exactly the sum of the magnitudes of every term the
-hidden residual adds up. The square roots are the probabilistic rounding bound of a sum of n terms (Higham and Mary
-2019), the sums of magnitudes the deterministic one's scale. A graph whose weights cannot be read takes the
-worst accepted input instead, ``X * sum |W|``, with ``X`` the largest |normalised input| the runtime accepts
-(inputs beyond the bundle's range are refused before any stack runs): about 6 times looser on Fashion-MNIST, where a
-flip that doubles a hidden weight could stay below it and still change a borderline answer. On the default bundle's
-clean validation and test sets the largest residual is about 1% of the per-example bound, and SAFETY is 4. NaN or
+hidden residual adds up. The runtime writes ``(hidden gain / output gain) * sum_j a_j |x_j|`` into the check row's
+magnitude column (zero in the graph) before the rows are summed, so the test stays one small product and one
+compare on the sum (:meth:`StackChecksum.bound_inputs`). The square roots are the probabilistic rounding bound of a
+sum of n terms (Higham and Mary 2019), the sums of magnitudes the deterministic one's scale. A graph whose weights
+cannot be read takes the worst accepted input instead, ``X * sum |W|``, with ``X`` the largest |normalised input|
+the runtime accepts (inputs beyond the bundle's range are refused before any stack runs): about 6 times looser on
+Fashion-MNIST, where a flip that doubles a hidden weight could stay below it and still change a borderline answer.
+On the default bundle's clean validation and test sets the largest residual is about 1% of the per-example bound,
+and SAFETY is 4. NaN or
 infinite residuals always fail.
 """
 
@@ -85,55 +88,57 @@ class StackChecksum:
                  unit_roundoff: float | None = None, input_weights: np.ndarray | None = None):
         self.info, self.name, self.rows, self.k = info, name, rows, n_outputs
         u = info.unit_roundoff if unit_roundoff is None else unit_roundoff
-        # A stack's hidden residual does not depend on which of its rows a call uses, only on the input.
-        gain = SAFETY * u * (math.sqrt(info.hidden_terms) + math.sqrt(info.hidden_units) + 1)
-        self.hidden_limit = gain * (x_bound * info.hidden_weight_abs + info.hidden_bias_abs)  # any accepted input
-        self._hidden_weights = None if input_weights is None or not math.isfinite(gain) else (
-            (gain * input_weights.astype(np.float64)).astype(np.float32))
-        self._hidden_bias = gain * info.hidden_bias_abs
         self.output_gain = SAFETY * u * (math.sqrt(info.output_terms) + math.sqrt(self.rows + 1) +
                                          math.sqrt(n_outputs + 1))
+        # A stack's hidden residual does not depend on which of its rows a call uses, only on the input.
+        gain = SAFETY * u * (math.sqrt(info.hidden_terms) + math.sqrt(info.hidden_units) + 1)
+        self.worst_input_limit = gain * (x_bound * info.hidden_weight_abs + info.hidden_bias_abs)
+        per_example = input_weights is not None and math.isfinite(gain) and 0 < self.output_gain < math.inf
+        # The per-example part of the hidden bound, gain * sum_j a_j |x_j|, travels in the check row's magnitude
+        # column (zero in the graph: the check member's output weights are zero), which the output bound multiplies
+        # by output_gain: so a_j is stored divided by it, and the test stays one product and one compare.
+        self._input_weights = (gain / self.output_gain * input_weights.astype(np.float64)).astype(np.float32) \
+            if per_example else None
+        self.hidden_limit = gain * info.hidden_bias_abs if per_example else self.worst_input_limit
+        """The constant part of the hidden bound: its bias term, or the whole bound of the worst accepted input."""
         self._signs = np.ones((n_outputs + 2, 2), dtype=np.float32)
         self._signs[:, 1] = -1
         self._signs[-1] = -self.output_gain if math.isfinite(self.output_gain) else -np.finfo(np.float32).max
 
-    def hidden_limits(self, abs_input: np.ndarray | None) -> np.ndarray | float:
-        """The bound of the hidden residual: ``(B,)`` for the examples ``abs_input`` ``(B, n)`` (their normalised
-        inputs' absolute values, flattened), or one constant for any accepted input (no input given, or the graph's
-        weights unknown)."""
-        if abs_input is None or self._hidden_weights is None:
-            return self.hidden_limit
-        return abs_input @ self._hidden_weights + self._hidden_bias
+    def bound_inputs(self, check_row: np.ndarray, abs_input: np.ndarray | None) -> None:
+        """Write the per-example part of the hidden bound for inputs ``abs_input`` ``(B, n)`` (their normalised
+        values' absolute values, flattened: :func:`absolute_inputs`) into ``check_row`` ``(B, K + 2)``, the check
+        row of a stack's output, before its rows are summed (nothing when the graph's weights are unknown or no
+        input is given: then the worst accepted input's bound holds)."""
+        if abs_input is not None and self._input_weights is not None:
+            check_row[:, self.k + 1] = abs_input @ self._input_weights
 
-    def failure(self, total: np.ndarray, hidden: np.ndarray, abs_input: np.ndarray | None = None) -> str | None:
+    def failure(self, total: np.ndarray, check_row: np.ndarray) -> str | None:
         """Why the checksums of a call's rows do not hold, or None.
 
         Args:
             total: ``(B, K + 2)``, the sum over the rows the call used and the check row (whose column K is the
-                hidden residual).
-            hidden: ``(B,)``, the check row's column K (read only to explain a failure).
-            abs_input: ``(B, n)``, the call's normalised inputs' absolute values, flattened (None: the bound of the
-                worst accepted input).
+                hidden residual, column K + 1 the per-example part of its bound: :meth:`bound_inputs`).
+            check_row: ``(B, K + 2)`` (read only to explain a failure).
         """
         # One small product for both signs: |r| <= g T + c  <=>  max(r - g T, -r - g T) <= c, with r the sum of the
         # first K + 1 columns and T the last. NaN propagates through the product and the max, and compares False.
         # (The caller silences numpy's overflow warnings: the tally sums under np.errstate.)
-        limit = self.hidden_limits(abs_input)
-        tests = total @ self._signs
-        if (tests.max() <= limit) if isinstance(limit, float) else (tests.max(axis=1) <= limit).all():
+        if (total @ self._signs).max() <= self.hidden_limit:
             return None
-        return self._explain(total, hidden, limit)
+        return self._explain(total, check_row.astype(np.float64))
 
-    def _explain(self, total: np.ndarray, hidden: np.ndarray, hidden_limit: np.ndarray | float) -> str:
+    def _explain(self, total: np.ndarray, check_row: np.ndarray) -> str:
         """Which layer's residual is out of bounds (only on failure: it costs a few more passes)."""
+        hidden = check_row[:, self.k]
+        hidden_limit = self.hidden_limit + self.output_gain * check_row[:, self.k + 1]
         bad = ~(np.abs(hidden) <= hidden_limit)
         if bad.any():
             worst = int(np.argmax(np.where(np.isfinite(hidden), np.abs(hidden), np.inf)))
-            bound = float(np.broadcast_to(hidden_limit, hidden.shape)[worst])
             return (f"layer {self.info.layers[0]}: residual {float(hidden[worst]):.3g} beyond its bound "
-                    f"{bound:.3g} in {int(bad.sum())} of {len(hidden)} examples")
+                    f"{float(hidden_limit[worst]):.3g} in {int(bad.sum())} of {len(hidden)} examples")
         residual = total[:, :self.k + 1].sum(axis=1, dtype=np.float64) - hidden
-        limit = self.output_gain * total[:, self.k + 1]
+        limit = self.output_gain * (total[:, self.k + 1] - check_row[:, self.k + 1])
         bad = ~(np.abs(residual) <= limit)
         worst = int(np.argmax(np.where(bad, 1.0, 0.0)))
         return (f"layer {self.info.layers[1]}: residual {float(residual[worst]):.3g} beyond its bound "
@@ -146,9 +151,10 @@ class StackChecksum:
         Raises:
             ChecksumError: the checksums do not hold.
         """
+        self.bound_inputs(out[self.rows], absolute_inputs(x))
         with np.errstate(invalid="ignore", over="ignore"):
             total = out.sum(axis=0, dtype=np.float64)  # the check row included: its column K is the hidden residual
-            problem = self.failure(total, out[self.rows, :, self.k].astype(np.float64), absolute_inputs(x))
+            problem = self.failure(total, out[self.rows])
         if problem is not None:
             raise ChecksumError(self.name, problem)
         return members_view(out, self.rows, self.k)

@@ -121,9 +121,11 @@ class TallyRules:
                 rows = out if step.rows is None else out[list(step.rows)]
             else:  # a checked stack's rows keep their check columns until summed, with the check row last
                 rows = out if step.rows is None else out[[*step.rows, check.rows]]
+            if check is not None and self.verify:  # the per-example part of its hidden bound rides in the check row
+                check.bound_inputs(rows[-1], self._absolute(x))
             layout = self.layout(step) if self.outliers is not None else None
             if layout is None:
-                part = rows.sum(axis=0)  # a checked stack's check row adds only its hidden residual (column K)
+                part = rows.sum(axis=0)  # a checked stack's check row adds its hidden residual and bound (K, K + 1)
             else:  # one pass: each group's sum, then their total
                 groups = layout.group_sums(rows if check is None else rows[:-1])
                 part = groups.sum(axis=0) if len(groups) > 1 else groups[0]
@@ -131,7 +133,7 @@ class TallyRules:
                     part = part + rows[-1]
             if check is not None:
                 # The member sum the call needs anyway carries the checksums (edgens.runtime.checksums).
-                problem = check.failure(part, rows[-1, :, check.k], self._absolute(x)) if self.verify else None
+                problem = check.failure(part, rows[-1]) if self.verify else None
                 if problem is not None:
                     result.failure = StackFailure(step.stack, CHECKSUM, problem)
                     return result

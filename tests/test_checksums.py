@@ -223,7 +223,7 @@ def test_the_hidden_bound_follows_each_examples_input(checked: Path, data: tuple
     flat = x.reshape(len(x), -1).astype(np.float64)
     per_example = _hidden_bound(checked, manifest, stack.name, x)
     with Predictor.load(checked, quarantine_after=None, detect_outliers=False) as predictor:
-        worst_input = predictor.pool.checksums[stack.name].hidden_limit
+        worst_input = predictor.pool.checksums[stack.name].worst_input_limit
         # a member weight whose doubling (exponent bit 23: 0 -> 1 doubles it) moves the sum by w x_j, which is
         # between the two bounds for some example
         rows = len(stack.members) * (weight.shape[0] // (len(stack.members) + 1))
