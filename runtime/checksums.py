@@ -93,13 +93,18 @@ class StackChecksum:
         # A stack's hidden residual does not depend on which of its rows a call uses, only on the input.
         gain = SAFETY * u * (math.sqrt(info.hidden_terms) + math.sqrt(info.hidden_units) + 1)
         self.worst_input_limit = gain * (x_bound * info.hidden_weight_abs + info.hidden_bias_abs)
-        per_example = input_weights is not None and math.isfinite(gain) and 0 < self.output_gain < math.inf
+        # layers-abft graphs compute their hidden bound's magnitude term themselves (into the check row's column
+        # K + 1, in units of the output gain): nothing constant is left to add.
+        in_graph = info.scheme == "layers-abft"
+        per_example = (input_weights is not None and not in_graph and math.isfinite(gain)
+                       and 0 < self.output_gain < math.inf)
         # The per-example part of the hidden bound, gain * sum_j a_j |x_j|, travels in the check row's magnitude
         # column (zero in the graph: the check member's output weights are zero), which the output bound multiplies
         # by output_gain: so a_j is stored divided by it, and the test stays one product and one compare.
         self._input_weights = (gain / self.output_gain * input_weights.astype(np.float64)).astype(np.float32) \
             if per_example else None
-        self.hidden_limit = gain * info.hidden_bias_abs if per_example else self.worst_input_limit
+        self.hidden_limit = 0.0 if in_graph else gain * info.hidden_bias_abs if per_example else \
+            self.worst_input_limit
         """The constant part of the hidden bound: its bias term, or the whole bound of the worst accepted input."""
         self._signs = np.ones((n_outputs + 2, 2), dtype=np.float32)
         self._signs[:, 1] = -1
@@ -135,13 +140,15 @@ class StackChecksum:
         bad = ~(np.abs(hidden) <= hidden_limit)
         if bad.any():
             worst = int(np.argmax(np.where(np.isfinite(hidden), np.abs(hidden), np.inf)))
-            return (f"layer {self.info.layers[0]}: residual {float(hidden[worst]):.3g} beyond its bound "
+            hidden_layers = self.info.layers[:-1]
+            where = f"layer {hidden_layers[0]}" if len(hidden_layers) == 1 else f"layers {', '.join(hidden_layers)}"
+            return (f"{where}: residual {float(hidden[worst]):.3g} beyond its bound "
                     f"{float(hidden_limit[worst]):.3g} in {int(bad.sum())} of {len(hidden)} examples")
         residual = total[:, :self.k + 1].sum(axis=1, dtype=np.float64) - hidden
         limit = self.output_gain * (total[:, self.k + 1] - check_row[:, self.k + 1])
         bad = ~(np.abs(residual) <= limit)
         worst = int(np.argmax(np.where(bad, 1.0, 0.0)))
-        return (f"layer {self.info.layers[1]}: residual {float(residual[worst]):.3g} beyond its bound "
+        return (f"layer {self.info.layers[-1]}: residual {float(residual[worst]):.3g} beyond its bound "
                 f"{float(limit[worst]):.3g} in {int(bad.sum())} of {len(residual)} examples")
 
     def verified(self, out: np.ndarray, x: np.ndarray | None) -> np.ndarray:
@@ -180,10 +187,18 @@ def output_shape(stack: StackInfo, n_outputs: int, batch: int) -> tuple[int, int
     return (rows, batch, n_outputs) if stack.checksum is None else (rows + 1, batch, n_outputs + 2)
 
 
+def check_columns(info: ChecksumInfo) -> int:
+    """The columns of a checked graph's second output: 1 (``mlp-abft``: the hidden residual) or 2
+    (``layers-abft``: and its bound's magnitude term)."""
+    return 1 if info.scheme == "mlp-abft" else 2
+
+
 def merge(eta: np.ndarray, checks: np.ndarray) -> np.ndarray:
-    """Write a checked graph's hidden residual ``checks`` ``(B, 1)`` into the check row of its ``eta`` output
-    (the last row, column K: zero until now), so that one array carries the stack's outputs and both residuals."""
-    eta[-1, :, -2] = checks.reshape(-1)
+    """Write a checked graph's second output ``checks`` (``(B, 1)``: the hidden residual; ``(B, 2)``: and its
+    bound's magnitude term) into the check row of its ``eta`` output (the last row, from column K: zero until now),
+    so that one array carries the stack's outputs, both residuals and the bound."""
+    k = eta.shape[2] - 2
+    eta[-1, :, k:k + checks.shape[1]] = checks
     return eta
 
 
@@ -212,7 +227,7 @@ def stack_checksums(stacks: list[StackInfo], n_outputs: int, spec: InputSpec, pr
     for stack in stacks:
         if stack.checksum is None:
             continue
-        model = None if graph is None else graph(stack)
+        model = None if graph is None or stack.checksum.scheme != "mlp-abft" else graph(stack)
         weights = None
         if model is not None:
             try:

@@ -40,8 +40,9 @@ import click
 @click.option("--add-tensorrt", "add_to", type=click.Path(file_okay=False), default=None,
               help="Instead of exporting: build engines for this existing bundle on this device.")
 @click.option("--checksums/--no-checksums", default=True, show_default=True,
-              help="Write checked graphs (MLP stacks, fp32 and fp16): the runtime catches a corrupted weight in any "
-                   "stack a call runs, at every budget. int8 stacks and other stack kinds stay unchecked.")
+              help="Write checked graphs (MLP and CNN stacks in fp32; one-hidden-layer MLPs in fp16 too): the "
+                   "runtime catches a corrupted weight in any stack a call runs, at every budget. int8 stacks and "
+                   "DenseNet stacks stay unchecked.")
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 @click.option("--json", "as_json", is_flag=True, help="Print the export report as JSON.")
 def export(run_dir: str | None, out: str | None, stack_size: int | None, prefix_stacks: str, order: str,

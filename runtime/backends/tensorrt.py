@@ -36,7 +36,7 @@ import numpy as np
 from edgens.errors import BackendUnavailableError, BundleError, ConfigError, unknown_choice
 from edgens.runtime.backends.base import Backend, StackRunner, describe_device
 from edgens.runtime.bundle import EngineInfo, Manifest, StackInfo, check_file
-from edgens.runtime.checksums import merge
+from edgens.runtime.checksums import check_columns, merge
 
 log = logging.getLogger(__name__)
 
@@ -208,7 +208,7 @@ class TensorRTRunner(StackRunner):
         names = {engine.get_tensor_name(i) for i in range(engine.num_io_tensors)}
         dtypes = []
         tensors = [(self.stack.input_name, trt.TensorIOMode.INPUT), (self.stack.output_name, trt.TensorIOMode.OUTPUT)]
-        if self.stack.checksum is not None:  # a checked graph's second output: the hidden residual
+        if self.stack.checksum is not None:  # a checked graph's second output: the hidden residual (and bound)
             tensors.append((self.stack.checksum.output, trt.TensorIOMode.OUTPUT))
         for name, mode in tensors:
             if name not in names or engine.get_tensor_mode(name) != mode:
@@ -265,7 +265,7 @@ class TensorRTRunner(StackRunner):
         _check(cudart, cudart.cudaMemcpyAsync(out.ctypes.data, self._buffers[1], out.nbytes, copy_out, self._stream))
         checks = None
         if len(self._buffers) > 2:
-            checks = np.empty((len(x), 1), dtype=self._dtypes[2])
+            checks = np.empty((len(x), check_columns(self.stack.checksum)), dtype=self._dtypes[2])
             _check(cudart, cudart.cudaMemcpyAsync(checks.ctypes.data, self._buffers[2], checks.nbytes, copy_out,
                                                   self._stream))
         _check(cudart, cudart.cudaStreamSynchronize(self._stream))

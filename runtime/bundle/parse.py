@@ -98,10 +98,13 @@ def parse_checksum(r: JsonReader, value: Any, path: str) -> ChecksumInfo | None:
     if value is None:  # optional: unchecked graphs and bundles written before checksums have none
         return None
     obj = r.obj(value, path)
+    scheme = r.str_(obj, "scheme", path, CHECKSUM_SCHEMES)
     layers = r.list_(obj, "layers", path, "a list of layer names")
-    if len(layers) != 2 or not all(isinstance(name, str) for name in layers):
-        raise r.fail(f"{path}.layers", "the names of the hidden and the output layer", layers)
-    info = ChecksumInfo(scheme=r.str_(obj, "scheme", path, CHECKSUM_SCHEMES), output=r.str_(obj, "output", path),
+    count_ok = len(layers) == 2 if scheme == "mlp-abft" else len(layers) >= 2
+    if not count_ok or not all(isinstance(name, str) for name in layers):
+        raise r.fail(f"{path}.layers", "the names of the hidden layers, then the output layer's" +
+                     (" (one hidden layer)" if scheme == "mlp-abft" else ""), layers)
+    info = ChecksumInfo(scheme=scheme, output=r.str_(obj, "output", path),
                         layers=list(layers),
                         hidden_terms=r.int_(obj, "hidden_terms", path, minimum=1),
                         hidden_units=r.int_(obj, "hidden_units", path, minimum=1),

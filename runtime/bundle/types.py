@@ -155,7 +155,7 @@ class EngineInfo:
                 "max_batch": self.max_batch, "val_error_change": self.val_error_change, "dla_core": self.dla_core}
 
 
-CHECKSUM_SCHEMES = ("mlp-abft",)
+CHECKSUM_SCHEMES = ("mlp-abft", "layers-abft")
 
 
 @dataclass(kw_only=True)
@@ -168,13 +168,18 @@ class ChecksumInfo:
             that its pre-activations sum to zero; the output layer has two extra columns per member, the negated sum
             of its class columns (the member's outputs sum to zero) and the sum of their absolute values (the
             magnitudes a rounding bound scales with); row ``members`` is the check row (zero but for the hidden
-            residual, which the runner writes into column K).
-        output: the name of the graph's second output, the hidden layer's residual ``(B, 1)``.
+            residual, which the runner writes into column K). ``layers-abft`` (deeper MLPs, grouped CNNs): every
+            hidden layer's member blocks have a check and a magnitude output, and the graph's second output
+            ``(B, 2)`` is the hidden layers' summed residual and their bound's magnitude term, which the runner
+            writes into the check row's columns K and K + 1 (docs/bundle-format.md).
+        output: the name of the graph's second output: the hidden residual ``(B, 1)`` (``mlp-abft``) or the hidden
+            residual and magnitude ``(B, 2)`` (``layers-abft``).
         layers: the checked layers' names, hidden first, then the output layer.
-        hidden_terms: terms of each hidden pre-activation (inputs + 1 for the bias).
-        hidden_units: pre-activations the hidden residual sums.
-        hidden_weight_abs: sum of |w| over the hidden layer's weights (extra row included).
-        hidden_bias_abs: sum of |b| over its biases (extra row included).
+        hidden_terms: terms of each hidden pre-activation (inputs + 1 for the bias; ``layers-abft``: the most of any
+            hidden layer).
+        hidden_units: pre-activations the hidden residual sums (``layers-abft``: over every layer and position).
+        hidden_weight_abs: sum of |w| over the hidden layers' weights (extra rows included).
+        hidden_bias_abs: sum of |b| over their biases (extra rows included).
         output_terms: terms of each output (hidden units + 1).
         unit_roundoff: of the graph's arithmetic: 2**-24 for fp32, 2**-11 for fp16.
     """
