@@ -228,6 +228,7 @@ class CheckedLayers(nn.Module):
             a = w0.abs().sum(0)
         self.input_magnitude = nn.Parameter((ratios[0] * a).float(), requires_grad=False)
         self.first_bias_magnitude = float(ratios[0] * pixel_counts[0] * b0.abs().sum())
+        self.register_buffer("second_column", torch.tensor([0.0, 1.0]))
         self.info = ChecksumInfo(
             scheme="layers-abft", output=CHECK_OUTPUT, layers=[*self._names(stack), "head" if self.conv else
                                                                f"rest.{len(stack.rest) - 1}"],
@@ -243,7 +244,7 @@ class CheckedLayers(nn.Module):
         batch = x.shape[0]
         flat = x.flatten(1)
         magnitude = flat.abs() @ self.input_magnitude + self.first_bias_magnitude  # (B,)
-        checks = torch.stack([torch.zeros_like(magnitude), magnitude], 1)  # (B, 2)
+        checks = magnitude.unsqueeze(1) * self.second_column  # (B, 2): no residual yet, the first magnitude
         h = x if self.conv else flat
         for index, (weight, bias, selector) in enumerate(zip(self.weights, self.biases, self.selectors)):
             if self.conv:

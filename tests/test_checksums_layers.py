@@ -179,3 +179,26 @@ def test_parity_catches_a_wrong_check_weight(tmp_path: Path) -> None:
     onnx.save(graph, str(path))
     problems = check_parity(path, stack, x, name="s", checksum=info).problems
     assert problems and "checksums fail" in problems[0]
+
+
+def test_the_fault_bench_names_each_part_of_a_layered_graph(cnn_bundle: Path) -> None:
+    from edgens.bench.checksum_faults import _Checked
+
+    manifest = load_manifest(cnn_bundle)
+    stack = manifest.general_stacks[0]
+    x = np.zeros((4, 1, 28, 28), dtype=np.uint8)
+    bench = _Checked(cnn_bundle, x, np.zeros(4, dtype=np.int64), 4)
+    try:
+        _, shapes = bench.weights(stack.name)
+        conv = shapes["weights.1"]  # (M (C + 2), C_in + 2, 3, 3)
+        block, per_row = conv[0] // len(stack.members), int(np.prod(conv[1:]))
+        assert bench.part(stack.name, "weights.1", conv, 0) == "hidden weights"
+        assert bench.part(stack.name, "weights.1", conv, (block - 2) * per_row + 5) == "hidden check row"
+        assert bench.part(stack.name, "weights.1", conv, (block - 1) * per_row) == "hidden magnitude"
+        assert bench.part(stack.name, "biases.1", shapes["biases.1"], block - 2) == "hidden check row"
+        assert bench.part(stack.name, "input_magnitude", shapes["input_magnitude"], 3) == "check machinery"
+        head = shapes["head_weight"]  # (M, C + 2, K + 2)
+        assert bench.part(stack.name, "head_weight", head, manifest.n_outputs) == "output check column"
+        assert bench.part(stack.name, "head_weight", head, 1) == "output weights"
+    finally:
+        bench.close()

@@ -86,10 +86,21 @@ class _Checked:
             stacks += [s for s in prediction.stacks_run if s not in stacks]
         return np.concatenate(labels), failures, stacks
 
-    def part(self, stack: str, shape: tuple[int, ...], index: int) -> str:
-        """Which part of a checked graph a weight (of a tensor of ``shape``) is: hidden or output weights or biases,
-        or a check part."""
+    def part(self, stack: str, tensor: str, shape: tuple[int, ...], index: int) -> str:
+        """Which part of a checked graph a weight (of tensor ``tensor`` of ``shape``) is: hidden or output weights
+        or biases, or a check part."""
         rows = len(self.manifest.stack(stack).members)
+        layered = self.manifest.stack(stack).checksum.scheme == "layers-abft"
+        if layered and not tensor.startswith("head_"):  # a hidden layer of a deeper MLP or a CNN
+            if not tensor.startswith(("weights.", "biases.")):
+                return "check machinery"  # the residual's selectors, the first layer's input magnitudes
+            if len(shape) == 3:  # a batched layer's (M, in, C + 2) weights or (M, 1, C + 2) biases
+                block, position = shape[-1], index % shape[-1]
+            else:  # the first layer's or a convolution's (M (C + 2), ...) weights, or (M (C + 2),) biases
+                block = shape[0] // rows
+                position = (index // int(np.prod(shape[1:]))) % block
+            kind = "weights" if tensor.startswith("weights.") else "biases"
+            return {block - 2: "hidden check row", block - 1: "hidden magnitude"}.get(position, f"hidden {kind}")
         hidden = len(shape) <= 2
         if hidden:
             per_member = shape[0] // (rows + 1)
@@ -124,7 +135,8 @@ class _Checked:
             left, _, _ = self.predict(self.left, kwargs)
         accuracy_on, accuracy_left = float((on == self.y).mean()), float((left == self.y).mean())
         return {"budget": name, "stack": stack, "tensor": fault.tensor, "index": fault.index, "bit": fault.bit,
-                "part": self.part(stack, shapes[fault.tensor], fault.index), "caught": (stack, "checksum") in failures,
+                "part": self.part(stack, fault.tensor, shapes[fault.tensor], fault.index),
+                "caught": (stack, "checksum") in failures,
                 "sdc_off": float((off != clean_labels).mean()), "sdc_on": float((on != clean_labels).mean()),
                 "accuracy_on": accuracy_on, "accuracy_left_out": accuracy_left, "accuracy_clean": accuracy_clean,
                 "within_0.2_of_left_out": accuracy_on >= min(accuracy_left, accuracy_clean) - WITHIN}
