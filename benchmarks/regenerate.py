@@ -5,8 +5,9 @@
 
 One command for the device side of ``benchmarks/results/``: it trains what it needs when missing (the default run,
 ``edgens train --preset mlp-256x4 --lam 0.99 --epochs 30 --seed 0``, and the lam 0 and lam 1 runs the fault
-benchmarks compare with, 30 epochs each, about 150 s each on 2 cores), exports the bundles (default layout, with
-checksums; the same without them, ``plain``; single graph without them; int8; lam 0; lam 1), profiles the default
+benchmarks compare with, 30 epochs each, about 150 s each on 2 cores, and a small CNN run for the checksums of
+convolutions), exports the bundles (default layout, with checksums; the same without them, ``plain``; single graph
+without them; int8; lam 0; lam 1; the CNN's with and without checksums), profiles the default
 bundle, then runs every benchmark below one after another
 (never two at once: they time things) and writes ``regenerate.json`` to ``--out``: for each step, its command,
 seconds, files, scale, commit (and whether the tree had uncommitted changes) and machine. Rerunning some steps
@@ -75,6 +76,12 @@ STEPS = (
     Step("checksum_cost", "benchmarks/checksum_cost.py --checked {bundle} --plain {plain} "
          "--out {out}/checksums/checksum_cost.json", {"quick": "--rounds 1", "standard": "--rounds 9",
                                                       "full": "--rounds 15"}, "checksums/checksum_cost.json"),
+    Step("checksum_catch_cnn", "benchmarks/checksum_catch.py {cnn} --out {out}/checksums/cnn_catch",
+         {"quick": "--draws 2 --examples 32", "standard": "--draws 40", "full": "--draws 100 --sweep-draws 3"},
+         "checksums/cnn_catch.{json,md}"),
+    Step("checksum_cost_cnn", "benchmarks/checksum_cost.py --checked {cnn} --plain {cnn_plain} "
+         "--out {out}/checksums/checksum_cost_cnn.json", {"quick": "--rounds 1", "standard": "--rounds 5",
+                                                          "full": "--rounds 9"}, "checksums/checksum_cost_cnn.json"),
     Step("precision", "benchmarks/precision_bench.py {bundle} {int8} --out {out}/precision",
          {"quick": "--rounds 1 --calls 20"}, "precision/precision.{json,md}"),
     Step("anytime_cost", "benchmarks/anytime_cost.py {bundle} --out {out}/anytime_cost.json",
@@ -115,6 +122,12 @@ PREPARE = (
                "--no-checksums"),
     ("int8", "edgens export {run} -o {int8} --precision int8"),
     ("lam0", "edgens export {lam0_run} -o {lam0}"),
+    # A small CNN ensemble for the checksums of grouped convolutions (layers-abft): cnn-10's members, 4 of them, on
+    # 6,000 training images for 3 epochs (minutes on 2 cores; not an accuracy run), one member per general stack.
+    ("cnn_run", "edgens train --preset cnn-10 --members 4 --lam 0.99 --epochs {cnn_epochs} --train-limit 6000 "
+                "--val-size 2000 --seed 0 --out {cnn_run} --quiet"),
+    ("cnn", "edgens export {cnn_run} -o {cnn} --stack-size 1"),
+    ("cnn_plain", "edgens export {cnn_run} -o {cnn_plain} --stack-size 1 --no-checksums"),
     ("lam1", "edgens export {lam1_run} -o {lam1}"),
 )
 
@@ -136,7 +149,9 @@ def paths_for(runs: Path, out: Path, run: Path | None, bundle: Path | None) -> d
             "single": str(runs / "single-bundle"), "int8": str(runs / "int8-bundle"),
             "plain": str(runs / "plain-bundle"),
             "lam0_run": str(runs / "lam0"), "lam1_run": str(runs / "lam1"),
-            "lam0": str(runs / "lam0-bundle"), "lam1": str(runs / "lam1-bundle"), "out": str(out), "epochs": "30"}
+            "lam0": str(runs / "lam0-bundle"), "lam1": str(runs / "lam1-bundle"), "cnn_run": str(runs / "cnn"),
+            "cnn": str(runs / "cnn-bundle"), "cnn_plain": str(runs / "cnn-plain-bundle"), "out": str(out),
+            "epochs": "30", "cnn_epochs": "3"}
 
 
 def run_logged(name: str, argv: list[str]) -> float:
@@ -171,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     paths = paths_for(args.runs.resolve(), args.out.resolve(), args.run and args.run.resolve(),
                       args.bundle and args.bundle.resolve())
     if args.scale == "quick":
-        paths["epochs"] = "1"
+        paths["epochs"] = paths["cnn_epochs"] = "1"
     steps = [s for s in STEPS if s.name in chosen]
     if args.list:
         for step in steps:
