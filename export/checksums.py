@@ -159,23 +159,22 @@ class CheckedLayers(nn.Module):
         m, k = stack.n_members, stack.spec.n_outputs
         self.m, self.k, self.conv = m, k, isinstance(stack, CNNStack)
         shape = tuple(stack.spec.input_shape)
-        f32 = lambda t: t.float().double()  # noqa: E731  (the graph's own values, in float64)
         hidden: list[tuple[torch.Tensor, torch.Tensor, dict]] = []  # (weight rows (M, C, in, *k), bias, how)
         if self.conv:
             for index, (weight, bias, conv) in enumerate(_folded_convolutions(stack)):
                 c = weight.shape[0] // m
-                hidden.append((f32(weight).view(m, c, *weight.shape[1:]), f32(bias).view(m, c),
+                hidden.append((_graph_values(weight).view(m, c, *weight.shape[1:]), _graph_values(bias).view(m, c),
                                {"stride": conv.stride, "padding": conv.padding, "groups": 1 if index == 0 else m}))
             head = stack.head
         else:
             first = stack.first
-            weight = f32(first.weight.detach()).view(m, first.out_features, -1)
-            hidden.append((weight, f32(first.bias.detach()).view(m, -1), {}))
+            weight = _graph_values(first.weight).view(m, first.out_features, -1)
+            hidden.append((weight, _graph_values(first.bias).view(m, -1), {}))
             for layer in stack.rest[:-1]:
-                hidden.append((f32(layer.weight.detach()).transpose(1, 2), f32(layer.bias.detach())[:, 0], {}))
+                hidden.append((_graph_values(layer.weight).transpose(1, 2), _graph_values(layer.bias)[:, 0], {}))
             head = stack.rest[-1]
         assert isinstance(head, BatchedLinear)
-        head_w, head_b = checked_blocks(f32(head.weight.detach()).transpose(1, 2), f32(head.bias.detach())[:, 0],
+        head_w, head_b = checked_blocks(_graph_values(head.weight).transpose(1, 2), _graph_values(head.bias)[:, 0],
                                         True, 2)
         output_terms = head.weight.shape[1] + 1
         output_gain = _gain(output_terms, m + 1) + math.sqrt(k + 1) - 1  # sqrt(h + 1) + sqrt(M + 1) + sqrt(K + 1)
@@ -263,6 +262,11 @@ class CheckedLayers(nn.Module):
             h = h.mean((2, 3)).view(batch, self.m, -1).transpose(0, 1)
         eta = torch.baddbmm(self.head_bias, h, self.head_weight)  # (M, B, K + 2)
         return F.pad(eta, (0, 0, 0, 0, 0, 1)), checks  # the check row: zeros until the runner writes the checks
+
+
+def _graph_values(tensor: torch.Tensor) -> torch.Tensor:
+    """A parameter's values as the float32 graph will hold them, in float64 (to sum them exactly enough)."""
+    return tensor.detach().float().double()
 
 
 def _conv_size(size: tuple[int, ...], how: dict) -> tuple[int, ...]:

@@ -52,6 +52,8 @@ class StackResult:
         part: the sum ``(B, K)`` of the natural parameters of the step's rows (None until reduced, or failed).
         groups: with outlier detection, the sums ``(G, B, K)`` of each group of rows (general stack) it holds.
         rows: with a robust combiner, the rows' natural parameters ``(rows, B, K)``.
+        finite: ``part`` is known to hold no NaN or Inf (its stack's checksums held: a non-finite class output
+            makes their residual non-finite), so the tally need not test it again.
     """
 
     step: Step
@@ -62,6 +64,7 @@ class StackResult:
     part: np.ndarray | None = None
     groups: np.ndarray | None = None
     rows: np.ndarray | None = None
+    finite: bool = False
 
 
 class StackPool:

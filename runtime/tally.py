@@ -139,7 +139,8 @@ class TallyRules:
                     return result
                 part, rows = part[:, :check.k], rows[:-1, :, :check.k]
                 groups = None if groups is None else groups[..., :check.k]
-            if step.fallback and not math.isfinite(part.sum()):
+                result.finite = self.verify
+            if step.fallback and not result.finite and not math.isfinite(part.sum()):
                 result.failure = StackFailure(step.stack, "non-finite", _NON_FINITE)
                 return result
         result.part, result.groups = part, groups
@@ -246,7 +247,7 @@ class Tally:
         whether it answered."""
         self.stack_ms[result.step.stack] = result.ms
         part = result.part
-        if result.failure is None and part is not None and not _finite_sum(part):
+        if result.failure is None and part is not None and not result.finite and not _finite_sum(part):
             result.failure = StackFailure(result.step.stack, "non-finite", _NON_FINITE)
         if result.failure is not None:
             self.failures.append(result.failure)
