@@ -7,17 +7,17 @@ output. The class columns are computed by the
 same matrix products over the same terms as the plain graph's; the extra rows and columns only widen them.
 
 :class:`CheckedLayers` (scheme ``layers-abft``) checks every layer with weights of a deeper MLP or a grouped CNN
-(batch norms folded into their convolutions, which is exact up to rounding): each member's block of every hidden
-layer gets two more outputs (units or channels), a *check* output (the negated sum of the block's weights and
-biases, so the block's outputs sum to zero) and a *magnitude* output (the sum of their absolute values: the layer's
-inputs are ReLU outputs, >= 0, so it outputs exactly the sum of the magnitudes of the terms the block adds up), which
-the next layer reads with zero weights; the first layer reads the signed input, so its magnitude is ``a . |x|``
-(``a``: what each input value weighs in the layer's summed outputs). The graph adds up, over the layers, each
-layer's residual (the sum of all its outputs but the magnitudes) and its magnitude times the ratio of its rounding
-gain to the output layer's, and returns both as its second output ``(B, 2)``, which the runner writes into the check
-row's columns K and K + 1 (the check row itself is a zero row the graph appends). DenseNet stacks and float16
-graphs of these kinds have no checked form yet: :func:`checked_module` returns None for them and export writes them
-unchecked.
+(batch norms folded into their convolutions, which is exact up to rounding). Each hidden layer runs as in the plain
+graph, and beside it a small check layer of the same kind reads the same input: for the first layer one *check*
+output (the negated sum of all its weight rows or filters, so that its outputs and the check sum to zero), for each
+later layer a check and a *magnitude* output per member (the sum of the absolute values of the member's weights:
+the layer's inputs are ReLU outputs, >= 0, so it outputs exactly the sum of the magnitudes of the terms the member's
+outputs add up); the first layer reads the signed input, so its magnitude is ``a . |x|`` (``a``: what each input
+value weighs in the layer's summed absolute weights). The graph adds up, over the layers, each layer's residual (the
+sum of its outputs and checks) and its magnitude times the ratio of its rounding gain to the output layer's, and
+returns both as its second output ``(B, 2)``, which the runner writes into the check row's columns K and K + 1 (the
+check row itself is a zero row the graph appends). DenseNet stacks and float16 graphs of these kinds have no checked
+form yet: :func:`checked_module` returns None for them and export writes them unchecked.
 """
 
 from __future__ import annotations
@@ -103,30 +103,25 @@ def _gain(terms: int, units: int) -> float:
     return math.sqrt(terms) + math.sqrt(units) + 1
 
 
-def checked_blocks(weight: torch.Tensor, bias: torch.Tensor, magnitude: bool, zero_inputs: int) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """Each member's block of outputs with its check and magnitude outputs appended (float64).
+def check_rows(weight: torch.Tensor, bias: torch.Tensor, magnitude: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each member's check output and, with ``magnitude``, its magnitude output (float64).
 
     Args:
         weight: ``(M, C, inputs, *kernel)``: member j's C outputs' weights.
         bias: ``(M, C)``.
-        magnitude: give the magnitude output the blocks' absolute weights and biases (its inputs are >= 0);
-            otherwise zeros (the first layer, whose magnitude the graph computes from ``|x|``).
-        zero_inputs: inputs appended with zero weights (the previous layer's check and magnitude outputs).
+        magnitude: add the magnitude output: the sum of the absolute values of the block's weights and biases,
+            check output included (its inputs must be >= 0 to make it the sum of the terms' magnitudes).
 
     Returns:
-        ``(M, C + 2, inputs + zero_inputs, *kernel)`` and ``(M, C + 2)``.
+        ``(M, 1 or 2, inputs, *kernel)`` and ``(M, 1 or 2)``: the check output is ``-(sum of the block's C
+        outputs)``, so the block's outputs and its check sum to zero.
     """
-    if zero_inputs:
-        weight = torch.cat([weight, weight.new_zeros(weight.shape[0], weight.shape[1], zero_inputs,
-                                                     *weight.shape[3:])], 2)
     check_w, check_b = -weight.sum(1, keepdim=True), -bias.sum(1, keepdim=True)
-    if magnitude:
-        mag_w = weight.abs().sum(1, keepdim=True) + check_w.abs()
-        mag_b = bias.abs().sum(1, keepdim=True) + check_b.abs()
-    else:
-        mag_w, mag_b = torch.zeros_like(check_w), torch.zeros_like(check_b)
-    return torch.cat([weight, check_w, mag_w], 1), torch.cat([bias, check_b, mag_b], 1)
+    if not magnitude:
+        return check_w, check_b
+    mag_w = weight.abs().sum(1, keepdim=True) + check_w.abs()
+    mag_b = bias.abs().sum(1, keepdim=True) + check_b.abs()
+    return torch.cat([check_w, mag_w], 1), torch.cat([check_b, mag_b], 1)
 
 
 def _folded_convolutions(stack: CNNStack) -> list[tuple[torch.Tensor, torch.Tensor, nn.Conv2d]]:
@@ -150,8 +145,10 @@ class CheckedLayers(nn.Module):
     """A deeper MLP stack or a grouped CNN stack with checksums in every layer (module docstring): ``x -> (eta
     (M + 1, B, K + 2), checks (B, 2))``, float32.
 
-    The check and magnitude weights are sums of the weights as the graph holds them (cast to float32 first, summed in
-    float64 after), so the checksums hold up to the graph's own rounding.
+    Every hidden layer runs as in the plain graph (the same weights, shapes and groups, so the same kernels), and
+    beside it one small layer of the same kind on the same input computes each member's check output and, after the
+    first layer, its magnitude output. The check and magnitude weights are sums of the weights as the graph holds
+    them (cast to float32 first, summed in float64 after), so the checksums hold up to the graph's own rounding.
     """
 
     def __init__(self, stack: MLPStack | CNNStack):
@@ -168,66 +165,76 @@ class CheckedLayers(nn.Module):
             head = stack.head
         else:
             first = stack.first
-            weight = _graph_values(first.weight).view(m, first.out_features, -1)
-            hidden.append((weight, _graph_values(first.bias).view(m, -1), {}))
+            hidden.append((_graph_values(first.weight).view(m, first.out_features, -1),
+                           _graph_values(first.bias).view(m, -1), {}))
             for layer in stack.rest[:-1]:
                 hidden.append((_graph_values(layer.weight).transpose(1, 2), _graph_values(layer.bias)[:, 0], {}))
             head = stack.rest[-1]
         assert isinstance(head, BatchedLinear)
-        head_w, head_b = checked_blocks(_graph_values(head.weight).transpose(1, 2), _graph_values(head.bias)[:, 0],
-                                        True, 2)
+        head_rows = _graph_values(head.weight).transpose(1, 2)  # (M, K, C): rows are outputs
+        head_bias = _graph_values(head.bias)[:, 0]
+        extra_w, extra_b = check_rows(head_rows, head_bias, True)
         output_terms = head.weight.shape[1] + 1
         output_gain = _gain(output_terms, m + 1) + math.sqrt(k + 1) - 1  # sqrt(h + 1) + sqrt(M + 1) + sqrt(K + 1)
-        self.head_weight = nn.Parameter(head_w.transpose(1, 2).float(), requires_grad=False)  # (M, C + 2, K + 2)
-        self.head_bias = nn.Parameter(head_b[:, None].float(), requires_grad=False)
+        self.head_weight = nn.Parameter(torch.cat([head_rows, extra_w], 1).transpose(1, 2).float(),
+                                        requires_grad=False)  # (M, C, K + 2)
+        self.head_bias = nn.Parameter(torch.cat([head_bias, extra_b], 1)[:, None].float(), requires_grad=False)
 
         self.weights, self.biases = nn.ParameterList(), nn.ParameterList()
+        self.check_weights, self.check_biases = nn.ParameterList(), nn.ParameterList()
         self.selectors, self.how = nn.ParameterList(), []
         size = shape[1:]  # a CNN's feature map height and width
         ratios, pixel_counts = [], []
         units_total, terms_max, weight_abs, bias_abs = 0, 0, 0.0, 0.0
         for index, (rows, bias, how) in enumerate(hidden):
             c = rows.shape[1]
-            terms = math.prod(rows.shape[2:]) + 1  # each output's products (the zero inputs add exact zeros) + bias
-            w, b = checked_blocks(rows, bias, index > 0, 0 if index == 0 else 2)
-            weight_abs += float(w[:, :c + 1].abs().sum())
-            bias_abs += float(b[:, :c + 1].abs().sum())
+            terms = math.prod(rows.shape[2:]) + 1  # each output's products and its bias
+            if index == 0:  # the first layer reads the shared, signed input: one check output over every member
+                check_w, check_b = check_rows(rows.reshape(1, m * c, *rows.shape[2:]), bias.reshape(1, -1), False)
+            else:
+                check_w, check_b = check_rows(rows, bias, True)
+            weight_abs += float(rows.abs().sum() + check_w[:, :1].abs().sum())
+            bias_abs += float(bias.abs().sum() + check_b[:, :1].abs().sum())
             if self.conv:
                 size = _conv_size(size, how)
-                w, b = w.reshape(m * (c + 2), *w.shape[2:]), b.reshape(-1)
+                w, b = rows.reshape(m * c, *rows.shape[2:]), bias.reshape(-1)
+                cw, cb = check_w.reshape(-1, *check_w.shape[2:]), check_b.reshape(-1)  # (1 or 2 M, in, 3, 3)
             elif index == 0:
-                w, b = w.reshape(m * (c + 2), -1), b.reshape(-1)
-            else:
-                w, b = w.transpose(1, 2), b[:, None]  # (M, in, C + 2), (M, 1, C + 2): a batched layer
+                w, b = rows.reshape(m * c, -1), bias.reshape(-1)
+                cw, cb = check_w.reshape(1, -1), check_b.reshape(-1)
+            else:  # batched layers: (M, in, C) and (M, 1, C)
+                w, b = rows.transpose(1, 2), bias[:, None]
+                cw, cb = check_w.transpose(1, 2), check_b[:, None]
             pixels = math.prod(size) if self.conv else 1
-            units = pixels * m * (c + 1)  # the outputs each residual adds up
+            units = pixels * (m * c + (1 if index == 0 else m))  # the outputs each residual adds up, checks included
             ratio = _gain(terms, units) / output_gain
             ratios.append(ratio)
             pixel_counts.append(pixels)
             units_total, terms_max = units_total + units, max(terms_max, terms)
-            selector = torch.zeros(c + 2, 2, dtype=torch.float64)
-            selector[:c + 1, 0] = 1  # residual: every output but the magnitude
-            # the magnitude, in units of the output layer's gain (the first layer's comes from |x|, below)
-            selector[c + 1, 1] = ratio if index > 0 else 0.0
-            if self.conv or index == 0:  # these outputs come as (B, M (C + 2))
-                selector = selector.repeat(m, 1)
+            # the check layer's summed outputs (B, 1 or 2 M) -> (residual, magnitude in units of the output gain)
+            selector = torch.tensor([[1.0, 0.0]], dtype=torch.float64) if index == 0 else (
+                torch.tensor([[1.0, 0.0], [0.0, ratio]], dtype=torch.float64).repeat(m, 1))
             self.weights.append(nn.Parameter(w.float(), requires_grad=False))
             self.biases.append(nn.Parameter(b.float(), requires_grad=False))
+            self.check_weights.append(nn.Parameter(cw.float(), requires_grad=False))
+            self.check_biases.append(nn.Parameter(cb.float(), requires_grad=False))
             self.selectors.append(nn.Parameter(selector.float(), requires_grad=False))
             self.how.append(how)
         # The first layer's magnitude: a . |x| + pixels * sum |b|, with a_q what input value q weighs in the sum of
-        # the absolute weights over every output: a linear map of |x|, so its gradient.
+        # the absolute weights over every output (the check output's included): a linear map of |x|, its gradient.
         w0, b0 = self.weights[0].double(), self.biases[0].double()
+        cw0, cb0 = self.check_weights[0].double(), self.check_biases[0].double()
         if self.conv:
-            summed = w0.abs().sum(0, keepdim=True)  # (1, C_in, 3, 3); the magnitude channels are zero
+            summed = w0.abs().sum(0, keepdim=True) + cw0.abs()  # (1, C_in, 3, 3)
             probe = torch.zeros(1, *shape, dtype=torch.float64, requires_grad=True)
             F.conv2d(probe, summed, None, stride=self.how[0]["stride"], padding=self.how[0]["padding"]).sum().backward()
             a = probe.grad.reshape(-1)
         else:
-            a = w0.abs().sum(0)
+            a = w0.abs().sum(0) + cw0.abs().sum(0)
         self.input_magnitude = nn.Parameter((ratios[0] * a).float(), requires_grad=False)
-        self.first_bias_magnitude = float(ratios[0] * pixel_counts[0] * b0.abs().sum())
+        self.first_bias_magnitude = float(ratios[0] * pixel_counts[0] * (b0.abs().sum() + cb0.abs().sum()))
         self.register_buffer("second_column", torch.tensor([0.0, 1.0]))
+        self.register_buffer("first_column", torch.tensor([1.0, 0.0]))
         self.info = ChecksumInfo(
             scheme="layers-abft", output=CHECK_OUTPUT, layers=[*self._names(stack), "head" if self.conv else
                                                                f"rest.{len(stack.rest) - 1}"],
@@ -245,19 +252,23 @@ class CheckedLayers(nn.Module):
         magnitude = flat.abs() @ self.input_magnitude + self.first_bias_magnitude  # (B,)
         checks = magnitude.unsqueeze(1) * self.second_column  # (B, 2): no residual yet, the first magnitude
         h = x if self.conv else flat
-        for index, (weight, bias, selector) in enumerate(zip(self.weights, self.biases, self.selectors)):
+        layers = zip(self.weights, self.biases, self.check_weights, self.check_biases, self.selectors, strict=True)
+        for index, (weight, bias, check_weight, check_bias, selector) in enumerate(layers):
             if self.conv:
-                z = F.conv2d(h, weight, bias, **self.how[index])  # (B, M (C + 2), H, W)
-                checks = checks + z.sum((2, 3)) @ selector
+                z = F.conv2d(h, weight, bias, **self.how[index])  # (B, M C, H, W): the plain graph's convolution
+                extra = F.conv2d(h, check_weight, check_bias, **self.how[index]).sum((2, 3))  # (B, 1 or 2 M)
+                total = z.sum((1, 2, 3))
             elif index == 0:
-                z = F.linear(h, weight, bias)  # (B, M (C + 2))
-                checks = checks + z @ selector
+                z = F.linear(h, weight, bias)  # (B, M C)
+                extra, total = F.linear(h, check_weight, check_bias), z.sum(1)
             else:
-                z = torch.baddbmm(bias, h, weight)  # (M, B, C + 2)
-                checks = checks + z.sum(0) @ selector
+                z = torch.baddbmm(bias, h, weight)  # (M, B, C)
+                extra = torch.baddbmm(check_bias, h, check_weight)  # (M, B, 2)
+                extra, total = extra.transpose(0, 1).reshape(batch, -1), z.sum((0, 2))
+            checks = checks + total.unsqueeze(1) * self.first_column + extra @ selector
             h = torch.relu(z)
             if not self.conv and index == 0:
-                h = h.view(batch, self.m, -1).transpose(0, 1)  # (M, B, C + 2)
+                h = h.view(batch, self.m, -1).transpose(0, 1)  # (M, B, C)
         if self.conv:
             h = h.mean((2, 3)).view(batch, self.m, -1).transpose(0, 1)
         eta = torch.baddbmm(self.head_bias, h, self.head_weight)  # (M, B, K + 2)

@@ -51,11 +51,10 @@ def test_a_deeper_mlp_graph_against_numpy(tmp_path: Path) -> None:
     w1 = w["first.weight"].reshape(m, hidden[0], -1)  # (M, h, n)
     b1 = w["first.bias"].reshape(m, hidden[0])
     z = np.einsum("mhn,bn->mbh", w1, flat) + b1[:, None]
-    check_w1 = -w1.sum(1)  # each member's check unit
-    magnitude = (np.abs(flat) @ (np.abs(w1).sum((0, 1)) + np.abs(check_w1).sum(0))
-                 + np.abs(b1).sum() + np.abs(b1.sum(1)).sum())
+    check_w1 = -w1.sum((0, 1))  # the first layer's one check unit: minus the sum of every member's rows
+    magnitude = (np.abs(flat) @ (np.abs(w1).sum((0, 1)) + np.abs(check_w1)) + np.abs(b1).sum() + abs(b1.sum()))
     output_gain = math.sqrt(hidden[1] + 1) + math.sqrt(m + 1) + math.sqrt(k + 1)
-    bound_term = _gain(flat.shape[1] + 1, m * (hidden[0] + 1)) / output_gain * magnitude
+    bound_term = _gain(flat.shape[1] + 1, m * hidden[0] + 1) / output_gain * magnitude
     h = np.maximum(z, 0)
     w2, b2 = w["rest.0.weight"], w["rest.0.bias"]  # (M, h0, h1), (M, 1, h1)
     z2 = h @ w2 + b2
@@ -97,8 +96,9 @@ def test_a_cnn_bundle_is_checked_and_its_bound_matches_torch_in_float64(cnn_bund
                                      weights_only=False)["model"])
     stack = stacks[0]
     m, k = len(stack.members), manifest.n_outputs
-    # Each convolution's sum of |w| |input| + |b| over every output (check filters included: minus each member's
-    # sum), with batch norm folded in: the documented magnitude, from the original float64 model's activations.
+    # Each convolution's sum of |w| |input| + |b| over every output (check filters included: minus the sum of the
+    # filters they check), with batch norm folded in: the documented magnitude, from the original float64 model's
+    # activations.
     features = list(model.features)
     convs = [i for i, module in enumerate(features) if isinstance(module, torch.nn.Conv2d)]
     h = torch.from_numpy(x)
@@ -113,16 +113,18 @@ def test_a_cnn_bundle_is_checked_and_its_bound_matches_torch_in_float64(cnn_bund
         own = slice(stack.members[0] * c, (stack.members[-1] + 1) * c)  # this stack's members' filters
         weight, bias = weight[own].detach(), bias[own].detach()
         groups = 1 if index == 0 else m
-        blocks = weight.view(m, c, *weight.shape[1:])
+        # the check filters: one for the whole first layer (it reads the shared input), one per member after it
+        blocks = weight.view(1 if index == 0 else m, -1, *weight.shape[1:])
+        biases = bias.view(blocks.shape[0], -1)
         abs_weight = torch.cat([blocks.abs(), blocks.sum(1, keepdim=True).abs()], 1).view(-1, *weight.shape[1:])
-        abs_bias = torch.cat([bias.view(m, c).abs(), bias.view(m, c).sum(1, keepdim=True).abs()], 1).reshape(-1)
+        abs_bias = torch.cat([biases.abs(), biases.sum(1, keepdim=True).abs()], 1).reshape(-1)
         own_input = h if index == 0 else h[:, (stack.members[0]) * h.shape[1] // total:
                                            (stack.members[-1] + 1) * h.shape[1] // total]
         products = F.conv2d(own_input.abs(), abs_weight, None, conv.stride, conv.padding, groups=groups)
         pixels = products.shape[2] * products.shape[3]
         magnitude = products.sum((1, 2, 3)) + pixels * abs_bias.sum()
         terms = weight.shape[1] * 9 + 1
-        units = pixels * m * (c + 1)
+        units = pixels * (m * c + blocks.shape[0])
         output_gain = math.sqrt(model.head.weight.shape[1] + 1) + math.sqrt(m + 1) + math.sqrt(k + 1)
         term += _gain(terms, units) / output_gain * magnitude.detach()
         h = torch.relu(features[at + 1](conv(h))).detach()
@@ -139,13 +141,13 @@ def test_a_flipped_weight_in_each_cnn_layer_is_caught(cnn_bundle: Path, fashion_
     stack = manifest.general_stacks[0]
     dataset = load_dataset("fashion-mnist", str(fashion_mnist_dir), val_size=300)
     model = onnx.load(str(cnn_bundle / stack.file))
-    weights = [t for t in model.graph.initializer if len(t.dims) == 4 or (len(t.dims) == 3 and t.dims[1] > 1)]
-    assert len(weights) == len(stack.checksum.layers)
+    weights = [t for t in model.graph.initializer if t.name.startswith("weights.") or t.name == "head_weight"]
+    assert len(weights) == len(stack.checksum.layers)  # the plain graph's layers: each convolution, the head
     with Predictor.load(cnn_bundle, quarantine_after=None, detect_outliers=False) as predictor:
         clean = predictor.predict(dataset.test_x[:32], members=len(stack.members))
         assert not clean.failures
         for tensor in weights:
-            index = int(np.prod(tensor.dims)) // 3  # a real filter's weight (each member's block starts with them)
+            index = int(np.prod(tensor.dims)) // 3  # a weight of a member's filter (the head's: a class column)
             with inject_bit_faults(predictor, {stack.name: [BitFault(tensor.name, index, EXPONENT_TOP, "stuck-1")]}):
                 prediction = predictor.predict(dataset.test_x[:32], members=len(stack.members))
             failures = [f for f in prediction.failures if f.stack == stack.name]
@@ -172,9 +174,10 @@ def test_parity_catches_a_wrong_check_weight(tmp_path: Path) -> None:
     x = np.random.default_rng(1).normal(size=(32, 1, 28, 28)).astype(np.float32)
     assert not check_parity(path, stack, x, name="s", checksum=info).problems
     graph = onnx.load(str(path))
-    tensor = next(t for t in graph.graph.initializer if len(t.dims) == 3 and t.dims[2] == 4 + 2)  # rest.0 (M, in, C+2)
+    # rest.0's check layer: (M, inputs, 2), each member's check and magnitude outputs
+    tensor = next(t for t in graph.graph.initializer if list(t.dims) == [2, 5, 2])
     values = onnx.numpy_helper.to_array(tensor).copy()
-    values[0, 0, 4] += 1.0  # the first member's check column, wrong by one
+    values[0, 0, 0] += 1.0  # the first member's check output, wrong by one
     tensor.CopyFrom(onnx.numpy_helper.from_array(values, tensor.name))
     onnx.save(graph, str(path))
     problems = check_parity(path, stack, x, name="s", checksum=info).problems
@@ -190,12 +193,13 @@ def test_the_fault_bench_names_each_part_of_a_layered_graph(cnn_bundle: Path) ->
     bench = _Checked(cnn_bundle, x, np.zeros(4, dtype=np.int64), 4)
     try:
         _, shapes = bench.weights(stack.name)
-        conv = shapes["weights.1"]  # (M (C + 2), C_in + 2, 3, 3)
-        block, per_row = conv[0] // len(stack.members), int(np.prod(conv[1:]))
-        assert bench.part(stack.name, "weights.1", conv, 0) == "hidden weights"
-        assert bench.part(stack.name, "weights.1", conv, (block - 2) * per_row + 5) == "hidden check row"
-        assert bench.part(stack.name, "weights.1", conv, (block - 1) * per_row) == "hidden magnitude"
-        assert bench.part(stack.name, "biases.1", shapes["biases.1"], block - 2) == "hidden check row"
+        assert bench.part(stack.name, "weights.1", shapes["weights.1"], 5) == "hidden weights"
+        check = shapes["check_weights.1"]  # (2 M, C_in, 3, 3): each member's check, then magnitude, filter
+        per_filter = int(np.prod(check[1:]))
+        assert bench.part(stack.name, "check_weights.1", check, 3) == "hidden check output"
+        assert bench.part(stack.name, "check_weights.1", check, per_filter + 3) == "hidden magnitude output"
+        assert bench.part(stack.name, "check_weights.0", shapes["check_weights.0"], 2) == "hidden check output"
+        assert bench.part(stack.name, "check_biases.1", shapes["check_biases.1"], 1) == "hidden magnitude output"
         assert bench.part(stack.name, "input_magnitude", shapes["input_magnitude"], 3) == "check machinery"
         head = shapes["head_weight"]  # (M, C + 2, K + 2)
         assert bench.part(stack.name, "head_weight", head, manifest.n_outputs) == "output check column"

@@ -92,15 +92,15 @@ class _Checked:
         rows = len(self.manifest.stack(stack).members)
         layered = self.manifest.stack(stack).checksum.scheme == "layers-abft"
         if layered and not tensor.startswith("head_"):  # a hidden layer of a deeper MLP or a CNN
-            if not tensor.startswith(("weights.", "biases.")):
+            if tensor.startswith(("weights.", "biases.")):  # the plain graph's own layer
+                return "hidden weights" if tensor.startswith("weights.") else "hidden biases"
+            if not tensor.startswith("check_"):
                 return "check machinery"  # the residual's selectors, the first layer's input magnitudes
-            if len(shape) == 3:  # a batched layer's (M, in, C + 2) weights or (M, 1, C + 2) biases
-                block, position = shape[-1], index % shape[-1]
-            else:  # the first layer's or a convolution's (M (C + 2), ...) weights, or (M (C + 2),) biases
-                block = shape[0] // rows
-                position = (index // int(np.prod(shape[1:]))) % block
-            kind = "weights" if tensor.startswith("weights.") else "biases"
-            return {block - 2: "hidden check row", block - 1: "hidden magnitude"}.get(position, f"hidden {kind}")
+            if len(shape) == 3:  # a batched layer's (M, in, 2) check weights or (M, 1, 2) biases
+                position = index % 2
+            else:  # (1 or 2 M, ...): the first layer's one check output, or each member's check and magnitude
+                position = (index // int(np.prod(shape[1:]))) % 2 if shape[0] > 1 else 0
+            return "hidden check output" if position == 0 else "hidden magnitude output"
         hidden = len(shape) <= 2
         if hidden:
             per_member = shape[0] // (rows + 1)
