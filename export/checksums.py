@@ -189,6 +189,8 @@ class CheckedLayers(nn.Module):
         for index, (rows, bias, how) in enumerate(hidden):
             c = rows.shape[1]
             terms = math.prod(rows.shape[2:]) + 1  # each output's products and its bias
+            if self.conv:  # the check layer is one dot product with the input per check output (below)
+                terms = max(terms, rows.shape[2] * math.prod(size))
             if index == 0:  # the first layer reads the shared, signed input: one check output over every member
                 check_w, check_b = check_rows(rows.reshape(1, m * c, *rows.shape[2:]), bias.reshape(1, -1), False)
             else:
@@ -196,9 +198,16 @@ class CheckedLayers(nn.Module):
             weight_abs += float(rows.abs().sum() + check_w[:, :1].abs().sum())
             bias_abs += float(bias.abs().sum() + check_b[:, :1].abs().sum())
             if self.conv:
-                size = _conv_size(size, how)
+                size_in, size = size, _conv_size(size, how)
                 w, b = rows.reshape(m * c, *rows.shape[2:]), bias.reshape(-1)
-                cw, cb = check_w.reshape(-1, *check_w.shape[2:]), check_b.reshape(-1)  # (1 or 2 M, in, 3, 3)
+                # Only the check filters' outputs summed over the positions are needed, a linear map of the input:
+                # one dot product per check output (a convolution with 1-2 outputs per group costs as much input
+                # unfolding as the layer itself).
+                cw = _summed_convolution(check_w.reshape(-1, *check_w.shape[2:]), rows.shape[2] * (1 if index == 0
+                                         else m), size_in, how, 1 if index == 0 else m)
+                cw = cw[0] if index == 0 else cw  # (C_in H W, 1), or (M, C_in H W, 2)
+                cb = check_b * math.prod(size)  # (1, 1) or (M, 2)
+                cb = cb.reshape(-1) if index == 0 else cb[:, None]  # (1,) or (M, 1, 2)
             elif index == 0:
                 w, b = rows.reshape(m * c, -1), bias.reshape(-1)
                 cw, cb = check_w.reshape(1, -1), check_b.reshape(-1)
@@ -222,17 +231,15 @@ class CheckedLayers(nn.Module):
             self.how.append(how)
         # The first layer's magnitude: a . |x| + pixels * sum |b|, with a_q what input value q weighs in the sum of
         # the absolute weights over every output (the check output's included): a linear map of |x|, its gradient.
-        w0, b0 = self.weights[0].double(), self.biases[0].double()
-        cw0, cb0 = self.check_weights[0].double(), self.check_biases[0].double()
+        rows0, bias0, _ = hidden[0]
+        first_check_w, first_check_b = check_rows(rows0.reshape(1, -1, *rows0.shape[2:]), bias0.reshape(1, -1), False)
+        abs_rows = torch.cat([rows0.reshape(-1, *rows0.shape[2:]), first_check_w[0]]).abs()
         if self.conv:
-            summed = w0.abs().sum(0, keepdim=True) + cw0.abs()  # (1, C_in, 3, 3)
-            probe = torch.zeros(1, *shape, dtype=torch.float64, requires_grad=True)
-            F.conv2d(probe, summed, None, stride=self.how[0]["stride"], padding=self.how[0]["padding"]).sum().backward()
-            a = probe.grad.reshape(-1)
+            a = _summed_convolution(abs_rows.sum(0, keepdim=True), shape[0], shape[1:], self.how[0], 1)[0, :, 0]
         else:
-            a = w0.abs().sum(0) + cw0.abs().sum(0)
+            a = abs_rows.sum(0)
         self.input_magnitude = nn.Parameter((ratios[0] * a).float(), requires_grad=False)
-        self.first_bias_magnitude = float(ratios[0] * pixel_counts[0] * (b0.abs().sum() + cb0.abs().sum()))
+        self.first_bias_magnitude = float(ratios[0] * pixel_counts[0] * (bias0.abs().sum() + first_check_b.abs().sum()))
         self.register_buffer("second_column", torch.tensor([0.0, 1.0]))
         self.register_buffer("first_column", torch.tensor([1.0, 0.0]))
         self.info = ChecksumInfo(
@@ -256,7 +263,10 @@ class CheckedLayers(nn.Module):
         for index, (weight, bias, check_weight, check_bias, selector) in enumerate(layers):
             if self.conv:
                 z = F.conv2d(h, weight, bias, **self.how[index])  # (B, M C, H, W): the plain graph's convolution
-                extra = F.conv2d(h, check_weight, check_bias, **self.how[index]).sum((2, 3))  # (B, 1 or 2 M)
+                if index == 0:  # (B, C_in H W) @ (C_in H W, 1)
+                    extra = h.flatten(1) @ check_weight + check_bias
+                else:  # each member's input (B, M, 1, C_in H W) @ (M, C_in H W, 2) -> (B, 2 M)
+                    extra = (h.view(batch, self.m, 1, -1) @ check_weight + check_bias).view(batch, -1)
                 total = z.sum((1, 2, 3))
             elif index == 0:
                 z = F.linear(h, weight, bias)  # (B, M C)
@@ -273,6 +283,19 @@ class CheckedLayers(nn.Module):
             h = h.mean((2, 3)).view(batch, self.m, -1).transpose(0, 1)
         eta = torch.baddbmm(self.head_bias, h, self.head_weight)  # (M, B, K + 2)
         return F.pad(eta, (0, 0, 0, 0, 0, 1)), checks  # the check row: zeros until the runner writes the checks
+
+
+def _summed_convolution(weight: torch.Tensor, channels: int, size: tuple[int, ...], how: dict,
+                        groups: int) -> torch.Tensor:
+    """The map ``G`` with ``sum over positions of conv(h, weight) = h . G`` (without bias), for inputs ``h`` of
+    ``channels`` channels of ``size``: ``(groups, channels / groups H W, outputs / groups)`` (float64; a
+    convolution is linear, so ``G`` is its summed output's gradient)."""
+    probe = torch.zeros(1, channels, *size, dtype=torch.float64, requires_grad=True)
+    out = F.conv2d(probe, weight, None, stride=how["stride"], padding=how["padding"], groups=groups).sum((0, 2, 3))
+    rows = [torch.autograd.grad(value, probe, retain_graph=True)[0][0] for value in out]  # (channels, H, W) each
+    per_group, outputs = channels // groups, len(rows) // groups
+    return torch.stack([torch.stack([rows[g * outputs + o][g * per_group:(g + 1) * per_group].reshape(-1)
+                                     for o in range(outputs)], 1) for g in range(groups)])
 
 
 def _graph_values(tensor: torch.Tensor) -> torch.Tensor:

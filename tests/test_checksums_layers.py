@@ -123,7 +123,7 @@ def test_a_cnn_bundle_is_checked_and_its_bound_matches_torch_in_float64(cnn_bund
         products = F.conv2d(own_input.abs(), abs_weight, None, conv.stride, conv.padding, groups=groups)
         pixels = products.shape[2] * products.shape[3]
         magnitude = products.sum((1, 2, 3)) + pixels * abs_bias.sum()
-        terms = weight.shape[1] * 9 + 1
+        terms = max(weight.shape[1] * 9 + 1, weight.shape[1] * h.shape[2] * h.shape[3])  # or the check's dot product
         units = pixels * (m * c + blocks.shape[0])
         output_gain = math.sqrt(model.head.weight.shape[1] + 1) + math.sqrt(m + 1) + math.sqrt(k + 1)
         term += _gain(terms, units) / output_gain * magnitude.detach()
@@ -194,10 +194,9 @@ def test_the_fault_bench_names_each_part_of_a_layered_graph(cnn_bundle: Path) ->
     try:
         _, shapes = bench.weights(stack.name)
         assert bench.part(stack.name, "weights.1", shapes["weights.1"], 5) == "hidden weights"
-        check = shapes["check_weights.1"]  # (2 M, C_in, 3, 3): each member's check, then magnitude, filter
-        per_filter = int(np.prod(check[1:]))
-        assert bench.part(stack.name, "check_weights.1", check, 3) == "hidden check output"
-        assert bench.part(stack.name, "check_weights.1", check, per_filter + 3) == "hidden magnitude output"
+        check = shapes["check_weights.1"]  # (M, C_in H W, 2): each member's check and magnitude outputs
+        assert bench.part(stack.name, "check_weights.1", check, 2 * 7) == "hidden check output"
+        assert bench.part(stack.name, "check_weights.1", check, 2 * 7 + 1) == "hidden magnitude output"
         assert bench.part(stack.name, "check_weights.0", shapes["check_weights.0"], 2) == "hidden check output"
         assert bench.part(stack.name, "check_biases.1", shapes["check_biases.1"], 1) == "hidden magnitude output"
         assert bench.part(stack.name, "input_magnitude", shapes["input_magnitude"], 3) == "check machinery"

@@ -96,10 +96,9 @@ class _Checked:
                 return "hidden weights" if tensor.startswith("weights.") else "hidden biases"
             if not tensor.startswith("check_"):
                 return "check machinery"  # the residual's selectors, the first layer's input magnitudes
-            if len(shape) == 3:  # a batched layer's (M, in, 2) check weights or (M, 1, 2) biases
-                position = index % 2
-            else:  # (1 or 2 M, ...): the first layer's one check output, or each member's check and magnitude
-                position = (index // int(np.prod(shape[1:]))) % 2 if shape[0] > 1 else 0
+            # (M, inputs, 2) weights or (M, 1, 2) biases: each member's check and magnitude outputs; anything else
+            # is the first layer's one check output
+            position = index % 2 if len(shape) == 3 else 0
             return "hidden check output" if position == 0 else "hidden magnitude output"
         hidden = len(shape) <= 2
         if hidden:
