@@ -126,7 +126,7 @@ PREPARE = (
     # 6,000 training images for 3 epochs (minutes on 2 cores; not an accuracy run), one member per general stack.
     ("cnn_run", "edgens train --preset cnn-10 --members 4 --lam 0.99 --epochs {cnn_epochs} --train-limit 6000 "
                 "--val-size 2000 --seed 0 --out {cnn_run} --quiet"),
-    ("cnn", "edgens export {cnn_run} -o {cnn} --stack-size 1"),
+    ("cnn", "edgens export {cnn_run} -o {cnn} --stack-size 1 --checksum-convolutions"),
     ("cnn_plain", "edgens export {cnn_run} -o {cnn_plain} --stack-size 1 --no-checksums"),
     ("lam1", "edgens export {lam1_run} -o {lam1}"),
 )

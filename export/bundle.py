@@ -85,6 +85,9 @@ class ExportOptions:
         checksums: write checked graphs (:mod:`edgens.export.checksums`: the runtime then catches a corrupted weight
             on every call, at every budget) for the stacks whose kind has a checked form; int8 stacks stay
             unchecked (quantization breaks the sums' exactness).
+        checksum_convolutions: also write checked graphs for CNN stacks. Off by default: their checks cost
+            1.3-1.7x the plain graph on onnxruntime's CPU provider (benchmarks/README.md, "Checksums inside the
+            stacks"), against a few percent for MLP stacks.
         force: replace an existing destination.
         random_draws: random orders averaged for the random-drop curve.
         seed: seed of random choices (random curve, best-of-random specialists).
@@ -99,6 +102,7 @@ class ExportOptions:
     precision: str = "fp32"
     precision_tolerance: float = 0.005
     checksums: bool = True
+    checksum_convolutions: bool = False
     force: bool = False
     random_draws: int = 20
     seed: int = 0
@@ -283,11 +287,13 @@ def export_bundle(run_dir: str | os.PathLike[str], out: str | os.PathLike[str], 
     try:
         (partial / "stacks").mkdir(parents=True)
         stacks, reports = [], []
+        checked = options.checksums and options.precision != "int8" and (
+            options.checksum_convolutions or loaded.stack.kind != "cnn")
         for number, (name, role, members) in enumerate(jobs):
             raise_if_interrupted()  # a Ctrl-C that a torch finalizer swallowed stops the export here
             progress("export stacks", number, len(jobs))
             info, report = _write_stack(loaded, members, name, role, partial, options.opset, parity_inputs,
-                                        flops_per_member, options.checksums and options.precision != "int8")
+                                        flops_per_member, checked)
             stacks.append(info)
             reports.append(report)
             log.info("%s: %d members, max |onnxruntime - torch| = %.2e", name, len(members), report.max_abs_diff)

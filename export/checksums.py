@@ -205,9 +205,9 @@ class CheckedLayers(nn.Module):
                 # unfolding as the layer itself).
                 cw = _summed_convolution(check_w.reshape(-1, *check_w.shape[2:]), rows.shape[2] * (1 if index == 0
                                          else m), size_in, how, 1 if index == 0 else m)
-                cw = cw[0] if index == 0 else cw  # (C_in H W, 1), or (M, C_in H W, 2)
+                cw = cw[0] if index == 0 else cw.transpose(1, 2)  # (C_in H W, 1), or (M, 2, C_in H W)
                 cb = check_b * math.prod(size)  # (1, 1) or (M, 2)
-                cb = cb.reshape(-1) if index == 0 else cb[:, None]  # (1,) or (M, 1, 2)
+                cb = cb.reshape(-1) if index == 0 else cb[:, :, None]  # (1,) or (M, 2, 1)
             elif index == 0:
                 w, b = rows.reshape(m * c, -1), bias.reshape(-1)
                 cw, cb = check_w.reshape(1, -1), check_b.reshape(-1)
@@ -265,8 +265,9 @@ class CheckedLayers(nn.Module):
                 z = F.conv2d(h, weight, bias, **self.how[index])  # (B, M C, H, W): the plain graph's convolution
                 if index == 0:  # (B, C_in H W) @ (C_in H W, 1)
                     extra = h.flatten(1) @ check_weight + check_bias
-                else:  # each member's input (B, M, 1, C_in H W) @ (M, C_in H W, 2) -> (B, 2 M)
-                    extra = (h.view(batch, self.m, 1, -1) @ check_weight + check_bias).view(batch, -1)
+                else:  # (M, 2, C_in H W) @ each member's inputs (M, C_in H W, B): G read once, as is, per call
+                    extra = torch.baddbmm(check_bias, check_weight, h.view(batch, self.m, -1).permute(1, 2, 0))
+                    extra = extra.permute(2, 0, 1).reshape(batch, -1)  # (B, 2 M)
                 total = z.sum((1, 2, 3))
             elif index == 0:
                 z = F.linear(h, weight, bias)  # (B, M C)

@@ -77,8 +77,17 @@ def cnn_bundle(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path
     train(TrainConfig(preset="cnn-10", n_members=2, lam=0.95, epochs=1, train_limit=300, val_size=300,
                       data_dir=str(fashion_mnist_dir), seed=3), run)
     bundle = run.parent / "bundle"
-    export_bundle(run, bundle, ExportOptions(stack_size=1, prefix_stacks=(), specialist_size=0, random_draws=1))
+    export_bundle(run, bundle, ExportOptions(stack_size=1, prefix_stacks=(), specialist_size=0, random_draws=1,
+                                             checksum_convolutions=True))
     return bundle
+
+
+def test_cnn_stacks_are_checked_only_when_asked(cnn_bundle: Path, tmp_path: Path) -> None:
+    """Their checks cost a large share of the graph on onnxruntime's CPU provider: opt-in."""
+    plain = tmp_path / "default"
+    export_bundle(cnn_bundle.parent / "run", plain, ExportOptions(stack_size=2, prefix_stacks=(), specialist_size=0,
+                                                                  random_draws=1))
+    assert all(stack.checksum is None for stack in load_manifest(plain).stacks)
 
 
 def test_a_cnn_bundle_is_checked_and_its_bound_matches_torch_in_float64(cnn_bundle: Path,
