@@ -128,8 +128,9 @@ class StackChecksum:
         """
         # One small product for both signs: |r| <= g T + c  <=>  max(r - g T, -r - g T) <= c, with r the sum of the
         # first K + 1 columns and T the last. NaN propagates through the product and the max, and compares False.
-        # (The caller silences numpy's overflow warnings: the tally sums under np.errstate.)
-        if (total @ self._signs).max() <= self.hidden_limit:
+        # A magnitude that overflowed (T = inf: absurd values, e.g. a hidden unit grown 2**128-fold) would let any
+        # finite residual pass, so it fails too. (The caller silences numpy's overflow warnings.)
+        if (total @ self._signs).max() <= self.hidden_limit and total[:, -1].max() < math.inf:
             return None
         return self._explain(total, check_row.astype(np.float64))
 
@@ -144,6 +145,10 @@ class StackChecksum:
             where = f"layer {hidden_layers[0]}" if len(hidden_layers) == 1 else f"layers {', '.join(hidden_layers)}"
             return (f"{where}: residual {float(hidden[worst]):.3g} beyond its bound "
                     f"{float(hidden_limit[worst]):.3g} in {int(bad.sum())} of {len(hidden)} examples")
+        if not np.isfinite(total[:, -1]).all():
+            worst = int(np.argmin(np.isfinite(total[:, -1])))
+            return (f"layer {self.info.layers[-1]}: magnitude {float(total[worst, -1]):.3g} (overflowed) in "
+                    f"{int((~np.isfinite(total[:, -1])).sum())} of {len(total)} examples")
         residual = total[:, :self.k + 1].sum(axis=1, dtype=np.float64) - hidden
         limit = self.output_gain * (total[:, self.k + 1] - check_row[:, self.k + 1])
         bad = ~(np.abs(residual) <= limit)

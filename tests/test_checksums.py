@@ -298,3 +298,20 @@ def test_the_fault_bench_measures_the_checksums(checked: Path, data: tuple[np.nd
         assert summary["harmful"] == sum(r["sdc_off"] > 0 for r in part["draws"])
     assert sorted(result["sweep"]["by_bit"], key=int) == [str(b) for b in range(32)]
     assert "Checksums" in "\n".join(checksum_markdown("bundle", result))
+
+
+def test_an_overflowed_magnitude_fails_the_check(checked: Path) -> None:
+    """A hidden unit grown 2**128-fold can overflow a member's magnitude column to inf while its class outputs stay
+    finite (measured: a flipped weight of a specialist, answers 92% wrong); g * inf would pass any residual."""
+    manifest = load_manifest(checked)
+    with Predictor.load(checked) as predictor:
+        check = next(iter(predictor.pool.checksums.values()))
+    k = manifest.n_outputs
+    total = np.zeros((3, k + 2), dtype=np.float32)
+    total[:, k + 1] = 1.0
+    check_row = np.zeros_like(total)
+    assert check.failure(total, check_row) is None
+    total[1, 0], total[1, k + 1] = 3e37, np.inf  # a residual no rounding explains, beside an infinite magnitude
+    with np.errstate(invalid="ignore", over="ignore"):  # as the tally calls it
+        problem = check.failure(total, check_row)
+    assert problem is not None and "overflowed" in problem
