@@ -30,8 +30,7 @@ cannot be read takes the worst accepted input instead, ``X * sum |W|``, with ``X
 the runtime accepts (inputs beyond the bundle's range are refused before any stack runs): about 6 times looser on
 Fashion-MNIST, where a flip that doubles a hidden weight could stay below it and still change a borderline answer.
 On the default bundle's clean validation and test sets the largest residual is about 1% of the per-example bound,
-and SAFETY is 4. NaN or
-infinite residuals always fail.
+and SAFETY is 4. NaN or infinite residuals, and a magnitude that overflowed, always fail.
 """
 
 from __future__ import annotations
