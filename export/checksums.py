@@ -184,7 +184,6 @@ class CheckedLayers(nn.Module):
         self.check_weights, self.check_biases = nn.ParameterList(), nn.ParameterList()
         self.selectors, self.how = nn.ParameterList(), []
         size = shape[1:]  # a CNN's feature map height and width
-        ratios, pixel_counts = [], []
         units_total, terms_max, weight_abs, bias_abs = 0, 0, 0.0, 0.0
         for index, (rows, bias, how) in enumerate(hidden):
             c = rows.shape[1]
@@ -217,8 +216,8 @@ class CheckedLayers(nn.Module):
             pixels = math.prod(size) if self.conv else 1
             units = pixels * (m * c + (1 if index == 0 else m))  # the outputs each residual adds up, checks included
             ratio = _gain(terms, units) / output_gain
-            ratios.append(ratio)
-            pixel_counts.append(pixels)
+            if index == 0:  # its magnitude comes from the signed input: a . |x| + pixels * sum |b| (below)
+                self._first_magnitude(rows, bias, check_w, check_b, shape, how, ratio, pixels)
             units_total, terms_max = units_total + units, max(terms_max, terms)
             # the check layer's summed outputs (B, 1 or 2 M) -> (residual, magnitude in units of the output gain)
             selector = torch.tensor([[1.0, 0.0]], dtype=torch.float64) if index == 0 else (
@@ -229,17 +228,6 @@ class CheckedLayers(nn.Module):
             self.check_biases.append(nn.Parameter(cb.float(), requires_grad=False))
             self.selectors.append(nn.Parameter(selector.float(), requires_grad=False))
             self.how.append(how)
-        # The first layer's magnitude: a . |x| + pixels * sum |b|, with a_q what input value q weighs in the sum of
-        # the absolute weights over every output (the check output's included): a linear map of |x|, its gradient.
-        rows0, bias0, _ = hidden[0]
-        first_check_w, first_check_b = check_rows(rows0.reshape(1, -1, *rows0.shape[2:]), bias0.reshape(1, -1), False)
-        abs_rows = torch.cat([rows0.reshape(-1, *rows0.shape[2:]), first_check_w[0]]).abs()
-        if self.conv:
-            a = _summed_convolution(abs_rows.sum(0, keepdim=True), shape[0], shape[1:], self.how[0], 1)[0, :, 0]
-        else:
-            a = abs_rows.sum(0)
-        self.input_magnitude = nn.Parameter((ratios[0] * a).float(), requires_grad=False)
-        self.first_bias_magnitude = float(ratios[0] * pixel_counts[0] * (bias0.abs().sum() + first_check_b.abs().sum()))
         self.register_buffer("second_column", torch.tensor([0.0, 1.0]))
         self.register_buffer("first_column", torch.tensor([1.0, 0.0]))
         self.info = ChecksumInfo(
@@ -247,6 +235,19 @@ class CheckedLayers(nn.Module):
                                                                f"rest.{len(stack.rest) - 1}"],
             hidden_terms=terms_max, hidden_units=units_total, hidden_weight_abs=weight_abs,
             hidden_bias_abs=bias_abs, output_terms=output_terms, unit_roundoff=UNIT_ROUNDOFF["fp32"])
+
+    def _first_magnitude(self, rows: torch.Tensor, bias: torch.Tensor, check_w: torch.Tensor, check_b: torch.Tensor,
+                         shape: tuple[int, ...], how: dict, ratio: float, pixels: int) -> None:
+        """The first layer's magnitude, ``a . |x| + pixels * sum |b|`` in units of the output gain: ``a_q`` is what
+        input value q weighs in the sum of the absolute weights over every output (the check output's included), a
+        linear map of ``|x|``: for a convolution, its gradient."""
+        abs_rows = torch.cat([rows.reshape(-1, *rows.shape[2:]), check_w[0]]).abs()
+        if self.conv:
+            a = _summed_convolution(abs_rows.sum(0, keepdim=True), shape[0], shape[1:], how, 1)[0, :, 0]
+        else:
+            a = abs_rows.sum(0)
+        self.input_magnitude = nn.Parameter((ratio * a).float(), requires_grad=False)
+        self.first_bias_magnitude = float(ratio * pixels * (bias.abs().sum() + check_b.abs().sum()))
 
     def _names(self, stack: MLPStack | CNNStack) -> list[str]:
         if self.conv:
