@@ -20,7 +20,7 @@ import torch
 
 from edgens.errors import ExportError
 from edgens.runtime.bundle import ChecksumInfo
-from edgens.runtime.checksums import CHECK_OUTPUT, ChecksumError, StackChecksum, input_weights, merge
+from edgens.runtime.checksums import CHECK_OUTPUT, ChecksumError, StackChecksum, bound_weights, merge
 from edgens.stacks import MemberStack
 
 log = logging.getLogger(__name__)
@@ -194,7 +194,7 @@ def check_parity(path: str | Path, stack: MemberStack, x: np.ndarray, name: str 
     check = None
     if checksum is not None:
         check = StackChecksum(name, stack.n_members, checksum, stack.spec.n_outputs, float(np.abs(x).max()),
-                              input_weights=input_weights(Path(path).read_bytes()))
+                              input_weights=bound_weights(checksum, Path(path).read_bytes))
     single = _cpu_copy(stack).float().eval()
     reference = _cpu_copy(stack).double().eval()
     max_diff, worst_excess = 0.0, -np.inf
@@ -237,7 +237,7 @@ def graph_outputs(path: str | Path, x: np.ndarray, checksum: ChecksumInfo | None
     from edgens.runtime.backends.onnxruntime import load_session
 
     session = load_session(path)
-    weights = None if checksum is None else input_weights(Path(path).read_bytes())
+    weights = None if checksum is None else bound_weights(checksum, Path(path).read_bytes)
     parts = []
     for start in range(0, len(x), batch_size):
         chunk = np.ascontiguousarray(x[start:start + batch_size], dtype=np.float32)

@@ -185,6 +185,21 @@ def input_weights(model: bytes | bytearray | memoryview) -> np.ndarray | None:
     return None
 
 
+def bound_weights(info: ChecksumInfo, read: Callable[[], bytes | None]) -> np.ndarray | None:
+    """``a`` (:func:`input_weights`) of a checked graph whose bound takes it from the weights (``mlp-abft``; a
+    ``layers-abft`` graph computes its own), reading the graph with ``read`` only then; None for other schemes, or
+    where the graph cannot be read or parsed (a damaged file: the pool excludes the stack when it loads it)."""
+    if info.scheme != "mlp-abft":
+        return None
+    model = read()
+    if model is None:
+        return None
+    try:
+        return input_weights(model)
+    except BundleError:
+        return None
+
+
 def output_shape(stack: StackInfo, n_outputs: int, batch: int) -> tuple[int, int, int]:
     """The shape of a stack graph's ``eta`` output: ``(members, B, K)``, or ``(members + 1, B, K + 2)`` checked."""
     rows = len(stack.members)
@@ -231,13 +246,7 @@ def stack_checksums(stacks: list[StackInfo], n_outputs: int, spec: InputSpec, pr
     for stack in stacks:
         if stack.checksum is None:
             continue
-        model = None if graph is None or stack.checksum.scheme != "mlp-abft" else graph(stack)
-        weights = None
-        if model is not None:
-            try:
-                weights = input_weights(model)
-            except BundleError:  # a damaged file: the pool excludes the stack when it loads it
-                weights = None
+        weights = None if graph is None else bound_weights(stack.checksum, lambda stack=stack: graph(stack))
         checks[stack.name] = StackChecksum(stack.name, len(stack.members), stack.checksum, n_outputs, x_bound,
                                            None if roundoff is None else roundoff(stack), weights)
     return checks
