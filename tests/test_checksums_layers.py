@@ -77,7 +77,8 @@ def cnn_bundle(tmp_path_factory: pytest.TempPathFactory, fashion_mnist_dir: Path
     train(TrainConfig(preset="cnn-10", n_members=2, lam=0.95, epochs=1, train_limit=300, val_size=300,
                       data_dir=str(fashion_mnist_dir), seed=3), run)
     bundle = run.parent / "bundle"
-    export_bundle(run, bundle, ExportOptions(stack_size=1, prefix_stacks=(), specialist_size=0, random_draws=1,
+    # the layout export writes by default, small: a general stack per member, the prefix stack of both, specialists
+    export_bundle(run, bundle, ExportOptions(stack_size=1, specialist_size=1, random_draws=1,
                                              checksum_convolutions=True))
     return bundle
 
@@ -93,8 +94,9 @@ def test_cnn_stacks_are_checked_only_when_asked(cnn_bundle: Path, tmp_path: Path
 def test_a_cnn_bundle_is_checked_and_its_bound_matches_torch_in_float64(cnn_bundle: Path,
                                                                          fashion_mnist_dir: Path) -> None:
     manifest = load_manifest(cnn_bundle)
+    assert {s.role for s in manifest.stacks} == {"general", "prefix", "specialist"}
+    assert all(s.checksum is not None and s.checksum.scheme == "layers-abft" for s in manifest.stacks)
     stacks = manifest.general_stacks
-    assert stacks and all(s.checksum is not None and s.checksum.scheme == "layers-abft" for s in stacks)
     run = cnn_bundle.parent / "run"
     dataset = load_dataset("fashion-mnist", str(fashion_mnist_dir), val_size=300)
     raw = dataset.test_x[:8]
@@ -171,7 +173,8 @@ def test_no_false_alarm_on_a_cnn_bundle_at_batch_1_and_64(cnn_bundle: Path, fash
         names = [s.name for s in manifest.stacks]
         assert sorted(predictor.stack_outputs(dataset.val_x, names, batch_size=64)) == sorted(names)
         for raw in dataset.test_x[:20]:
-            assert not predictor.predict(raw[None]).failures
+            for budget in ({}, {"members": 1}, {"task": manifest.specialists[0].task}, {"deadline_ms": 1000}):
+                assert not predictor.predict(raw[None], **budget).failures
 
 
 def test_parity_catches_a_wrong_check_weight(tmp_path: Path) -> None:
