@@ -11,6 +11,7 @@ end, which keeps the per-stack work of a plain call to one sum.
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -125,7 +126,7 @@ class TallyRules:
                 check.bound_inputs(rows[-1], self._absolute(x))
             layout = self.layout(step) if self.outliers is not None else None
             if layout is None:
-                part = rows.sum(axis=0)  # a checked stack's check row adds its hidden residual and bound (K, K + 1)
+                part = row_sum(rows)  # a checked stack's check row adds its hidden residual and bound (K, K + 1)
             else:  # one pass: each group's sum, then their total
                 groups = layout.group_sums(rows if check is None else rows[:-1])
                 part = groups.sum(axis=0) if len(groups) > 1 else groups[0]
@@ -392,6 +393,23 @@ class Tally:
                     keep[start:start + size] = False
             rows.append(result.rows[keep])
         return np.concatenate(rows, axis=0) if len(rows) > 1 else rows[0]
+
+
+def row_sum(rows: np.ndarray) -> np.ndarray:
+    """The sum of ``rows`` ``(R, B, K)`` over its first axis. float32 rows are summed as one matrix-vector product:
+    2-4x faster than ``ndarray.sum`` over a leading axis of a few hundred short rows (5.7 against 1.6 us at batch 1
+    for 257 rows, 23 against 10 us at batch 64). The order of the additions differs, which the checksums' rounding
+    bound allows for (its ``sqrt(rows + 1)`` term holds for any order)."""
+    if rows.dtype != np.float32 or not rows.flags.c_contiguous:
+        return rows.sum(axis=0)
+    return (_ones(len(rows)) @ rows.reshape(len(rows), -1)).reshape(rows.shape[1:])
+
+
+@functools.lru_cache(maxsize=64)
+def _ones(n: int) -> np.ndarray:
+    ones = np.ones(n, dtype=np.float32)
+    ones.flags.writeable = False  # shared between calls
+    return ones
 
 
 def _finite_sum(part: np.ndarray) -> bool:

@@ -193,3 +193,20 @@ def test_larger_batches_than_the_synthetic_default(predictor: Predictor, bundle:
     x, _ = make_data(300, seed=3)
     _check(predictor.predict(x, members=4), bundle, x, [0, 1, 2, 3])
     _check(predictor.predict(x[:1]), bundle, x[:1], [0, 1, 2, 3, 4, 5])
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.float64])
+def test_row_sum_is_the_sum_over_rows_for_every_layout(dtype) -> None:
+    from edgens.runtime.tally import row_sum
+
+    rng = np.random.default_rng(3)
+    rows = rng.normal(size=(257, 5, 12)).astype(dtype)
+    want = rows.astype(np.float64).sum(axis=0)
+    tolerance = {np.float16: 0.5, np.float32: 1e-4, np.float64: 1e-10}[dtype]
+    for view in (rows, rows[::2], rows[:, :, :10]):  # contiguous, strided rows, strided columns
+        got = row_sum(view)
+        assert got.shape == view.shape[1:] and got.dtype == dtype
+        np.testing.assert_allclose(got, view.astype(np.float64).sum(axis=0), atol=tolerance)
+    assert np.abs(row_sum(rows) - want).max() < tolerance
+    rows[3, 2, 4] = np.inf
+    assert np.isinf(row_sum(rows)[2, 4])
