@@ -1,8 +1,9 @@
 """The stack pool: every stack's runner and standing, and the one place a stack runs.
 
 A :class:`StackPool` loads the runners of a bundle's stacks (excluding those whose file is missing, corrupt or
-unloadable), runs one stack on a normalised batch (:meth:`StackPool.run`: in the calling thread, or in a worker
-thread of its own when a stack timeout is set, so that a call can stop waiting for it), and keeps each stack's
+unloadable), runs one stack on a normalised batch (:meth:`StackPool.run`: in the calling thread; with a stack
+timeout, under the watchdog that stops it when it overruns (:mod:`edgens.runtime.watchdog`), or, for a runner that
+cannot be stopped, in a worker thread of its own, so that a call can stop waiting for it), and keeps each stack's
 health (:mod:`edgens.runtime.health`). A call hands the pool its outcomes once, when it ends
 (:meth:`StackPool.record`): the stacks that answered count a success, those that failed (loudly, or silently as an
 outlier) a failure, and ``quarantine_after`` failed calls in a row quarantine a stack. ``generation`` counts the
@@ -30,6 +31,7 @@ from edgens.runtime.checksums import KIND as CHECKSUM
 from edgens.runtime.checksums import ChecksumError, stack_checksums
 from edgens.runtime.health import SILENT_KINDS, StackFailure, StackHealth
 from edgens.runtime.policies import Step
+from edgens.runtime.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +106,10 @@ class StackPool:
         # they need is made anyway.
         self.checksums = stack_checksums(manifest.stacks, manifest.n_outputs, manifest.input, manifest.preprocessing,
                                          backend.checksum_roundoff, self._graph)
-        self._workers: dict[str, ThreadPoolExecutor] = {}  # stack timeouts: one worker thread per stack
+        # Stack timeouts: runners that can be stopped run in the caller's thread under the watchdog, the others in
+        # one worker thread per stack.
+        self._watchdog = None if self.timeout_s is None else Watchdog(self.timeout_s)
+        self._workers: dict[str, ThreadPoolExecutor] = {}
         self._late: dict[str, Future[np.ndarray]] = {}  # runs that timed out and may still be running
         self._reload: set[str] = set()  # quarantined by the self-test: retry() loads them from their files again
         self._lock = threading.Lock()  # health, generation, workers and late runs change under it
@@ -225,7 +230,12 @@ class StackPool:
         start = time.perf_counter()
         out = failure = None
         try:
-            out = runner.run(x) if self.timeout_s is None else self._run_in_worker(runner, x)
+            if self.timeout_s is None:
+                out = runner.run(x)
+            elif runner.stoppable:  # watched in this thread: no handoff (edgens.runtime.watchdog)
+                out = self._run_watched(runner, x)
+            else:
+                out = self._run_in_worker(runner, x)
             expected = runner.expected_output_shape(len(x))
             if getattr(out, "shape", None) != expected:
                 failure = StackFailure(name, "shape", f"returned shape {getattr(out, 'shape', type(out))}, expected "
@@ -240,6 +250,23 @@ class StackPool:
         if failure is None and self._observe is not None:
             self._observe(key, len(x), ms)
         return StackResult(step, failure, ms, finished, out)
+
+    def _run_watched(self, runner: StackRunner, x: np.ndarray) -> np.ndarray:
+        assert self._watchdog is not None
+        run = self._watchdog.start(runner)
+        try:
+            out = runner.run(x)
+        except Exception:
+            if self._watchdog.finish(run):  # stopped: onnxruntime raises when its terminate flag is set
+                raise self._timeout() from None
+            raise
+        if self._watchdog.finish(run):
+            raise self._timeout()
+        return out
+
+    def _timeout(self) -> _Timeout:
+        assert self.timeout_s is not None
+        return _Timeout("timeout", f"took longer than the stack timeout of {self.timeout_s * 1e3:g} ms")
 
     def _run_in_worker(self, runner: StackRunner, x: np.ndarray) -> np.ndarray:
         name = runner.name
@@ -257,8 +284,7 @@ class StackPool:
             runner.cancel()
             with self._lock:
                 self._late[name] = future
-            assert self.timeout_s is not None
-            raise _Timeout("timeout", f"took longer than the stack timeout of {self.timeout_s * 1e3:g} ms") from None
+            raise self._timeout() from None
 
     def stack_outputs(self, x: np.ndarray, stacks: list[str] | None = None, batch_size: int | None = None
                       ) -> dict[str, np.ndarray]:
@@ -424,7 +450,9 @@ class StackPool:
         return check_file(self.bundle_dir, stack.file, stack.sha256, stack.bytes) or self._start(name)
 
     def close(self) -> None:
-        """Stop the worker threads (without waiting for late runs) and free every runner."""
+        """Stop the watchdog and the worker threads (without waiting for late runs) and free every runner."""
+        if self._watchdog is not None:
+            self._watchdog.close()
         for worker in self._workers.values():
             worker.shutdown(wait=False, cancel_futures=True)
         self._workers.clear()

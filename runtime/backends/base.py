@@ -77,6 +77,13 @@ class StackRunner(ABC):
     def cancel(self) -> None:
         """Ask a run in progress in another thread to stop early; best effort (a GPU kernel cannot be stopped)."""
 
+    @property
+    def stoppable(self) -> bool:
+        """Whether :meth:`cancel` makes a run in progress return promptly (by raising): then a stack timeout
+        watches its runs in the caller's thread rather than handing them to a worker thread
+        (:mod:`edgens.runtime.watchdog`)."""
+        return False
+
     def expected_output_shape(self, batch: int) -> tuple[int, int, int]:
         """``(members, batch, n_outputs)``; for a checked stack ``(members + 1, batch, n_outputs + 2)``
         (:mod:`edgens.runtime.checksums`)."""

@@ -117,6 +117,7 @@ class OnnxRuntimeRunner(StackRunner):
         self.spin = spin
         self._session: Any = None
         self._run_options: Any = None
+        self._cpu_only = False
         self._outputs = [stack.output_name] + ([stack.checksum.output] if stack.checksum is not None else [])
 
     @property
@@ -151,6 +152,7 @@ class OnnxRuntimeRunner(StackRunner):
         self._check_io(session)
         requested = [p if isinstance(p, str) else p[0] for p in self.requested_providers]
         self._session = session
+        self._cpu_only = session.get_providers() == ["CPUExecutionProvider"]
         self._run_options = ort.RunOptions()
         missing = [p for p in requested if p in GPU_PROVIDERS and p not in session.get_providers()]
         if missing:
@@ -191,6 +193,11 @@ class OnnxRuntimeRunner(StackRunner):
         # onnxruntime checks this flag between graph nodes and then raises from run().
         if self._run_options is not None:
             self._run_options.terminate = True
+
+    @property
+    def stoppable(self) -> bool:
+        # On the CPU the flag stops a run at its next operator; a GPU kernel in flight cannot be stopped.
+        return self._session is not None and self._cpu_only
 
 
 class OnnxRuntimeBackend(Backend):
