@@ -25,6 +25,7 @@ endpoint but the two health checks needs ``Authorization: Bearer TOKEN``.
 from __future__ import annotations
 
 import hmac
+from http import HTTPStatus
 import json
 import logging
 import re
@@ -44,7 +45,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from edgens.errors import ConfigError
+from edgens.errors import ConfigError, OverloadedError, ServiceStoppingError
 from edgens.serve.metrics import CONTENT_TYPE, ServeMetrics
 from edgens.serve.protocol import HEADER_LENGTH, ProtocolError
 from edgens.serve.service import InferenceService, Refusal, log_infer
@@ -86,6 +87,46 @@ def _json(content: Any, status: int = 200) -> Response:
 
 def _refused(refusal: Refusal) -> Response:
     return error(refusal.status, refusal.message, refusal.headers)
+
+
+def early_refusal(state: ServeState) -> Callable[[str, str, list[tuple[bytes, bytes]], float, Any],
+                                                  tuple[bytes, bytes] | None]:
+    """What the HTTP protocol answers an infer request with as soon as its headers are parsed, without starting the
+    application: ``refuse(method, path, headers, arrival, client)`` returns the 503 response's head (its lines, each
+    ending in CRLF, without the blank line) and body when the service refuses the request now (draining, a full
+    queue, as many requests in service as it takes), else None: the application takes it (a missing or wrong token
+    and an unknown model included, whose answers are its own). Under overload refusals are most of the requests, so
+    each one costs what deciding costs: no task, no ASGI messages, no reading of the body (the protocol drops it)."""
+    service = state.service
+    expected = None if state.token is None else f"Bearer {state.token}".encode()
+
+    def refuse(method: str, path: str, headers: list[tuple[bytes, bytes]], arrival: float,
+               client: Any) -> tuple[bytes, bytes] | None:
+        if method != "POST":
+            return None
+        route = INFER_PATH.fullmatch(path)
+        if route is None:
+            return None
+        if expected is not None and not hmac.compare_digest(
+                next((value for key, value in headers if key == b"authorization"), b""), expected):
+            return None
+        try:
+            service.admit(route[1], route[2])
+            return None  # admitted: the application serves it (and admits it again, as it reads the body)
+        except (OverloadedError, ServiceStoppingError) as err:
+            refusal = service.refuse_infer(err, arrival)
+        except ProtocolError:  # an unknown model: the application's 404
+            return None
+        if state.access_log:
+            log_infer(None, refusal, arrival, client[0] if client else None, "http")
+        content = orjson.dumps({"error": refusal.message})
+        head = [b"HTTP/1.1 %d %s" % (refusal.status, HTTPStatus(refusal.status).phrase.encode()),
+                b"content-type: application/json",
+                b"content-length: %d" % len(content),
+                *(b"%s: %s" % (key.lower().encode(), value.encode()) for key, value in refusal.headers.items())]
+        return b"\r\n".join(head) + b"\r\n", content
+
+    return refuse
 
 
 def create_app(state: ServeState) -> ASGIApp:

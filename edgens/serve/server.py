@@ -18,6 +18,8 @@ import socket
 import stat
 import sys
 import time
+import urllib.parse
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
@@ -30,7 +32,7 @@ from edgens.fileio import atomic_write_text
 from edgens.runtime.batching import Batcher
 from edgens.runtime.policies import Budget
 from edgens.runtime.predictor import Predictor
-from edgens.serve.app import ARRIVAL, SOCKET, ServeState, create_app
+from edgens.serve.app import ARRIVAL, SOCKET, ServeState, create_app, early_refusal
 from edgens.serve.metrics import ServeMetrics
 from edgens.serve.protocol import ModelInfo
 from edgens.serve.service import InferenceService
@@ -132,12 +134,16 @@ def check_bind(options: ServeOptions) -> None:
                           f"then send Authorization: Bearer TOKEN), or --insecure to serve without authentication")
 
 
-def stamped_protocol(max_connections: int | None = None) -> type | str:
+def stamped_protocol(max_connections: int | None = None, refuse: Callable[..., tuple[bytes, bytes] | None] | None = None
+                     ) -> type | str:
     """uvicorn's httptools protocol, stamping each request's scope with the time of its first byte (where deadlines
-    and the queueing statistics count from; ``ARRIVAL``) and its socket (``SOCKET``), and answering a connection
-    beyond ``max_connections`` open ones with one 503 and closing it; without httptools, uvicorn's default
-    (deadlines count from when the application sees the request, connections are not bounded)."""
+    and the queueing statistics count from; ``ARRIVAL``) and its socket (``SOCKET``), answering a connection
+    beyond ``max_connections`` open ones with one 503 and closing it, and answering an infer request that
+    ``refuse`` refuses (:func:`~edgens.serve.app.early_refusal`) as soon as its headers are parsed, without starting
+    the application; without httptools, uvicorn's default (deadlines count from when the application sees the
+    request, connections are not bounded, refusals go through the application)."""
     try:
+        import httptools
         from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
     except ImportError:
         return "auto"
@@ -158,7 +164,38 @@ def stamped_protocol(max_connections: int | None = None) -> type | str:
             self.scope[ARRIVAL] = time.perf_counter()  # type: ignore[literal-required]
             self.scope[SOCKET] = self.transport.get_extra_info("socket")  # type: ignore[literal-required]
 
+        def on_headers_complete(self) -> None:
+            # Only with no response in progress on this connection (a pipelined request waits for its turn).
+            if refuse is None or (self.cycle is not None and not self.cycle.response_complete):
+                super().on_headers_complete()
+                return
+            path = httptools.parse_url(self.url).path.decode("ascii")  # as uvicorn reads it
+            if "%" in path:
+                path = urllib.parse.unquote(path)
+            answer = refuse(self.parser.get_method().decode("ascii"), self.root_path + path, self.headers,
+                            self.scope[ARRIVAL], self.client)  # type: ignore[literal-required]
+            if answer is None:
+                super().on_headers_complete()
+                return
+            head, body = answer
+            keep_alive = self.parser.get_http_version() == "1.1" and self.parser.should_keep_alive()
+            # The body that follows is parsed and dropped: uvicorn skips it for a cycle whose response is complete.
+            self.cycle = _Answered()
+            self.transport.write(head + (b"\r\n" if keep_alive else b"connection: close\r\n\r\n") + body)
+            if keep_alive:
+                self.on_response_complete()  # counts it, resumes reading, arms the keep-alive timeout
+            else:
+                self.transport.close()
+
     return StampedHttpToolsProtocol
+
+
+class _Answered:
+    """The request cycle of a request the protocol answered itself (what uvicorn's protocol reads of a cycle)."""
+
+    response_complete = True
+    keep_alive = False
+    disconnected = False
 
 
 class _Server(uvicorn.Server):
@@ -283,7 +320,8 @@ def serve(options: ServeOptions) -> int:
         raise
     try:
         state = _start(options, predictor, token)
-        config = uvicorn.Config(create_app(state), http=stamped_protocol(options.max_connections), log_config=None,
+        config = uvicorn.Config(create_app(state), http=stamped_protocol(options.max_connections, early_refusal(state)),
+                                log_config=None,
                                 access_log=False, lifespan="off", server_header=False,
                                 timeout_graceful_shutdown=options.drain_timeout_s)
         grpc_address = (options.host, options.grpc_port) if options.grpc_port is not None else None

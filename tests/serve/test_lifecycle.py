@@ -300,3 +300,74 @@ def _accepts(url: str) -> bool:
     except httpx.TransportError:
         return False
     return True
+
+
+def _exchange(reader, sock: socket.socket, request: bytes) -> tuple[int, dict[str, str], bytes]:
+    """Send one raw HTTP request on ``sock`` and read its response: (status, headers, body)."""
+    sock.sendall(request)
+    status = int(reader.readline().split()[1])
+    headers = dict(line.decode().strip().lower().split(": ", 1) for line in iter(reader.readline, b"\r\n"))
+    return status, headers, reader.read(int(headers["content-length"]))
+
+
+def test_refusals_under_overload_keep_the_connection_and_the_token_still_comes_first(
+        served_bundle: SyntheticBundle, tmp_path: Path) -> None:
+    """An infer request the service refuses from its headers is answered by the server's protocol without starting
+    the application: its body is dropped and the connection serves the next request; one without the token still
+    gets 401; one that asks to close the connection is answered and closed."""
+    token = "s3cret-token-for-tests-0123456789"
+    token_file = tmp_path / "token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+    server = Server(served_bundle.path, tmp_path, "--allow-fault-injection", "--max-queue", "1", "--token-file",
+                    str(token_file))
+    auth = {"Authorization": f"Bearer {token}"}
+    try:
+        x, _ = make_data(1, seed=35)
+        body = json.dumps(json_request(x)).encode()
+
+        def infer(i: int) -> int:
+            return httpx.post(f"{server.url}/v2/models/{MODEL}/infer", content=body, headers=auth,
+                              timeout=60).status_code
+
+        def raw(extra: str = "", authorised: bool = True) -> bytes:
+            head = (f"POST /v2/models/{MODEL}/infer HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n{extra}")
+            return (head + (f"Authorization: Bearer {token}\r\n" if authorised else "") + "\r\n").encode() + body
+
+        with httpx.Client(base_url=server.url, timeout=30, headers=auth) as http:
+            http.post("/edgens/faults", json={"stack": "prefix-0016", "kind": "hold"})
+            held, first = _in_threads(1, infer)
+            _wait_until(lambda: _gauge(http, "edgens_requests_in_flight") == 1)
+            waiting, second = _in_threads(1, infer)
+            _wait_until(lambda: _gauge(http, "edgens_queue_depth") == 1)
+            with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock, \
+                    sock.makefile("rb") as reader:
+                status, _, content = _exchange(reader, sock, raw(authorised=False))
+                assert status == 401, content
+                status, headers, content = _exchange(reader, sock, raw())
+                assert status == 503 and headers["retry-after"] == "1", (status, headers)
+                assert "queue is full (1 requests waiting)" in json.loads(content)["error"]
+                assert "connection" not in headers
+                assert "date" not in headers  # answered by the protocol: the application's answers carry uvicorn's
+                with socket.create_connection(("127.0.0.1", server.port), timeout=30) as closing, \
+                        closing.makefile("rb") as closing_reader:
+                    status, headers, _ = _exchange(closing_reader, closing, raw("Connection: close\r\n"))
+                    assert status == 503 and headers["connection"] == "close"
+                    assert closing_reader.read() == b""  # closed by the server
+                http.post("/edgens/faults", json={"stack": "prefix-0016", "clear": True})
+                for thread in held + waiting:
+                    thread.join(60)
+                assert first + second == [200, 200]
+                live = b"GET /v2/health/live HTTP/1.1\r\nHost: test\r\n\r\n"
+                status, _, content = _exchange(reader, sock, live)  # the refused request's body was dropped
+                assert status == 200 and json.loads(content) == {"live": True}
+                status, _, content = _exchange(reader, sock, raw())  # and infer requests are served again
+                assert status == 200 and json.loads(content)["outputs"], content
+            metrics = http.get("/metrics").text
+        assert 'edgens_requests_total{outcome="overloaded"} 2.0' in metrics
+        assert 'edgens_requests_total{outcome="unauthorized"} 1.0' in metrics
+    finally:
+        httpx.post(f"{server.url}/edgens/faults", json={"stack": "prefix-0016", "clear": True}, headers=auth,
+                   timeout=30)
+        assert server.stop() == 0
