@@ -126,6 +126,12 @@ class InputPreparer:
         np.divide(out, self._std, out=out)
         return out
 
+    def values_need_no_check(self, dtype: np.dtype) -> bool:
+        """Whether arrays of ``dtype`` are normalised without looking at their values: an integer type whose every
+        value is allowed (a uint8 image for a uint8 data set). Such checked arrays can be merged raw and normalised
+        once (the serving batcher does)."""
+        return dtype.kind in "ui" and self._dtype_within(dtype)
+
     def _dtype_within(self, dtype: np.dtype) -> bool:
         """Whether every value an integer ``dtype`` can hold is allowed (a uint8 image for a uint8 data set): then
         its values need no check."""

@@ -76,6 +76,26 @@ def test_fixed_budgets_are_merged_and_equal_numpy(guarded: SyntheticBundle) -> N
     assert sorted(e for e, _ in calls[1:]) == [6, 6, 9, 9], calls
 
 
+def test_uint8_requests_of_both_accepted_shapes_are_merged_raw_and_equal_numpy(guarded: SyntheticBundle) -> None:
+    """uint8 images need no value check, so the worker merges them raw and normalises the batch once; images with
+    and without their channel axis go in one call."""
+    x, _ = make_data(7, seed=5)
+    calls: list[tuple[int, int]] = []
+    with Predictor.load(guarded.path, "onnxruntime", lanes=1) as predictor, \
+            inject_faults(predictor, {"specialist-3": Fault("hold", times=1)}) as held:
+        batcher = Batcher(predictor, max_batch=64, max_queue=64, on_batch=lambda e, r: calls.append((e, r)))
+        blocker = _blocker(batcher, x, held["specialist-3"])
+        parts = [x[0:1], x[1:4, 0], x[4:5], x[5:7, 0]]  # (B, 1, 28, 28) and (B, 28, 28)
+        futures = [batcher.submit(part, Budget.parse()) for part in parts]
+        held["specialist-3"].release()
+        results = [future.result(timeout=30) for future in futures]
+        blocker.result(timeout=30)
+        assert batcher.close(timeout=30)
+    assert calls[1:] == [(7, 4)], calls
+    for result, rows in zip(results, (x[0:1], x[1:4], x[4:5], x[5:7]), strict=True):
+        np.testing.assert_allclose(result.probabilities, guarded.expected(rows, guarded.order), atol=2e-5)
+
+
 def test_deadline_requests_leave_at_their_own_deadlines(plain: SyntheticBundle) -> None:
     x, _ = make_data(3, seed=4)
     calls: list[tuple[int, int]] = []
