@@ -100,9 +100,8 @@ class Predictor:
             bundle: the bundle directory.
             backend: ``auto``, ``onnxruntime`` or ``tensorrt``.
             strict: raise instead of excluding a stack whose file is missing, corrupt or unloadable.
-            stack_timeout_ms: drop a stack from a call when it takes longer than this (a stack that can be stopped,
-                onnxruntime on the CPU, runs in the calling thread under a watchdog; others in a worker thread;
-                None: no timeout, no threads).
+            stack_timeout_ms: drop a stack from a call when it takes longer than this (:mod:`~edgens.runtime.pool`
+                says how it is kept; None: no timeout, no threads).
             quarantine_after: consecutive failed calls after which a stack is quarantined (None: never).
             lanes: stacks a call may run at once (default: one per core, at most 4, but deadline calls in the
                 calling thread only; 1: everything one after another in the calling thread; given explicitly,

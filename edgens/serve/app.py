@@ -25,7 +25,6 @@ endpoint but the two health checks needs ``Authorization: Bearer TOKEN``.
 from __future__ import annotations
 
 import hmac
-from http import HTTPStatus
 import json
 import logging
 import re
@@ -34,6 +33,7 @@ import time
 import zlib
 from collections.abc import Callable
 from dataclasses import dataclass
+from http import HTTPStatus
 from typing import Any
 
 import orjson

@@ -320,10 +320,9 @@ def serve(options: ServeOptions) -> int:
         raise
     try:
         state = _start(options, predictor, token)
-        config = uvicorn.Config(create_app(state), http=stamped_protocol(options.max_connections, early_refusal(state)),
-                                log_config=None,
-                                access_log=False, lifespan="off", server_header=False,
-                                timeout_graceful_shutdown=options.drain_timeout_s)
+        protocol = stamped_protocol(options.max_connections, early_refusal(state))
+        config = uvicorn.Config(create_app(state), http=protocol, log_config=None, access_log=False, lifespan="off",
+                                server_header=False, timeout_graceful_shutdown=options.drain_timeout_s)
         grpc_address = (options.host, options.grpc_port) if options.grpc_port is not None else None
         server = _Server(config, state, url, options.port_file, grpc_address, options.drain_timeout_s)
         server.run(sockets=[sock])

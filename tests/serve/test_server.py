@@ -219,7 +219,9 @@ def test_a_deadline_counts_from_the_first_byte_of_the_request(server: Server, se
         seen_ms = (time.perf_counter() - first) * 1e3
     assert status.split()[1] == b"200", answer
     parameters = answer["parameters"]
-    assert 60 <= parameters["elapsed_ms"] <= seen_ms + 1, parameters
+    # 60 ms less what the server took to read the first bytes (a few ms on a busy machine: 57 ms seen once in CI);
+    # counted from the handler instead, it would be about 1 ms
+    assert 50 <= parameters["elapsed_ms"] <= seen_ms + 1, parameters
     assert parameters["overrun_ms"] >= parameters["elapsed_ms"] - 30 - 1e-3 > 0  # late: the gap alone took 60 ms
     # it still got one stack: every request gets a member
     assert parameters["members_used"] == len(members_of(served_bundle, parameters["stacks_run"])) >= 4
