@@ -120,7 +120,7 @@ class InputPreparer:
         """
         # One copy into float32, then normalise in place: the doc's formula, (raw - mean) / std.
         out = np.array(x, dtype=np.float32, order="C").reshape((len(x), *self.shape))  # np.array always copies
-        if x.dtype.kind == "f" or not self._dtype_within(x.dtype):
+        if not self.values_need_no_check(x.dtype):
             self._check_values(out, x.dtype.kind == "f")
         np.subtract(out, self._mean, out=out)
         np.divide(out, self._std, out=out)
