@@ -315,3 +315,30 @@ def test_an_overflowed_magnitude_fails_the_check(checked: Path) -> None:
     with np.errstate(invalid="ignore", over="ignore"):  # as the tally calls it
         problem = check.failure(total, check_row)
     assert problem is not None and "overflowed" in problem
+
+
+def test_with_a_stack_timeout_an_exported_bundle_runs_in_the_callers_thread_and_still_catches_flips(
+        checked: Path, data: tuple[np.ndarray, np.ndarray]) -> None:
+    """Export's layout (prefix stacks, specialists), every budget kind: with a stack timeout the onnxruntime stacks
+    run under the watchdog, not in per-stack worker threads, answer as without a timeout, and a flipped weight in
+    the stack a budget runs is still caught."""
+    import threading
+
+    x = data[0][:64]
+    budgets = [{}, {"members": 0.3}, {"task": 0}, {"deadline_ms": 1000}, {"confidence": 0.9}]
+    with Predictor.load(checked, detect_outliers=False) as plain:
+        expected = [plain.predict(x, **budget) for budget in budgets]
+    before = {thread.name for thread in threading.enumerate()}
+    with Predictor.load(checked, detect_outliers=False, stack_timeout_ms=5000, lanes=1) as predictor:
+        got = [predictor.predict(x, **budget) for budget in budgets]
+        started = {thread.name for thread in threading.enumerate()} - before
+        first = got[1].stacks_run[0]
+        model = onnx.load(str(checked / load_manifest(checked).stack(first).file))
+        hidden_weight = next(t.name for t in model.graph.initializer if len(t.dims) == 2)
+        with inject_bit_faults(predictor, {first: [BitFault(hidden_weight, 5, EXPONENT_TOP, "stuck-1")]}):
+            flipped = predictor.predict(x, **budgets[1])
+    assert started <= {"edgens-watchdog"}, started  # no "edgens-<stack>" worker thread
+    for want, answer in zip(expected, got, strict=True):
+        assert answer.failures == [] and answer.stacks_run == want.stacks_run
+        np.testing.assert_allclose(answer.probabilities, want.probabilities, atol=1e-6)
+    assert [(f.stack, f.kind) for f in flipped.failures] == [(first, "checksum")]
